@@ -1,0 +1,46 @@
+// Builds kernels/ext.cpp against the venv's libtorch headers and embeds an rpath to its torch/lib, so that
+// `cargo run`/`cargo test` need no LD_LIBRARY_PATH. The tag is RUNPATH: LD_LIBRARY_PATH still wins on the GPU box.
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels/ext.cpp");
+    println!("cargo:rerun-if-changed=Cargo.lock");
+    let torch = std::env::var("LIBTORCH").expect("LIBTORCH unset: run ./run.sh setup (it makes .venv/torch)");
+    let torch = std::fs::canonicalize(&torch).expect("LIBTORCH points nowhere: run ./run.sh setup");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .warnings(false)
+        .include(torch.join("include"))
+        .include(torch.join("include/torch/csrc/api/include"))
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .file("kernels/ext.cpp")
+        .compile("train_gpt_ext");
+    println!("cargo:rustc-link-search=native={}", torch.join("lib").display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", torch.join("lib").display());
+    println!("cargo:rustc-env=TRAIN_GPT_RUSTC={}", command_line(&std::env::var("RUSTC").unwrap_or("rustc".into())));
+    println!("cargo:rustc-env=TRAIN_GPT_TCH={}", locked_version(Path::new("Cargo.lock"), "tch"));
+}
+
+fn command_line(rustc: &str) -> String {
+    let out = std::process::Command::new(rustc).arg("--version").output().expect("rustc --version");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+// The version Cargo.lock pins for a crate, so the log names what was really linked.
+fn locked_version(lock: &Path, name: &str) -> String {
+    let text = std::fs::read_to_string(lock).unwrap_or_default();
+    let mut lines = text.lines();
+    while let Some(l) = lines.next() {
+        if l == format!("name = \"{name}\"") {
+            if let Some(v) = lines.next().and_then(|v| v.strip_prefix("version = \"")) {
+                return v.trim_end_matches('"').to_string();
+            }
+        }
+    }
+    "unknown".into()
+}

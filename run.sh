@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One entry point. `./run.sh` sets up (once) and runs the main job: on a CPU box a small model on the
+# embedded tiny corpus, on a CUDA box the linux-c speedrun; extra arguments go to `train_gpt train`.
+# `./run.sh test` sets up and runs every CPU test. `./run.sh setup` only installs: a local venv with
+# torch==2.11.0 (the libtorch that tch 0.24.0 links) and a release build.
+set -euo pipefail
+cd "$(dirname "$0")"
+TORCH_VERSION=2.11.0
+BIN=target/release/train_gpt
+
+setup() {
+  if ! .venv/bin/python -c "import torch,sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION"
+  fi
+  ln -sfn "$(.venv/bin/python -c 'import torch,os;print(os.path.dirname(torch.__file__))')" .venv/torch
+  cargo build --release --quiet
+}
+
+case "${1:-run}" in
+  setup) setup ;;
+  test) setup; shift; cargo test --release "$@" ;;
+  run)
+    setup
+    [ $# -gt 0 ] && shift
+    if $BIN has-cuda; then src=data/linux-c.jsonl.zst out=data/tokens/linux-c; else src=data/tiny out=data/tokens/tiny; fi
+    [ -f "$out/val_000000.bin" ] || $BIN prepare "$src" --out "$out"
+    exec $BIN train --data "$out" "$@" ;;
+  *) echo "usage: ./run.sh [run [train options]] | test [cargo test args] | setup" >&2; exit 2 ;;
+esac

@@ -1,0 +1,161 @@
+// Command-line tests: the binary as a user runs it, on the embedded tiny corpus, CPU only.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_train_gpt");
+// A model small enough that a run takes seconds on two cores.
+const SMALL: &[&str] = &["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--batch-size", "4",
+                         "--steps", "20", "--val-every", "10", "--val-tokens", "512", "--warmup-steps", "2", "--lr-adam", "0.1", "--sample-tokens", "0"];
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("train_gpt-cli-{}", std::process::id())).join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+// Shards of the embedded tiny corpus, prepared once for all tests.
+fn tiny_shards() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = tmp("tiny-shards").join("tiny");
+        let o = run(&["prepare", "data/tiny", "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        out
+    })
+}
+
+// One short training run; returns the log path.
+fn train(log_dir: &Path, extra: &[&str]) -> PathBuf {
+    let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", log_dir.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "train failed: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    PathBuf::from(out.lines().find_map(|l| l.strip_prefix("log: ")).expect("the run names its log"))
+}
+
+fn logs_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir).map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default()
+}
+
+// A failed command: non-zero exit, one line on stderr that says what to do.
+fn assert_one_line_error(o: &Output, code: i32, want: &str) {
+    let err = text(&o.stderr);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(want), "expected {want:?} in: {err}");
+}
+
+#[test]
+fn a_run_writes_a_self_describing_log() {
+    let dir = tmp("describe");
+    let log = train(&dir, &[]);
+    let s = std::fs::read_to_string(&log).unwrap();
+    assert!(s.starts_with("// train_gpt.rs"), "the log opens with the source");
+    assert!(s.contains(&"=".repeat(100)) && s.contains("# kernels/ext.cpp"));
+    for key in ["rustc: ", "tch: 0.24.0", "libtorch: 2.11.0", "config: {", "data: {", "summary: {"] {
+        assert!(s.contains(key), "missing {key}");
+    }
+    let config = s.lines().find_map(|l| l.strip_prefix("config: ")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(config).unwrap();
+    assert_eq!(config["steps"], 20);
+    assert_eq!(config["lr_muon"], 0.02);
+    let data: serde_json::Value = serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+    assert_eq!(data["sha256"].as_str().unwrap().len(), 64);
+    let vals: Vec<f64> = s.lines().filter(|l| l.starts_with("step:")).filter_map(|l| l.split("val_loss:").nth(1)?.split(' ').next()?.parse().ok()).collect();
+    assert_eq!(vals.len(), 3, "validation at 0, 10 and 20");
+    assert!(vals[2] < vals[0] - 0.3, "val loss falls: {vals:?}");
+    assert!(s.contains("step:4/20 train_loss:") && s.contains("step_avg:"));
+    assert!(!logs_in(&dir).iter().any(|p| p.to_string_lossy().ends_with(".partial")), "no partial file left");
+}
+
+#[test]
+fn tau_run_logs_laplacian_tau_and_diagnostics() {
+    let dir = tmp("tau");
+    let log = train(&dir, &["--attn", "tau-lt", "--laplacian", "corpus", "--lap-k", "512", "--lap-tokens", "200000"]);
+    let s = std::fs::read_to_string(&log).unwrap();
+    let lap: serde_json::Value = serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("laplacian: ")).unwrap()).unwrap();
+    assert_eq!(lap["source"], "corpus");
+    assert_eq!(lap["connected"], true);
+    assert!(lap["lambda2"].as_f64().unwrap() > 0.0 && lap["build_ms"].as_f64().unwrap() > 0.0);
+    assert!(s.lines().any(|l| l.starts_with("tau: ")));
+    assert_eq!(s.lines().filter(|l| l.starts_with("diag: ")).count(), 3);
+    assert!(log.with_extension("laplacian.npy").exists(), "L is saved beside the log");
+}
+
+#[test]
+fn stats_diff_and_plot_read_logs() {
+    let dir = tmp("records");
+    let a = train(&dir, &["--seed", "1", "--target-val-loss", "20"]);
+    let b = train(&dir, &["--seed", "2", "--target-val-loss", "20"]);
+    let o = run(&["stats", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("runs: 2") && out.contains("p_value: "), "{out}");
+    let o = run(&["diff", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert!(o.status.success() && out.contains("seed: 1 -> 2"), "{out}");
+    let svg = dir.join("plot.svg");
+    let o = run(&["plot", a.to_str().unwrap(), b.to_str().unwrap(), "--out", svg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let s = std::fs::read_to_string(&svg).unwrap();
+    assert!(s.starts_with("<svg") && s.contains("causal"));
+    assert_one_line_error(&run(&["stats", "Cargo.toml"]), 1, "not a train_gpt log");
+}
+
+#[test]
+fn checkpoint_and_reproducible_sample() {
+    let dir = tmp("ckpt");
+    let ck = dir.join("m.safetensors");
+    train(&dir, &["--save-checkpoint", ck.to_str().unwrap()]);
+    let sample = || run(&["sample", "--checkpoint", ck.to_str().unwrap(), "--prompt", "The", "--tokens", "12", "--seed", "3", "--device", "cpu"]);
+    let (x, y) = (sample(), sample());
+    assert!(x.status.success(), "{}", text(&x.stderr));
+    assert_eq!(x.stdout, y.stdout, "same seed, same sample");
+    assert!(text(&x.stdout).starts_with("The"));
+}
+
+#[test]
+fn bad_input_gets_one_line_and_leaves_nothing() {
+    let o = run(&["train", "--no-such-option"]);
+    assert_one_line_error(&o, 2, "--help");
+    let dir = tmp("bad");
+    let d = dir.to_str().unwrap();
+    assert_one_line_error(&run(&["train", "--data", "/nonexistent/shards", "--log-dir", d, "--device", "cpu"]), 1, "train_gpt prepare");
+    // a corrupt shard: right size, wrong magic
+    let corrupt = tmp("corrupt");
+    for f in ["train_000000.bin", "val_000000.bin"] {
+        let mut b = std::fs::read(tiny_shards().join(f)).unwrap();
+        b[0] = 0;
+        std::fs::write(corrupt.join(f), b).unwrap();
+    }
+    assert_one_line_error(&run(&["train", "--data", corrupt.to_str().unwrap(), "--log-dir", d, "--device", "cpu"]), 1, "magic");
+    let mut diverge = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", d];
+    diverge.extend_from_slice(SMALL);
+    diverge.extend_from_slice(&["--lr-adam", "1e30", "--lr-muon", "1e30"]);
+    assert_one_line_error(&run(&diverge), 1, "diverged");
+    assert_one_line_error(&run(&["train", "--attn", "tau", "--laplacian", "file:/nope.npy", "--data", tiny_shards().to_str().unwrap(), "--log-dir", d, "--device", "cpu"]), 1, "not found");
+    assert!(logs_in(&dir).is_empty(), "failed runs leave no log: {:?}", logs_in(&dir));
+    let o = run(&["prepare", "data/tiny", "--out", tiny_shards().to_str().unwrap()]);
+    assert_one_line_error(&o, 1, "already holds shards");
+    assert_one_line_error(&run(&["prepare", "/nonexistent.jsonl.zst", "--out", tmp("p").to_str().unwrap()]), 1, "check the path");
+}
+
+#[test]
+fn cuda_asked_for_where_none_exists() {
+    if run(&["has-cuda"]).status.success() {
+        return; // a GPU box: nothing to refuse
+    }
+    let o = run(&["train", "--device", "cuda", "--data", tiny_shards().to_str().unwrap(), "--log-dir", tmp("nocuda").to_str().unwrap()]);
+    assert_one_line_error(&o, 1, "--device cpu");
+}

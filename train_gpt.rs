@@ -1,0 +1,2561 @@
+// train_gpt.rs: a NanoGPT-speedrun-style harness over libtorch (tch) that races ordinary causal attention against
+// the Tauformer's topological ("tau") attention under one recipe. Read top to bottom: set-up, data, Laplacian,
+// model, optimizer, training, records tooling, sampling, main, tests. Every log embeds this file verbatim.
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind, Reduction, Tensor};
+
+const SOURCE: &str = include_str!("train_gpt.rs");
+const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp"))];
+const SHARD_MAGIC: i32 = 20240520; // modded-nanogpt / llm.c token shard
+const SHARD_VERSION: i32 = 1;
+const HEADER_INTS: usize = 256;
+const SHARD_MAX_TOKENS: usize = 100_000_000;
+const EOT: u16 = 50256; // <|endoftext|>, prepended to every document (it doubles as BOS)
+const VAL_FRACTION: f64 = 0.05; // plain-text corpora: the last 5% of each file, cut at a blank line
+const LAMBDA_EPS: f64 = 1e-6; // E(x) = xᵀLx / (xᵀx + ε)
+const ROPE_BASE: f64 = 10000.0;
+const SOFTCAP: f64 = 15.0;
+const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315); // Muon's quintic Newton–Schulz
+const H100_BF16_PEAK: f64 = 989e12; // dense bf16 FLOP/s of H100/H200 SXM (llm.c's table); MFU denominator
+
+// ----------------------------------------------------------------------------------------------------------------
+// Command line
+
+#[derive(Parser)]
+#[command(name = "train_gpt", about = "NanoGPT-speedrun harness: causal vs topological (tau) attention")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Train a model and write logs/<uuid>.txt (a repeated option: the last one wins)
+    #[command(args_override_self = true)]
+    Train(TrainArgs),
+    /// Tokenize JSON Lines ({"path","split","text"}, plain or .zst) or a folder/file of plain text into GPT-2 shards
+    Prepare(PrepareArgs),
+    /// Generate text from a checkpoint written by --save-checkpoint
+    Sample(SampleArgs),
+    /// Mean ± σ of final val loss and time, and the one-sided t-test against the target (H0: mean ≥ target)
+    Stats { logs: Vec<PathBuf> },
+    /// Differences between two runs: options, embedded source, val loss at matched steps, speed, memory
+    Diff { a: PathBuf, b: PathBuf },
+    /// Val loss against training time and step, one line per log, as SVG
+    Plot {
+        logs: Vec<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Exit 0 when a CUDA device is usable, 1 otherwise (for scripts)
+    HasCuda,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Preset {
+    /// speedrun on CUDA, tiny on CPU
+    Auto,
+    /// the 30M linux-c recipe (every default below)
+    Speedrun,
+    /// a small model on the embedded tiny corpus, minutes on a 2-core CPU
+    Tiny,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Attn {
+    /// causal scaled-dot-product attention
+    Causal,
+    /// topological attention, fixed temperature (--tau-temp), as the public Tauformer code
+    Tau,
+    /// topological attention with a learned per-head inverse temperature (log-parameterised)
+    TauLt,
+}
+
+#[derive(clap::Args, Clone, Serialize, Debug)]
+struct TrainArgs {
+    /// Shard folder made by `train_gpt prepare`
+    #[arg(long, default_value = "data/tokens/linux-c")]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    preset: Preset,
+    #[arg(long, value_enum, default_value = "causal")]
+    attn: Attn,
+    #[arg(long, default_value = "auto", help = "auto|cpu|cuda|cuda:N")]
+    device: String,
+    #[arg(long, default_value_t = 6)]
+    n_layer: i64,
+    #[arg(long, default_value_t = 6)]
+    n_head: i64,
+    #[arg(long, default_value_t = 384)]
+    n_embd: i64,
+    #[arg(long, default_value_t = 1024)]
+    seq_len: i64,
+    /// GPT-2's 50257 padded to a multiple of 128
+    #[arg(long, default_value_t = 50304)]
+    vocab_size: i64,
+    /// Sequences a step (tokens a step = batch_size × seq_len)
+    #[arg(long, default_value_t = 64)]
+    batch_size: i64,
+    #[arg(long, default_value_t = 1200)]
+    steps: i64,
+    #[arg(long, default_value_t = 50)]
+    warmup_steps: i64,
+    /// Linear cool-down to 0 over this last fraction of steps
+    #[arg(long, default_value_t = 0.4)]
+    cooldown_frac: f64,
+    #[arg(long, default_value_t = 0.02)]
+    lr_muon: f64,
+    #[arg(long, default_value_t = 0.95)]
+    muon_momentum: f64,
+    #[arg(long, default_value_t = 5)]
+    ns_steps: i64,
+    #[arg(long, default_value_t = 0.008)]
+    lr_adam: f64,
+    #[arg(long, default_value_t = 0.8)]
+    adam_beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-10)]
+    adam_eps: f64,
+    #[arg(long, default_value_t = 100)]
+    val_every: i64,
+    /// Validate on at most this many val tokens (0: the whole val split)
+    #[arg(long, default_value_t = 0)]
+    val_tokens: i64,
+    /// Time-to-target is the training time at the first validation at or under this loss
+    #[arg(long, default_value_t = 2.0)]
+    target_val_loss: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    /// bf16 compute with fp32 master weights (auto: bf16 on CUDA, f32 on CPU)
+    #[arg(long, default_value = "auto", help = "auto|bf16|f32")]
+    dtype: String,
+    /// tau: fixed temperature of the logits −|λq−λk|/temperature
+    #[arg(long, default_value_t = 1.0)]
+    tau_temp: f64,
+    /// tau-lt: initial inverse temperature of every head
+    #[arg(long, default_value_t = 20.0)]
+    inv_temp_init: f64,
+    /// tau: fix τ by hand instead of calibrating it (median E of block-0 keys on the first batch)
+    #[arg(long)]
+    tau: Option<f64>,
+    /// tau: where L comes from: corpus | chain | file:PATH (.npy or .safetensors, F×F)
+    #[arg(long, default_value = "corpus")]
+    laplacian: String,
+    /// corpus Laplacian: co-occurrence window ±w
+    #[arg(long, default_value_t = 4)]
+    lap_window: usize,
+    /// corpus Laplacian: training tokens read
+    #[arg(long, default_value_t = 10_000_000)]
+    lap_tokens: usize,
+    /// corpus Laplacian: most frequent tokens kept as items
+    #[arg(long, default_value_t = 4096)]
+    lap_k: usize,
+    #[arg(long, default_value_t = 1.31)]
+    lap_eps: f64,
+    #[arg(long, default_value_t = 15)]
+    lap_topk: usize,
+    #[arg(long, default_value_t = 1.8)]
+    lap_p: f64,
+    #[arg(long, default_value_t = 0.535)]
+    lap_sigma: f64,
+    /// Write the final weights as safetensors (names in the README)
+    #[arg(long)]
+    save_checkpoint: Option<PathBuf>,
+    /// Tokens of greedy-ish sample printed and logged at the end (0: none)
+    #[arg(long, default_value_t = 0)]
+    sample_tokens: i64,
+    #[arg(long, default_value = "logs")]
+    log_dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct PrepareArgs {
+    /// A .jsonl or .jsonl.zst file, a .txt file, or a folder of .txt files
+    input: PathBuf,
+    /// Output folder for train_NNNNNN.bin / val_NNNNNN.bin (must not hold shards yet)
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "\n")]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    tokens: i64,
+    /// 0: greedy
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 50)]
+    top_k: i64,
+    #[arg(long, default_value_t = 0)]
+    seed: i64,
+    #[arg(long, default_value = "auto")]
+    device: String,
+}
+
+// The tiny preset: what a 2-core CPU trains in about two minutes. Explicit flags still win.
+fn apply_preset(a: &mut TrainArgs, m: &ArgMatches, cuda: bool) {
+    if a.preset == Preset::Auto {
+        a.preset = if cuda { Preset::Speedrun } else { Preset::Tiny };
+    }
+    if a.preset != Preset::Tiny {
+        return;
+    }
+    let default = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::DefaultValue);
+    macro_rules! tiny {
+        ($($field:ident = $v:expr),*) => { $( if default(stringify!($field)) { a.$field = $v; } )* };
+    }
+    tiny!(data = PathBuf::from("data/tokens/tiny"), n_layer = 4, n_head = 4, n_embd = 128, seq_len = 64,
+          batch_size = 8, steps = 200, warmup_steps = 20, val_every = 25, val_tokens = 4096, target_val_loss = 6.5,
+          sample_tokens = 48, lap_tokens = 1_000_000, lap_k = 1024);
+}
+
+// One-line errors from here down: Result<_, String> carries "what is wrong; how to fix it".
+type Res<T> = Result<T, String>;
+
+fn pick_device(spec: &str) -> Res<Device> {
+    let cuda = tch::Cuda::is_available();
+    match spec {
+        "auto" => Ok(if cuda { Device::Cuda(0) } else { Device::Cpu }),
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let i: i64 = s.strip_prefix("cuda:").unwrap_or("0").parse().map_err(|_| format!("--device {s}: bad index; use cuda or cuda:N"))?;
+            if !cuda {
+                return Err(format!("--device {s}: no CUDA device is usable here; pass --device cpu, or run on a GPU box with LD_LIBRARY_PATH=<torch>/lib"));
+            }
+            if i >= tch::Cuda::device_count() {
+                return Err(format!("--device {s}: only {} CUDA device(s); pick cuda:0..", tch::Cuda::device_count()));
+            }
+            Ok(Device::Cuda(i as usize))
+        }
+        s => Err(format!("--device {s}: unknown device; use auto, cpu, cuda or cuda:N")),
+    }
+}
+
+// The linker drops libtorch_cuda.so (it is linked as-needed), so CUDA would look absent: load it by hand.
+fn load_cuda_runtime() {
+    for lib in ["libtorch_cuda.so\0", "libtorch_cuda_linalg.so\0"] {
+        unsafe { libc::dlopen(lib.as_ptr() as *const libc::c_char, libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Data: GPT-2 token shards (256×int32 header: magic, version, n_tokens; then uint16 tokens)
+
+fn tokenizer() -> tiktoken_rs::CoreBPE {
+    tiktoken_rs::r50k_base().expect("tiktoken-rs embeds the r50k (GPT-2) ranks")
+}
+
+// Documents as (split, text). JSON Lines keep their split; plain text gets a deterministic held-out tail.
+fn read_documents(input: &Path) -> Res<Vec<(String, String)>> {
+    let name = input.to_string_lossy().to_string();
+    if input.is_dir() {
+        let mut files: Vec<PathBuf> = fs::read_dir(input).map_err(|e| format!("{name}: {e}"))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(format!("{name}: no .txt files in this folder; pass a folder of .txt files or a .jsonl(.zst) file"));
+        }
+        let mut docs = vec![];
+        for f in files {
+            docs.extend(read_documents(&f)?);
+        }
+        return Ok(docs);
+    }
+    let mut raw = vec![];
+    let file = fs::File::open(input).map_err(|e| format!("{name}: {e}; check the path"))?;
+    if name.ends_with(".zst") {
+        zstd::stream::read::Decoder::new(file).and_then(|mut d| d.read_to_end(&mut raw))
+            .map_err(|e| format!("{name}: zstd decode failed ({e}); the file is corrupt or not zstd"))?;
+    } else {
+        std::io::BufReader::new(file).read_to_end(&mut raw).map_err(|e| format!("{name}: {e}"))?;
+    }
+    // Non-UTF-8 bytes become U+FFFD rather than failing the whole corpus.
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    if name.ends_with(".jsonl") || name.ends_with(".jsonl.zst") {
+        return text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()).map(|(i, l)| {
+            let v: Value = serde_json::from_str(l).map_err(|e| format!("{name}:{}: bad JSON ({e}); each line must be {{\"path\",\"split\",\"text\"}}", i + 1))?;
+            let split = v["split"].as_str().unwrap_or("train");
+            let body = v["text"].as_str().ok_or(format!("{name}:{}: no \"text\" string; each line must be {{\"path\",\"split\",\"text\"}}", i + 1))?;
+            if split != "train" && split != "val" {
+                return Err(format!("{name}:{}: split {split:?}; use \"train\" or \"val\"", i + 1));
+            }
+            Ok((split.to_string(), body.to_string()))
+        }).collect();
+    }
+    let (train, val) = split_held_out(&text);
+    Ok(vec![("train".into(), train.to_string()), ("val".into(), val.to_string())])
+}
+
+// Deterministic split of one plain-text file: the val part starts at the first blank line after 95% of it.
+fn split_held_out(text: &str) -> (&str, &str) {
+    let mut cut = ((text.len() as f64) * (1.0 - VAL_FRACTION)) as usize;
+    while !text.is_char_boundary(cut) {
+        cut += 1;
+    }
+    let blank = ["\r\n\r\n", "\n\n"].iter().filter_map(|b| text[cut..].find(b).map(|i| cut + i)).min();
+    let cut = blank.unwrap_or(cut);
+    (&text[..cut], &text[cut..])
+}
+
+// Tokenizes every document on all cores, EOT before each one, keeping document order.
+fn tokenize(docs: &[&str]) -> Vec<u16> {
+    let bpe = tokenizer();
+    let parts: Vec<Vec<u16>> = docs.par_iter().map(|d| {
+        let mut t = vec![EOT];
+        t.extend(bpe.encode_ordinary(d).into_iter().map(|x| {
+            assert!(x < 65536, "GPT-2 ids fit in u16");
+            x as u16
+        }));
+        t
+    }).collect();
+    parts.concat()
+}
+
+fn write_shard(path: &Path, tokens: &[u16]) -> Res<()> {
+    assert!(tokens.len() <= SHARD_MAX_TOKENS);
+    let mut header = [0i32; HEADER_INTS];
+    header[0] = SHARD_MAGIC;
+    header[1] = SHARD_VERSION;
+    header[2] = tokens.len() as i32;
+    let mut bytes = Vec::with_capacity(HEADER_INTS * 4 + tokens.len() * 2);
+    header.iter().for_each(|h| bytes.extend_from_slice(&h.to_le_bytes()));
+    tokens.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
+    write_atomic(path, &bytes)
+}
+
+// Write to a temporary beside the target, then rename: a crash never leaves a half-written file.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Res<()> {
+    let tmp = path.with_extension("partial");
+    fs::write(&tmp, bytes).and_then(|_| fs::rename(&tmp, path)).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        format!("{}: cannot write ({e}); check the folder exists and is writable", path.display())
+    })
+}
+
+fn read_shard(path: &Path) -> Res<Vec<u16>> {
+    let p = path.display();
+    let bytes = fs::read(path).map_err(|e| format!("{p}: {e}; run `train_gpt prepare` to make the shards"))?;
+    if bytes.len() < HEADER_INTS * 4 {
+        return Err(format!("{p}: {} bytes, shorter than the 1024-byte header; the shard is corrupt, re-run `train_gpt prepare`", bytes.len()));
+    }
+    let int = |i: usize| i32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
+    if int(0) != SHARD_MAGIC {
+        return Err(format!("{p}: magic {} is not {SHARD_MAGIC}; not a token shard, re-run `train_gpt prepare`", int(0)));
+    }
+    if int(1) != SHARD_VERSION {
+        return Err(format!("{p}: version {} is not {SHARD_VERSION}; re-run `train_gpt prepare` with this harness", int(1)));
+    }
+    let n = int(2);
+    let want = HEADER_INTS * 4 + 2 * n.max(0) as usize;
+    if n < 0 || bytes.len() != want {
+        return Err(format!("{p}: header says {n} tokens ({want} bytes) but the file has {} bytes; the shard is truncated or corrupt, re-run `train_gpt prepare`", bytes.len()));
+    }
+    Ok(bytes[HEADER_INTS * 4..].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+}
+
+fn shard_paths(dir: &Path, split: &str) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir).into_iter().flatten().filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&format!("{split}_")) && n.ends_with(".bin")))
+        .collect();
+    v.sort();
+    v
+}
+
+fn cmd_prepare(a: &PrepareArgs) -> Res<()> {
+    if !shard_paths(&a.out, "train").is_empty() || !shard_paths(&a.out, "val").is_empty() {
+        return Err(format!("{}: already holds shards; remove them or pass another --out", a.out.display()));
+    }
+    let t0 = Instant::now();
+    let docs = read_documents(&a.input)?;
+    fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+    for split in ["train", "val"] {
+        let texts: Vec<&str> = docs.iter().filter(|(s, _)| s == split).map(|(_, t)| t.as_str()).collect();
+        let tokens = tokenize(&texts);
+        for (i, chunk) in tokens.chunks(SHARD_MAX_TOKENS).enumerate() {
+            write_shard(&a.out.join(format!("{split}_{i:06}.bin")), chunk)?;
+        }
+        println!("{split}: {} documents, {} tokens", texts.len(), tokens.len());
+    }
+    println!("prepared {} in {:.1}s with {} threads", a.out.display(), t0.elapsed().as_secs_f64(), rayon::current_num_threads());
+    Ok(())
+}
+
+struct Data {
+    train: Vec<u16>,
+    val: Vec<u16>,
+    info: Value,
+}
+
+fn load_data(dir: &Path, vocab: i64) -> Res<Data> {
+    let mut hash = Sha256::new();
+    let mut shards = vec![];
+    let mut load = |split: &str| -> Res<Vec<u16>> {
+        let paths = shard_paths(dir, split);
+        if paths.is_empty() {
+            return Err(format!("{}: no {split}_*.bin shards; run `train_gpt prepare <corpus> --out {}`", dir.display(), dir.display()));
+        }
+        let mut all = vec![];
+        for p in paths {
+            let t = read_shard(&p)?;
+            t.iter().for_each(|x| hash.update(x.to_le_bytes()));
+            shards.push(json!({"name": p.file_name().unwrap().to_string_lossy(), "tokens": t.len()}));
+            all.extend(t);
+        }
+        if let Some(&m) = all.iter().max() {
+            if m as i64 >= vocab {
+                return Err(format!("{}: token id {m} ≥ --vocab-size {vocab}; raise --vocab-size", dir.display()));
+            }
+        }
+        Ok(all)
+    };
+    let train = load("train")?;
+    let val = load("val")?;
+    let info = json!({"dir": dir.display().to_string(), "train_tokens": train.len(), "val_tokens": val.len(),
+                      "shards": shards, "sha256": format!("{:x}", hash.finalize())});
+    Ok(Data { train, val, info })
+}
+
+// Step i's batch: a contiguous window of the train stream (no shuffling: the reference streams it in order).
+fn train_batch(tokens: &[u16], step: i64, b: i64, t: i64, dev: Device) -> (Tensor, Tensor) {
+    let n = (b * t) as usize;
+    assert!(tokens.len() > n + 1, "train split must exceed one batch");
+    let start = (step as usize * n) % (tokens.len() - n - 1);
+    window(&tokens[start..start + n + 1], b, t, dev)
+}
+
+fn window(tokens: &[u16], b: i64, t: i64, dev: Device) -> (Tensor, Tensor) {
+    let buf = Tensor::from_slice(&tokens.iter().map(|&x| x as i64).collect::<Vec<_>>()).to(dev);
+    let n = b * t;
+    (buf.narrow(0, 0, n).view([b, t]), buf.narrow(0, 1, n).view([b, t]))
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Laplacian precompute (tau only): L is F×F with F = head dim; λ(x) = E/(E+τ), E = xᵀLx/(xᵀx+ε)
+
+// L is built the way arrowspace builds its manifold, from a domain embedding of the training corpus itself:
+//   token co-occurrence (±w) over the K most frequent ids → PPMI → randomised SVD to F dims
+//   → k-means (≈√K centroids) → transpose (nodes = the F features) → cosine kNN graph → L = D − W.
+
+const LAP_VOCAB_U16: i64 = 1 << 16; // token ids are u16, so one bincount over 65536 bins covers any corpus
+const LAP_MAX_K: usize = 16_384; // K² int64 co-occurrence bins = 2 GiB at the cap
+const LAP_RSVD_OVERSAMPLE: i64 = 10; // Halko et al. §4: p ≈ 10 extra columns
+const LAP_RSVD_POWER_ITERS: usize = 2; // power iterations sharpen the slowly decaying PPMI spectrum
+const LAP_KMEANS_ITERS: usize = 25; // cap on Lloyd iterations (it usually converges earlier)
+const LAP_NORM_FLOOR: f64 = 1e-12; // a zero feature profile gets cos = 0 with everything, not NaN
+const LAP_SYM_TOL: f64 = 1e-4; // relative to max(1, max|L|)
+const LAP_CONNECTED_TOL: f64 = 1e-6; // λ2 above this ⇔ one component, for edge weights of order 0.1–1 as built here
+
+#[derive(Debug, Clone)]
+pub struct LapConfig { pub window: usize, pub n_tokens: usize, pub k_items: usize, pub dim: usize, pub eps: f64, pub topk: usize, pub p: f64, pub sigma: f64, pub seed: u64 }
+
+impl Default for LapConfig {
+    // eps/topk/p/σ are the shipped Tauformer manifold's graph parameters (manifold.json).
+    fn default() -> Self {
+        LapConfig { window: 4, n_tokens: 10_000_000, k_items: 4096, dim: 64, eps: 1.31, topk: 15, p: 1.8, sigma: 0.535, seed: 0 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LapStats { pub build_ms: f64, pub nnz: i64 /* nonzeros of L incl. diagonal */, pub deg_min: i64, pub deg_max: i64 /* edges per node */, pub lambda2: f64, pub lambda_max: f64, pub connected: bool, pub n_components: i64 }
+
+impl LapStats {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "build_ms": self.build_ms, "nnz": self.nnz, "deg_min": self.deg_min, "deg_max": self.deg_max,
+            "lambda2": self.lambda2, "lambda_max": self.lambda_max, "connected": self.connected, "n_components": self.n_components })
+    }
+}
+
+/// 1-D path graph: the dense fallback of [TF]; λ2 = 2 − 2cos(π/F).
+pub fn chain_laplacian(f: i64) -> Tensor {
+    let off = Tensor::ones([f - 1], (Kind::Float, Device::Cpu));
+    let w = off.diag_embed(1, 0, 1) + off.diag_embed(-1, 0, 1);
+    w.sum_dim_intlist(1, false, Kind::Float).diag_embed(0, 0, 1) - w
+}
+
+pub fn corpus_laplacian(tokens: &[u16], cfg: &LapConfig, device: Device) -> Result<Tensor, String> {
+    let n = cfg.n_tokens.min(tokens.len());
+    let (k, f) = (cfg.k_items as i64, cfg.dim as i64);
+    let n_centroids = (cfg.k_items as f64).sqrt().round() as i64;
+    let bad = |what: String| Err(format!("corpus Laplacian: {what}"));
+    if cfg.dim < 2 { return bad(format!("dim={} is too small, need ≥ 2; set dim to the head dim", cfg.dim)); }
+    if cfg.k_items < cfg.dim || cfg.k_items > LAP_MAX_K { return bad(format!("K={} out of range, need {} ≤ K ≤ {LAP_MAX_K}; set --lap-k in that range", cfg.k_items, cfg.dim)); }
+    if cfg.window == 0 || n <= cfg.window { return bad(format!("window={} with {n} tokens, need window ≥ 1 and more tokens than the window; raise --lap-tokens or feed more data", cfg.window)); }
+    if cfg.topk == 0 || !(cfg.eps > 0.0 && cfg.sigma > 0.0 && cfg.p > 0.0) || !(cfg.eps + cfg.sigma + cfg.p).is_finite() {
+        return bad(format!("graph params topk={} eps={} σ={} p={} must all be positive and finite; fix the --lap-* flags", cfg.topk, cfg.eps, cfg.sigma, cfg.p));
+    }
+    // libtorch reports bad shapes/OOM by panicking; turn that into the one-line error the caller logs.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _g = tch::no_grad_guard();
+        let toks = Tensor::from_slice(&tokens[..n].iter().map(|&t| t as i32).collect::<Vec<_>>()).to_device(device).to_kind(Kind::Int64);
+        let cooc = lap_cooc(&toks, k, cfg.window as i64).map_err(|e| format!("corpus Laplacian: {e}"))?.to_kind(Kind::Float);
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let items = lap_rsvd(&lap_ppmi(&cooc), f, &mut rng); // K×F, f64
+        let centroids = lap_kmeans(&items, n_centroids, &mut rng); // X×F
+        Ok(lap_feature_laplacian(&centroids, cfg))
+    }))
+    .unwrap_or_else(|e| {
+        let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+        bad(format!("libtorch failed on {device:?} ({}); retry on CPU or lower --lap-k/--lap-tokens", msg.lines().next().unwrap_or("?")))
+    })
+}
+
+/// Symmetric ±window co-occurrence counts (K×K int64) among the K most frequent ids; rows ordered by frequency.
+fn lap_cooc(toks: &Tensor, k: i64, window: i64) -> Result<Tensor, String> {
+    let (n, dev) = (toks.size()[0], toks.device());
+    let freq = toks.bincount(None::<Tensor>, LAP_VOCAB_U16);
+    let distinct = i64::try_from(freq.gt(0).sum(Kind::Int64)).unwrap();
+    if distinct < k { return Err(format!("only {distinct} distinct tokens in {n}, need K={k}; lower --lap-k")); }
+    // Ties go to the lower id, so the item set never depends on the device's topk.
+    let key = &freq * LAP_VOCAB_U16 + (LAP_VOCAB_U16 - 1) - Tensor::arange(LAP_VOCAB_U16, (Kind::Int64, dev));
+    let ids = key.topk(k, 0, true, true).1;
+    let remap = Tensor::full([LAP_VOCAB_U16], -1, (Kind::Int64, dev)).scatter(0, &ids, &Tensor::arange(k, (Kind::Int64, dev)));
+    let item = remap.index_select(0, toks); // item index per token, −1 outside the top K
+    // Per offset: pair index a·K+b counted by an integer bincount (exact, and deterministic on GPU unlike float index_add).
+    let mut cooc = Tensor::zeros([k * k], (Kind::Int64, dev));
+    for off in 1..=window.min(n - 1) {
+        let (a, b) = (item.narrow(0, 0, n - off), item.narrow(0, off, n - off));
+        cooc += (&a * k + &b).masked_select(&a.ge(0).logical_and(&b.ge(0))).bincount(None::<Tensor>, k * k);
+    }
+    let cooc = cooc.view([k, k]);
+    Ok(&cooc + cooc.transpose(0, 1)) // symmetric: each pair is seen from both ends
+}
+
+/// PPMI = max(0, log(c_ij·total / (r_i·r_j))); zero counts stay 0 (clamps keep log finite, the mask zeroes them).
+fn lap_ppmi(c: &Tensor) -> Tensor {
+    let row = c.sum_dim_intlist(1, true, Kind::Float).clamp_min(1.0).log();
+    let pmi = c.clamp_min(1.0).log() + c.sum(Kind::Float).clamp_min(1.0).log() - &row - row.transpose(0, 1);
+    pmi.clamp_min(0.0) * c.gt(0.0)
+}
+
+fn lap_gaussian(rows: i64, cols: i64, rng: &mut StdRng) -> Tensor {
+    // Box–Muller from the seeded RNG: same test matrix on every device (tch's randn has a global, device-specific generator).
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| ((-2.0 * (1.0 - rng.gen::<f64>()).ln()).sqrt() * (std::f64::consts::TAU * rng.gen::<f64>()).cos()) as f32)
+        .collect();
+    Tensor::from_slice(&v).view([rows, cols])
+}
+
+/// Randomised truncated SVD (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1): returns U_r·diag(S_r), f64, on a's device.
+fn lap_rsvd(a: &Tensor, rank: i64, rng: &mut StdRng) -> Tensor {
+    let (m, n, dev) = (a.size()[0], a.size()[1], a.device());
+    let l = (rank + LAP_RSVD_OVERSAMPLE).min(m).min(n);
+    let orth = |y: Tensor| Tensor::linalg_qr(&y, "reduced").0;
+    let mut q = orth(a.matmul(&lap_gaussian(n, l, rng).to_device(dev)));
+    for _ in 0..LAP_RSVD_POWER_ITERS {
+        q = orth(a.transpose(0, 1).matmul(&q));
+        q = orth(a.matmul(&q));
+    }
+    // B = QᵀA is only l×n: its SVD runs in f64 on CPU (deterministic, and tch's linalg_svd driver arg is CUDA-only).
+    let b = q.transpose(0, 1).matmul(a).to_device(Device::Cpu).to_kind(Kind::Double);
+    let (ub, s, _) = b.svd(true, true);
+    let u = q.to_kind(Kind::Double).matmul(&ub.narrow(1, 0, rank).to_device(dev));
+    // svd_flip: each column's largest-|·| entry positive, so singular-vector signs (which move cosines) are canonical.
+    let sign = u.gather(0, &u.abs().argmax(0, true), false).ge(0.0).to_kind(Kind::Double) * 2.0 - 1.0;
+    u * sign * s.narrow(0, 0, rank).to_device(dev)
+}
+
+fn lap_sqdist(x: &Tensor, c: &Tensor) -> Tensor {
+    (x.square().sum_dim_intlist(1, true, Kind::Double) - x.matmul(&c.transpose(0, 1)) * 2.0 + c.square().sum_dim_intlist(1, false, Kind::Double)).clamp_min(0.0)
+}
+
+/// k-means++ seeding (seeded RNG, sampling on CPU) then Lloyd to convergence or LAP_KMEANS_ITERS. x: K×F f64.
+fn lap_kmeans(x: &Tensor, n_c: i64, rng: &mut StdRng) -> Tensor {
+    let k = x.size()[0];
+    let mut picked = vec![rng.gen_range(0..k)];
+    let mut d2 = lap_sqdist(x, &x.narrow(0, picked[0], 1)).squeeze_dim(1);
+    while (picked.len() as i64) < n_c {
+        let w = Vec::<f64>::try_from(&d2.to_device(Device::Cpu)).unwrap();
+        let total: f64 = w.iter().sum();
+        let next = if total > 0.0 {
+            let r = rng.gen::<f64>() * total;
+            let mut acc = 0.0;
+            w.iter().position(|&v| { acc += v; acc > r }).unwrap_or_else(|| w.iter().rposition(|&v| v > 0.0).unwrap()) as i64
+        } else {
+            rng.gen_range(0..k) // all points coincide with the picked ones: any choice is as good
+        };
+        picked.push(next);
+        d2 = d2.minimum(&lap_sqdist(x, &x.narrow(0, next, 1)).squeeze_dim(1));
+    }
+    let mut c = x.index_select(0, &Tensor::from_slice(&picked).to_device(x.device()));
+    let mut prev: Option<Tensor> = None;
+    for _ in 0..LAP_KMEANS_ITERS {
+        let assign = lap_sqdist(x, &c).argmin(1, false);
+        if prev.as_ref().is_some_and(|p| p.equal(&assign)) { break; }
+        // one-hot matmul rather than index_add: float atomics would make GPU runs nondeterministic
+        let m = assign.one_hot(n_c).to_kind(Kind::Double);
+        let cnt = m.sum_dim_intlist(0, false, Kind::Double).unsqueeze(1);
+        c = (m.transpose(0, 1).matmul(x) / cnt.clamp_min(1.0)).where_self(&cnt.gt(0.0), &c); // an empty cluster keeps its centroid
+        prev = Some(assign);
+    }
+    c
+}
+
+/// Nodes = the F features, each described by its profile over the X centroids; cosine kNN graph; L = D − W (f32, CPU).
+fn lap_feature_laplacian(centroids: &Tensor, cfg: &LapConfig) -> Tensor {
+    let feats = centroids.transpose(0, 1).to_device(Device::Cpu).to_kind(Kind::Double); // F×X
+    let f = feats.size()[0];
+    let unit = &feats / feats.norm_scalaropt_dim(2.0, [1i64], true).clamp_min(LAP_NORM_FLOOR);
+    let d = (unit.matmul(&unit.transpose(0, 1)).neg() + 1.0).clamp(0.0, 2.0); // unrectified 1 − cos, as arrowspace
+    let d = d.masked_fill(&Tensor::eye(f, (Kind::Bool, Device::Cpu)), f64::INFINITY); // no self-loops
+    let (dk, jk) = d.topk((cfg.topk as i64).min(f - 1), 1, false, true);
+    let wk = ((&dk / cfg.sigma).pow_tensor_scalar(cfg.p) + 1.0).reciprocal() * dk.le(cfg.eps);
+    let w = Tensor::zeros([f, f], (Kind::Double, Device::Cpu)).scatter(1, &jk, &wk);
+    let w = w.maximum(&w.transpose(0, 1));
+    let l = w.sum_dim_intlist(1, false, Kind::Double).diag_embed(0, 0, 1) - w;
+    l.to_kind(Kind::Float).contiguous()
+}
+
+pub fn laplacian_stats(l: &Tensor, build_ms: f64) -> LapStats {
+    let l = l.to_device(Device::Cpu).to_kind(Kind::Double).contiguous();
+    let f = l.size()[0] as usize;
+    let eig = Vec::<f64>::try_from(&l.linalg_eigvalsh("L")).unwrap(); // ascending
+    let v = Vec::<f64>::try_from(&l.flatten(0, -1)).unwrap();
+    let adj = |i: usize, j: usize| i != j && v[i * f + j] != 0.0;
+    let deg: Vec<i64> = (0..f).map(|i| (0..f).filter(|&j| adj(i, j)).count() as i64).collect();
+    let (mut comp, mut n_components) = (vec![false; f], 0);
+    for s in 0..f {
+        if comp[s] { continue; }
+        n_components += 1;
+        let mut stack = vec![s];
+        comp[s] = true;
+        while let Some(i) = stack.pop() {
+            for j in (0..f).filter(|&j| adj(i, j) && !comp[j]).collect::<Vec<_>>() { comp[j] = true; stack.push(j); }
+        }
+    }
+    let lambda2 = eig.get(1).copied().unwrap_or(0.0);
+    let connected = n_components == 1;
+    if connected != (lambda2 > LAP_CONNECTED_TOL) {
+        eprintln!("laplacian_stats: BFS says {n_components} component(s) but λ2={lambda2:.3e}; L is probably not a graph Laplacian (rows should sum to 0, off-diagonals ≤ 0)");
+    }
+    LapStats { build_ms, nnz: v.iter().filter(|&&x| x != 0.0).count() as i64, deg_min: deg.iter().copied().min().unwrap_or(0), deg_max: deg.iter().copied().max().unwrap_or(0),
+        lambda2, lambda_max: eig.last().copied().unwrap_or(0.0), connected, n_components }
+}
+
+/// Minimal .npy reader (v1–v3 header, little-endian f4/f8, C order). tch's read_npy trusts the payload length, so check it here.
+fn lap_read_npy(bytes: &[u8]) -> Result<Tensor, String> {
+    let bad = |what: &str| Err(format!("{what}; write it with numpy.save(path, L.astype(np.float32))"));
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" { return bad("not a .npy file (bad magic bytes)"); }
+    let (start, hlen) = match bytes[6] {
+        1 => (10, u16::from_le_bytes([bytes[8], bytes[9]]) as usize),
+        2 | 3 if bytes.len() >= 12 => (12, u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize),
+        v => return bad(&format!("unsupported .npy version {v}")),
+    };
+    let Some(header) = bytes.get(start..start + hlen).and_then(|h| std::str::from_utf8(h).ok()) else { return bad("truncated .npy header") };
+    let field = |key: &str| header.split(&format!("'{key}':")).nth(1).map(str::trim_start).unwrap_or("");
+    let kind = match field("descr").split('\'').nth(1) {
+        Some("<f4") => Kind::Float,
+        Some("<f8") => Kind::Double,
+        d => return bad(&format!("dtype {} unsupported, need little-endian float32/float64", d.unwrap_or("?"))),
+    };
+    if !field("fortran_order").starts_with("False") { return bad("Fortran-ordered array, need C order (np.ascontiguousarray)"); }
+    let shape = field("shape").trim_start_matches('(').split(')').next().unwrap_or("").split(',').map(str::trim).filter(|s| !s.is_empty())
+        .map(str::parse::<i64>).collect::<Result<Vec<_>, _>>();
+    let Ok(shape) = shape else { return bad("unparseable shape in .npy header") };
+    let data = &bytes[start + hlen..];
+    let want = shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes();
+    if data.len() != want { return bad(&format!("payload is {} bytes but shape {shape:?} needs {want} (truncated or corrupt)", data.len())); }
+    Tensor::f_from_data_size(data, &shape, kind).map_err(|e| format!("{e}"))
+}
+
+pub fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
+    let p = path.display();
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if !path.is_file() { return Err(format!("Laplacian file {p}: not found; pass an existing .npy or .safetensors file")); }
+    let t = match ext {
+        "npy" => lap_read_npy(&std::fs::read(path).map_err(|e| format!("Laplacian file {p}: {e}; check permissions"))?).map_err(|e| format!("Laplacian file {p}: {e}"))?,
+        "safetensors" => {
+            let ts = Tensor::read_safetensors(path).map_err(|e| format!("Laplacian file {p}: not a valid safetensors file ({}); re-export it with safetensors.torch.save_file", format!("{e}").replace('\n', " ")))?;
+            match ts.as_slice() {
+                [(_, t)] => t.shallow_clone(),
+                _ => return Err(format!("Laplacian file {p}: holds {} tensors, need exactly one; save only L", ts.len())),
+            }
+        }
+        _ => return Err(format!("Laplacian file {p}: unknown extension '.{ext}'; use .npy or .safetensors")),
+    };
+    if t.size() != [dim, dim] { return Err(format!("Laplacian file {p}: shape {:?}, need [{dim}, {dim}] (head dim); rebuild L for this head dim", t.size())); }
+    let t = t.to_kind(Kind::Float).contiguous();
+    if !bool::try_from(t.isfinite().all()).unwrap() { return Err(format!("Laplacian file {p}: contains NaN/Inf; rebuild it")); }
+    let scale = f64::try_from(t.abs().max()).unwrap().max(1.0);
+    let asym = f64::try_from((&t - t.transpose(0, 1)).abs().max()).unwrap();
+    if asym > LAP_SYM_TOL * scale { return Err(format!("Laplacian file {p}: not symmetric (max |L−Lᵀ| = {asym:.3e}); symmetrise it, e.g. (L+L.T)/2")); }
+    Ok(t)
+}
+
+pub fn save_laplacian(path: &Path, l: &Tensor) -> Result<(), String> {
+    let sz = l.size();
+    if sz.len() != 2 || sz[0] != sz[1] { return Err(format!("save_laplacian {}: shape {sz:?} is not square; pass the F×F Laplacian", path.display())); }
+    l.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().write_npy(path)
+        .map_err(|e| format!("save_laplacian {}: {e}; check the directory exists and is writable", path.display()))
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Model: GPT with weightless RMSNorm, RoPE + QK-norm, ReLU² MLP, tied embeddings, soft-capped logits
+
+#[derive(Clone, Serialize, serde::Deserialize, Debug, PartialEq)]
+struct ModelCfg {
+    n_layer: i64,
+    n_head: i64,
+    n_embd: i64,
+    seq_len: i64,
+    vocab_size: i64,
+    attn: String, // causal | tau | tau-lt
+}
+
+impl ModelCfg {
+    fn head_dim(&self) -> i64 {
+        self.n_embd / self.n_head
+    }
+    fn is_tau(&self) -> bool {
+        self.attn != "causal"
+    }
+}
+
+struct Model {
+    cfg: ModelCfg,
+    params: Vec<(String, Tensor)>, // fp32 master weights, in checkpoint order
+    cos: Tensor,
+    sin: Tensor,
+    lap: Tensor,      // tau: F×F Laplacian (fp32); causal: empty
+    tau: f64,         // tau: the global energy scale
+    inv_temp: Tensor, // tau: [n_layer, H] fixed inverse temperature; tau-lt: unused
+    cdt: Kind,        // compute dtype (bf16 on CUDA)
+}
+
+fn rms(x: &Tensor) -> Tensor {
+    // eps None: libtorch picks finfo(dtype).eps, as F.rms_norm in the reference
+    x.rms_norm([*x.size().last().unwrap()], None::<Tensor>, None)
+}
+
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let (t, d) = (x.size()[2], x.size()[3] / 2);
+    let (c, s) = (cos.narrow(0, 0, t).to_kind(x.kind()), sin.narrow(0, 0, t).to_kind(x.kind()));
+    let (x1, x2) = (x.narrow(-1, 0, d), x.narrow(-1, d, d));
+    Tensor::cat(&[&x1 * &c + &x2 * &s, -&x1 * &s + &x2 * &c], -1)
+}
+
+// taumode: per-vector Laplacian energy E and its bounded form λ = E/(E+τ) ∈ [0,1), in fp32 (f64 stays f64 for tests).
+fn taumode(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
+    let xf = if x.kind() == Kind::Double { x.shallow_clone() } else { x.to_kind(Kind::Float) };
+    let lap = lap.to_kind(xf.kind());
+    let e = (xf.matmul(&lap) * &xf).sum_dim_intlist(-1, false, xf.kind()) / (xf.square().sum_dim_intlist(-1, false, xf.kind()) + LAMBDA_EPS);
+    let lam = &e / (&e + tau);
+    (e, lam)
+}
+
+// Tau attention over scalars: logits −|λq(i) − λk(j)|·inv_temp, causal, softmax, then the full value vectors.
+// It reads only (λk, V) of the keys, which is what a decoding cache would hold. Plain path: T×T scores in memory.
+fn tau_attention(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Tensor {
+    let (tq, tk) = (lq.size()[2], lk.size()[2]);
+    let att = -(lq.unsqueeze(-1) - lk.unsqueeze(-2)).abs() * inv_temp.view([1, -1, 1, 1]);
+    let future = Tensor::ones([tq, tk], (Kind::Bool, lq.device())).tril(tk - tq).logical_not();
+    att.masked_fill(&future, f64::NEG_INFINITY).softmax(-1, att.kind()).to_kind(v.kind()).matmul(v)
+}
+
+impl Model {
+    fn new(cfg: ModelCfg, dev: Device, cdt: Kind, lap: Option<Tensor>, tau: f64, tau_temp: f64, inv_temp_init: f64) -> Model {
+        let (c, v, h) = (cfg.n_embd, cfg.vocab_size, cfg.n_head);
+        assert!(c % h == 0 && cfg.head_dim() % 2 == 0, "n_embd must split into heads of even size (RoPE)");
+        let uniform = |o: i64, i: i64| Tensor::empty([o, i], (Kind::Float, dev)).uniform_(-1.0 / (i as f64).sqrt(), 1.0 / (i as f64).sqrt());
+        let mut params = vec![("wte".to_string(), Tensor::randn([v, c], (Kind::Float, dev)) * 0.02)];
+        for l in 0..cfg.n_layer {
+            params.push((format!("blocks.{l}.attn.qkv"), uniform(3 * c, c)));
+            params.push((format!("blocks.{l}.attn.o"), Tensor::zeros([c, c], (Kind::Float, dev)))); // zero-init output projections
+            params.push((format!("blocks.{l}.mlp.fc"), uniform(4 * c, c)));
+            params.push((format!("blocks.{l}.mlp.proj"), Tensor::zeros([c, 4 * c], (Kind::Float, dev))));
+            if cfg.attn == "tau-lt" {
+                params.push((format!("blocks.{l}.attn.log_inv_temp"), Tensor::full([h], inv_temp_init.ln(), (Kind::Float, dev))));
+            }
+        }
+        let params = params.into_iter().map(|(n, p)| (n, p.set_requires_grad(true))).collect();
+        let d = cfg.head_dim();
+        let inv = Tensor::arange_start_step(0, d, 2, (Kind::Float, dev)).divide_scalar(d as f64).multiply_scalar(-ROPE_BASE.ln()).exp();
+        let f = Tensor::arange(cfg.seq_len, (Kind::Float, dev)).outer(&inv);
+        let lap = lap.map(|l| l.to(dev)).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)));
+        let inv_temp = Tensor::full([cfg.n_layer, h], 1.0 / tau_temp, (Kind::Float, dev));
+        Model { cos: f.cos(), sin: f.sin(), cfg, params, lap, tau, inv_temp, cdt }
+    }
+
+    fn p(&self, name: &str) -> &Tensor {
+        &self.params.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no parameter {name}")).1
+    }
+
+    fn w(&self, name: &str) -> Tensor {
+        self.p(name).to_kind(self.cdt)
+    }
+
+    fn n_params(&self) -> i64 {
+        self.params.iter().map(|(_, p)| p.numel() as i64).sum()
+    }
+
+    fn layer_inv_temp(&self, l: i64) -> Tensor {
+        if self.cfg.attn == "tau-lt" { self.p(&format!("blocks.{l}.attn.log_inv_temp")).exp() } else { self.inv_temp.get(l) }
+    }
+
+    // q, k (rotated, RMS-normed) and v of layer l, each [B,H,T,D].
+    fn qkv(&self, l: i64, h: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (b, t) = (h.size()[0], h.size()[1]);
+        let qkv = h.matmul(&self.w(&format!("blocks.{l}.attn.qkv")).tr()).view([b, t, 3, self.cfg.n_head, self.cfg.head_dim()]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        (rms(&rope(&q, &self.cos, &self.sin)), rms(&rope(&k, &self.cos, &self.sin)), v)
+    }
+
+    fn embed(&self, idx: &Tensor) -> Tensor {
+        rms(&Tensor::embedding(self.p("wte"), idx, -1, false, false))
+    }
+
+    // Final hidden states [B,T,C] (fp32 residual stream). `lams` collects each layer's λk for diagnostics.
+    fn hidden(&self, idx: &Tensor, mut lams: Option<&mut Vec<Tensor>>) -> Tensor {
+        let (b, t, c) = (idx.size()[0], idx.size()[1], self.cfg.n_embd);
+        assert!(t <= self.cfg.seq_len, "sequence longer than the RoPE table");
+        let mut x = self.embed(idx);
+        for l in 0..self.cfg.n_layer {
+            let (q, k, v) = self.qkv(l, &rms(&x).to_kind(self.cdt));
+            let y = if self.cfg.is_tau() {
+                let (_, lq) = taumode(&q, &self.lap, self.tau);
+                let (_, lk) = taumode(&k, &self.lap, self.tau);
+                if let Some(ls) = lams.as_deref_mut() {
+                    ls.push(lk.detach());
+                }
+                tau_attention(&lq, &lk, &v, &self.layer_inv_temp(l))
+            } else {
+                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)
+            };
+            let y = y.transpose(1, 2).reshape([b, t, c]);
+            x = x + y.matmul(&self.w(&format!("blocks.{l}.attn.o")).tr());
+            let h = rms(&x).to_kind(self.cdt).matmul(&self.w(&format!("blocks.{l}.mlp.fc")).tr()).relu().square();
+            x = x + h.matmul(&self.w(&format!("blocks.{l}.mlp.proj")).tr());
+        }
+        rms(&x)
+    }
+
+    // Soft-capped fp32 logits through the tied embedding.
+    fn logits(&self, x: &Tensor) -> Tensor {
+        let z = x.to_kind(self.cdt).matmul(&self.w("wte").tr()).to_kind(Kind::Float);
+        (z / SOFTCAP).tanh() * SOFTCAP
+    }
+
+    fn loss(&self, idx: &Tensor, tgt: &Tensor, red: Reduction) -> Tensor {
+        let z = self.logits(&self.hidden(idx, None));
+        z.view([-1, self.cfg.vocab_size]).cross_entropy_loss(&tgt.view([-1]), None::<Tensor>, red, -100, 0.0)
+    }
+
+    // τ = median energy E of block 0's keys on one batch (the 30M Tauformer run's calibration).
+    fn calibrate_tau(&self, idx: &Tensor) -> f64 {
+        tch::no_grad(|| {
+            let (_, k, _) = self.qkv(0, &rms(&self.embed(idx)).to_kind(self.cdt));
+            taumode(&k, &self.lap, 1.0).0.median().double_value(&[])
+        })
+    }
+}
+
+// Mean loss per token over the val split (or its first `limit` tokens), in windows of seq_len, batch_size at a time.
+fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64) -> f64 {
+    let t = m.cfg.seq_len;
+    let usable = if limit > 0 { val.len().min(limit as usize + 1) } else { val.len() };
+    let n_seq = ((usable - 1) / t as usize) as i64;
+    assert!(n_seq > 0, "val split shorter than one sequence");
+    let dev = m.lap.device();
+    tch::no_grad(|| {
+        let mut total = Tensor::zeros([], (Kind::Float, dev));
+        for s in (0..n_seq).step_by(b as usize) {
+            let nb = b.min(n_seq - s);
+            let lo = (s * t) as usize;
+            let (x, y) = window(&val[lo..lo + (nb * t) as usize + 1], nb, t, dev);
+            total += m.loss(&x, &y, Reduction::Sum);
+        }
+        total.double_value(&[]) / (n_seq * t) as f64
+    })
+}
+
+// λk percentiles per layer and the inverse temperatures, to watch for collapse.
+fn tau_diagnostics(m: &Model, val: &[u16], b: i64, step: i64) -> Value {
+    let t = m.cfg.seq_len;
+    let nb = b.min(((val.len() - 1) / t as usize) as i64);
+    let (x, _) = window(&val[..(nb * t) as usize + 1], nb, t, m.lap.device());
+    let mut lams = vec![];
+    let _ = tch::no_grad(|| m.hidden(&x, Some(&mut lams)));
+    let q = |p: f64| -> Vec<f64> {
+        lams.iter().map(|l| {
+            let flat = l.flatten(0, -1);
+            let n = flat.numel() as i64;
+            let sample = if n > 1 << 24 { flat.narrow(0, 0, 1 << 24) } else { flat }; // quantile's input limit
+            round4(sample.quantile_scalar(p, None, false, "linear").double_value(&[]))
+        }).collect()
+    };
+    let inv: Vec<Vec<f64>> = (0..m.cfg.n_layer).map(|l| Vec::<f64>::try_from(m.layer_inv_temp(l).detach().to(Device::Cpu).to_kind(Kind::Double)).unwrap().into_iter().map(round4).collect()).collect();
+    json!({"step": step, "lambda_p05": q(0.05), "lambda_p50": q(0.5), "lambda_p95": q(0.95), "inv_temp": inv})
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Optimizer: Muon for the 2-D hidden matrices, Adam for the embedding and scalars
+
+// Orthogonalise G: X ← aX + (bA + cA²)X with A = XXᵀ, on the wide orientation so A is the small Gram matrix.
+fn newton_schulz(g: &Tensor, steps: i64, cdt: Kind) -> Tensor {
+    let (a, b, c) = NS_COEFFS;
+    let mut x = g.to_kind(cdt);
+    x = &x / (x.norm() + 1e-7);
+    let tall = g.size()[0] > g.size()[1];
+    if tall {
+        x = x.tr();
+    }
+    for _ in 0..steps {
+        let aa = x.matmul(&x.tr());
+        let bb = &aa * b + aa.matmul(&aa) * c;
+        x = &x * a + bb.matmul(&x);
+    }
+    if tall { x.tr() } else { x }.to_kind(g.kind())
+}
+
+struct Optim {
+    muon: Vec<(Tensor, Tensor)>,         // (param, momentum buffer)
+    adam: Vec<(Tensor, Tensor, Tensor)>, // (param, m, v)
+    t: i64,
+}
+
+impl Optim {
+    fn new(m: &Model) -> Optim {
+        let mut o = Optim { muon: vec![], adam: vec![], t: 0 };
+        for (name, p) in &m.params {
+            if p.dim() == 2 && name != "wte" {
+                o.muon.push((p.shallow_clone(), p.zeros_like()));
+            } else {
+                o.adam.push((p.shallow_clone(), p.zeros_like(), p.zeros_like()));
+            }
+        }
+        o
+    }
+
+    fn step(&mut self, a: &TrainArgs, lr_mult: f64, cdt: Kind) {
+        self.t += 1;
+        tch::no_grad(|| {
+            for (p, buf) in self.muon.iter_mut() {
+                let g = p.grad();
+                let _ = buf.lerp_(&g, 1.0 - a.muon_momentum);
+                let u = newton_schulz(&g.lerp(buf, a.muon_momentum), a.ns_steps, cdt); // Nesterov
+                let (rows, cols) = (p.size()[0] as f64, p.size()[1] as f64);
+                let _ = p.g_add_(&(u * (-a.lr_muon * lr_mult * (rows / cols).max(1.0).sqrt())));
+            }
+            let (b1, b2) = (a.adam_beta1, a.adam_beta2);
+            let (bc1, bc2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
+            for (p, m1, m2) in self.adam.iter_mut() {
+                let g = p.grad();
+                let _ = m1.lerp_(&g, 1.0 - b1);
+                let _ = m2.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+                let denom = m2.sqrt() / bc2.sqrt() + a.adam_eps;
+                let _ = p.g_add_(&(&*m1 / denom * (-a.lr_adam * lr_mult / bc1)));
+            }
+        });
+    }
+}
+
+// 50 warm-up steps, constant, then linear to 0 over the last cooldown_frac of the run (the reference's schedule).
+fn lr_mult(a: &TrainArgs, i: i64) -> f64 {
+    let cool = (a.steps as f64 * a.cooldown_frac) as i64;
+    if i < a.steps - cool { ((i + 1) as f64 / a.warmup_steps.max(1) as f64).min(1.0) } else { ((a.steps - i) as f64 / cool as f64).max(0.0) }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Logs: logs/<uuid>.txt = source, versions, config, data, step lines, peak memory, summary. Never overwritten.
+
+struct Log {
+    path: PathBuf,
+    file: Option<fs::File>,
+}
+
+impl Log {
+    fn create(dir: &Path) -> Res<Log> {
+        fs::create_dir_all(dir).map_err(|e| format!("{}: {e}; pass a writable --log-dir", dir.display()))?;
+        let path = dir.join(format!("{}.txt", uuid::Uuid::new_v4()));
+        let file = fs::OpenOptions::new().write(true).create_new(true).open(path.with_extension("txt.partial"))
+            .map_err(|e| format!("{}: {e}; pass a writable --log-dir", dir.display()))?;
+        Ok(Log { path, file: Some(file) })
+    }
+    // Everything logged is printed too.
+    fn line(&mut self, s: &str) {
+        println!("{s}");
+        self.quiet(s);
+    }
+    fn quiet(&mut self, s: &str) {
+        writeln!(self.file.as_mut().unwrap(), "{s}").expect("log write");
+    }
+    fn finish(mut self) -> PathBuf {
+        self.file.take().unwrap().sync_all().expect("log sync");
+        fs::rename(self.path.with_extension("txt.partial"), &self.path).expect("log rename");
+        self.path.clone()
+    }
+}
+
+// A run that fails leaves no half-written log behind.
+impl Drop for Log {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(self.path.with_extension("txt.partial"));
+        }
+    }
+}
+
+fn sh(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(cmd).args(args).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+// The torch package the running process really loaded: <torch>/lib/libtorch_cpu.so sits beside <torch>/version.py.
+fn libtorch_version() -> (String, String) {
+    unsafe extern "C" fn visit(info: *mut libc::dl_phdr_info, _: libc::size_t, out: *mut libc::c_void) -> libc::c_int {
+        let name = std::ffi::CStr::from_ptr((*info).dlpi_name).to_string_lossy().to_string();
+        if name.ends_with("libtorch_cpu.so") {
+            *(out as *mut String) = name;
+        }
+        0
+    }
+    let mut lib = String::new();
+    unsafe { libc::dl_iterate_phdr(Some(visit), &mut lib as *mut String as *mut libc::c_void) };
+    let py = Path::new(&lib).parent().and_then(Path::parent).and_then(|d| fs::read_to_string(d.join("version.py")).ok()).unwrap_or_default();
+    let field = |k: &str| py.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim_matches(|c| " ='\"".contains(c)).to_string()).unwrap_or("unknown".into());
+    (field("__version__"), field("cuda: Optional[str]"))
+}
+
+fn gpu_name(dev: Device) -> Option<String> {
+    match dev {
+        Device::Cuda(i) => sh("nvidia-smi", &["--query-gpu=name", "--format=csv,noheader", &format!("--id={i}")]),
+        _ => None,
+    }
+}
+
+fn write_header(log: &mut Log, dev: Device) {
+    log.quiet(SOURCE.trim_end());
+    for (name, text) in KERNEL_FILES {
+        log.quiet(&"-".repeat(40));
+        log.quiet(&format!("# {name}"));
+        log.quiet(text.trim_end());
+    }
+    log.quiet(&"=".repeat(100));
+    let (torch, cuda) = libtorch_version();
+    log.line(&format!("rustc: {}", env!("TRAIN_GPT_RUSTC")));
+    log.line(&format!("tch: {}", env!("TRAIN_GPT_TCH")));
+    log.line(&format!("libtorch: {torch}"));
+    log.line(&format!("cuda: {}", if dev.is_cuda() { cuda } else { "none".into() }));
+    log.line(&format!("gpu: {}", gpu_name(dev).unwrap_or("none".into())));
+    log.line(&format!("host_threads: {}", rayon::current_num_threads()));
+    log.quiet("nvidia-smi:");
+    log.quiet(&if dev.is_cuda() { sh("nvidia-smi", &[]).unwrap_or("none".into()) } else { "none".into() });
+    log.quiet(&"=".repeat(100));
+}
+
+mod ext {
+    extern "C" {
+        pub fn tg_memory_peaks(device: i32, peak_allocated: *mut i64, peak_reserved: *mut i64);
+        pub fn tg_reset_memory_peaks(device: i32);
+    }
+}
+
+// (peak allocated, peak reserved) in MiB on the CUDA device, as torch.cuda.max_memory_allocated/reserved.
+fn memory_peaks(dev: Device) -> Option<(f64, f64)> {
+    let Device::Cuda(i) = dev else { return None };
+    let (mut a, mut r) = (0i64, 0i64);
+    unsafe { ext::tg_memory_peaks(i as i32, &mut a, &mut r) };
+    Some((a as f64 / 1048576.0, r as f64 / 1048576.0))
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Training
+
+fn sync(dev: Device) {
+    if let Device::Cuda(i) = dev {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+// --laplacian chain|corpus|file:PATH → (L, stats json). The corpus build reads the head of the train split.
+fn build_laplacian(a: &TrainArgs, f: i64, data: &Data, dev: Device) -> Res<(Tensor, Value)> {
+    let t0 = Instant::now();
+    let l = match a.laplacian.as_str() {
+        "chain" => chain_laplacian(f),
+        "corpus" => {
+            let cfg = LapConfig { window: a.lap_window, n_tokens: a.lap_tokens, k_items: a.lap_k, dim: f as usize, eps: a.lap_eps,
+                                  topk: a.lap_topk, p: a.lap_p, sigma: a.lap_sigma, seed: a.seed as u64 };
+            corpus_laplacian(&data.train, &cfg, dev)?
+        }
+        s => match s.strip_prefix("file:") {
+            Some(path) => load_laplacian_file(Path::new(path), f)?,
+            None => return Err(format!("--laplacian {s}: unknown source; use corpus, chain or file:PATH")),
+        },
+    };
+    sync(dev);
+    let mut stats = laplacian_stats(&l, t0.elapsed().as_secs_f64() * 1e3).to_json();
+    stats["source"] = json!(a.laplacian);
+    Ok((l, stats))
+}
+
+fn compute_kind(spec: &str, dev: Device) -> Res<Kind> {
+    match spec {
+        "auto" => Ok(if dev.is_cuda() { Kind::BFloat16 } else { Kind::Float }),
+        "bf16" => Ok(Kind::BFloat16),
+        "f32" => Ok(Kind::Float),
+        s => Err(format!("--dtype {s}: unknown; use auto, bf16 or f32")),
+    }
+}
+
+fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
+    let dev = pick_device(&a.device)?;
+    apply_preset(&mut a, m, dev.is_cuda());
+    let cdt = compute_kind(&a.dtype, dev)?;
+    for (ok, what) in [(a.steps > 0, "--steps must be > 0"), (a.batch_size > 0 && a.seq_len > 1, "--batch-size and --seq-len must be positive"),
+                       (a.val_every > 0, "--val-every must be > 0"), ((0.0..=1.0).contains(&a.cooldown_frac), "--cooldown-frac must be in [0,1]"),
+                       (a.tau_temp > 0.0 && a.inv_temp_init > 0.0, "--tau-temp and --inv-temp-init must be > 0"),
+                       (a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head")] {
+        if !ok {
+            return Err(format!("{what}; see train_gpt train --help"));
+        }
+    }
+    let data = load_data(&a.data, a.vocab_size)?;
+    if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 || data.val.len() as i64 <= a.seq_len + 1 {
+        return Err(format!("{}: {} train / {} val tokens is too few for batch {}×{}; lower --batch-size/--seq-len", a.data.display(), data.train.len(), data.val.len(), a.batch_size, a.seq_len));
+    }
+    tch::manual_seed(a.seed);
+    let variant = a.attn.to_possible_value().unwrap().get_name().to_string();
+    let cfg = ModelCfg { n_layer: a.n_layer, n_head: a.n_head, n_embd: a.n_embd, seq_len: a.seq_len, vocab_size: a.vocab_size, attn: variant.clone() };
+    let world_size = 1;
+    let gpu = gpu_name(dev);
+    let corpus = a.data.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or("data".into());
+    let track = format!("{corpus}_{world_size}x{}", gpu.as_deref().map(|g| g.trim_start_matches("NVIDIA ").replace(' ', "-")).unwrap_or("CPU".into()));
+
+    let mut log = Log::create(&a.log_dir)?;
+    write_header(&mut log, dev);
+    let mut config = serde_json::to_value(&a).unwrap();
+    config["variant"] = json!(variant);
+    config["track"] = json!(track);
+    config["device"] = json!(format!("{dev:?}"));
+    config["compute_dtype"] = json!(format!("{cdt:?}"));
+    log.line(&format!("config: {config}"));
+    log.line(&format!("data: {}", data.info));
+
+    // The timed region starts here: a tau run pays for its Laplacian and its τ calibration.
+    if let Device::Cuda(i) = dev {
+        unsafe { ext::tg_reset_memory_peaks(i as i32) };
+    }
+    let mut train_ms = 0.0;
+    let t0 = Instant::now();
+    let (lap, lap_ms) = if cfg.is_tau() {
+        let (l, stats) = build_laplacian(&a, cfg.head_dim(), &data, dev)?;
+        log.line(&format!("laplacian: {stats}"));
+        let ms = stats["build_ms"].as_f64();
+        save_laplacian(&log.path.with_extension("laplacian.npy"), &l)?;
+        (Some(l), ms)
+    } else {
+        (None, None)
+    };
+    let mut model = Model::new(cfg.clone(), dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
+    if cfg.is_tau() {
+        model.tau = match a.tau {
+            Some(t) => t,
+            None => model.calibrate_tau(&train_batch(&data.train, 0, a.batch_size, a.seq_len, dev).0),
+        };
+        log.line(&format!("tau: {}", model.tau));
+    }
+    let mut opt = Optim::new(&model);
+    sync(dev);
+    train_ms += t0.elapsed().as_secs_f64() * 1e3;
+    let n_params = model.n_params();
+    log.line(&format!("params: {n_params}"));
+
+    let tokens_per_step = a.batch_size * a.seq_len;
+    let mut time_to_target: Option<f64> = None;
+    let mut final_val = f64::NAN;
+    for step in 0..=a.steps {
+        let last = step == a.steps;
+        if last || step % a.val_every == 0 {
+            sync(dev); // the clock is paused during validation
+            let vl = evaluate(&model, &data.val, a.batch_size, a.val_tokens);
+            if !vl.is_finite() {
+                return Err(format!("step {step}: val loss is {vl}; the run diverged, lower --lr-muon/--lr-adam"));
+            }
+            final_val = vl;
+            if time_to_target.is_none() && vl <= a.target_val_loss {
+                time_to_target = Some(train_ms);
+            }
+            log.line(&format!("step:{step}/{} val_loss:{vl:.4} train_time:{:.0}ms step_avg:{:.2}ms", a.steps, train_ms, train_ms / step.max(1) as f64));
+            if cfg.is_tau() {
+                log.line(&format!("diag: {}", tau_diagnostics(&model, &data.val, a.batch_size, step)));
+            }
+        }
+        if last {
+            break;
+        }
+        let t = Instant::now();
+        let (x, y) = train_batch(&data.train, step, a.batch_size, a.seq_len, dev);
+        let loss = model.loss(&x, &y, Reduction::Mean);
+        loss.backward();
+        opt.step(&a, lr_mult(&a, step), cdt);
+        for (_, p) in model.params.iter_mut() {
+            p.zero_grad();
+        }
+        let lv = loss.double_value(&[]); // also the step's sync point
+        train_ms += t.elapsed().as_secs_f64() * 1e3;
+        if !lv.is_finite() {
+            return Err(format!("step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or check the data", step + 1));
+        }
+        log.line(&format!("step:{}/{} train_loss:{lv:.4} train_time:{:.0}ms step_avg:{:.2}ms", step + 1, a.steps, train_ms, train_ms / (step + 1) as f64));
+    }
+
+    let peaks = memory_peaks(dev);
+    if let Some((al, re)) = peaks {
+        log.line(&format!("peak memory allocated: {al:.0} MiB reserved: {re:.0} MiB"));
+    }
+    if a.sample_tokens > 0 {
+        let text = generate(&model, &tokenizer().encode_ordinary("\n").into_iter().map(|x| x as i64).collect::<Vec<_>>(), a.sample_tokens, 0.8, 50, a.seed)?;
+        log.line(&format!("sample: {}", json!(text)));
+    }
+    if let Some(path) = &a.save_checkpoint {
+        save_checkpoint(&model, path)?;
+        log.line(&format!("checkpoint: {}", path.display()));
+    }
+    let steps_ms = train_ms - lap_ms.unwrap_or(0.0);
+    let tokens_per_s = (a.steps * tokens_per_step) as f64 / (steps_ms / 1e3);
+    let flops_per_token = 6.0 * n_params as f64 + 6.0 * (a.n_layer * a.n_embd * a.seq_len) as f64; // llm.c
+    let mfu = gpu.is_some().then(|| round4(tokens_per_s * flops_per_token / H100_BF16_PEAK));
+    let summary = json!({"variant": variant, "track": track, "laplacian": cfg.is_tau().then(|| a.laplacian.clone()), "steps": a.steps,
+        "final_val_loss": round4(final_val), "target_val_loss": a.target_val_loss, "time_to_target_ms": time_to_target.map(|t| t.round()),
+        "train_time_ms": train_ms.round(), "ms_per_step": round4(steps_ms / a.steps as f64), "tokens_per_s": tokens_per_s.round(), "mfu": mfu,
+        "peak_alloc_mib": peaks.map(|p| p.0.round()), "peak_reserved_mib": peaks.map(|p| p.1.round()), "world_size": world_size,
+        "laplacian_build_ms": lap_ms, "tau": cfg.is_tau().then_some(model.tau), "params": n_params});
+    log.line(&format!("summary: {summary}"));
+    let path = log.finish();
+    println!("log: {}", path.display());
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Records tooling: parse logs (any harness version), statistics against the target, log diffs, SVG plots
+
+mod records {
+// Run records: parse the logs train_gpt.rs writes to logs/<uuid>.txt, test a set of runs against the
+// target val loss, diff two runs, and plot val-loss curves to SVG.
+use plotters::prelude::*;
+use serde_json::{Map, Value, json};
+use similar::{ChangeTag, TextDiff};
+use statrs::distribution::{ContinuousCDF, StudentsT};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct RunLog {
+    pub path: String,
+    pub source: String,
+    pub config: Map<String, Value>,
+    pub data: Option<Value>,
+    pub summary: Option<Value>,
+    pub val: Vec<(u64 /*step*/, f64 /*train_time_ms*/, f64 /*val_loss*/)>,
+    pub step_avg_ms: Option<f64>, // last step line
+    pub peak_alloc_mib: Option<f64>,
+    pub versions: Vec<(String, String)>,
+}
+
+/// A separator line: exactly `n` copies of `c` (trailing blanks tolerated).
+fn is_rule(l: &str, c: u8, n: usize) -> bool {
+    let l = l.trim_end();
+    l.len() == n && l.bytes().all(|b| b == c)
+}
+
+pub fn parse_log(path: &Path) -> Result<RunLog, String> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{p}: {e}"))?.replace("\r\n", "\n");
+    let lines: Vec<&str> = text.lines().collect();
+    let eq = lines
+        .iter()
+        .position(|l| is_rule(l, b'=', 100))
+        .ok_or_else(|| format!("{p}: not a train_gpt log (no '=' separator line); pass a file from logs/"))?;
+    let mut log = RunLog {
+        path: p,
+        source: lines[..eq].join("\n"),
+        config: Map::new(),
+        data: None,
+        summary: None,
+        val: vec![],
+        step_avg_ms: None,
+        peak_alloc_mib: None,
+        versions: vec![],
+    };
+    // The version block ends at the second '=' rule; older or truncated logs may lack it, so it also ends
+    // at the first record line.
+    let rest = &lines[eq + 1..];
+    let hdr = rest
+        .iter()
+        .position(|l| is_rule(l, b'=', 100) || l.starts_with("config:") || l.starts_with("step:"))
+        .unwrap_or(rest.len());
+    let mut smi = false;
+    for l in &rest[..hdr] {
+        if let Some(v) = l.split("Driver Version:").nth(1) {
+            log.versions.push(("driver".into(), v.split_whitespace().next().unwrap_or("").into()));
+        } else if smi {
+            // the rest of the raw nvidia-smi table is not a version
+        } else if let Some((k, v)) = l.split_once(':').filter(|(k, _)| !k.is_empty() && !k.contains(' ')) {
+            smi = k == "nvidia-smi";
+            if !smi {
+                log.versions.push((k.into(), v.trim().into()));
+            }
+        }
+    }
+    for l in &rest[hdr..] {
+        // A record whose JSON doesn't parse (e.g. cut off by a crash) counts as missing.
+        let rec = |k: &str| l.strip_prefix(k).and_then(|s| serde_json::from_str::<Value>(s).ok());
+        if let Some(Value::Object(m)) = rec("config:") {
+            log.config = m;
+        } else if let Some(v) = rec("data:") {
+            log.data = Some(v);
+        } else if let Some(v) = rec("summary:") {
+            log.summary = Some(v);
+        } else if let Some(s) = l.strip_prefix("peak memory allocated:") {
+            log.peak_alloc_mib = s.split_whitespace().next().and_then(|x| x.parse().ok());
+        } else if l.starts_with("step:") {
+            let kv: BTreeMap<&str, &str> = l.split_whitespace().filter_map(|t| t.split_once(':')).collect();
+            let num = |k: &str| kv.get(k).and_then(|v| v.trim_end_matches("ms").parse::<f64>().ok());
+            let Some(step) = kv["step"].split('/').next().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            if let Some(v) = num("val_loss") {
+                log.val.push((step, num("train_time").unwrap_or(f64::NAN), v));
+            }
+            log.step_avg_ms = num("step_avg").or(log.step_avg_ms);
+        }
+    }
+    log.peak_alloc_mib = log.peak_alloc_mib.or_else(|| log.sum("peak_alloc_mib"));
+    Ok(log)
+}
+
+impl RunLog {
+    fn sum(&self, k: &str) -> Option<f64> {
+        self.summary.as_ref()?.get(k)?.as_f64()
+    }
+    pub fn variant(&self) -> String {
+        let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        s(self.summary.as_ref().and_then(|m| m.get("variant")))
+            .or_else(|| s(self.config.get("variant")))
+            .or_else(|| s(self.config.get("attn")))
+            .unwrap_or_else(|| "unknown".into())
+    }
+    pub fn final_val_loss(&self) -> Option<f64> {
+        self.sum("final_val_loss").or(self.val.last().map(|v| v.2))
+    }
+    pub fn target(&self) -> Option<f64> {
+        self.sum("target_val_loss").or_else(|| self.config.get("target_val_loss")?.as_f64())
+    }
+    pub fn time_to_target_ms(&self) -> Option<f64> {
+        // A summary's null means "not reached"; only logs without the key are re-derived from val lines.
+        match self.summary.as_ref().and_then(|s| s.get("time_to_target_ms")) {
+            Some(v) => v.as_f64(),
+            None => self.val.iter().find(|v| v.2 <= self.target().unwrap_or(f64::NAN)).map(|v| v.1),
+        }
+    }
+    pub fn train_time_ms(&self) -> Option<f64> {
+        self.sum("train_time_ms").or(self.val.last().map(|v| v.1).filter(|t| t.is_finite()))
+    }
+    fn ms_per_step(&self) -> Option<f64> {
+        self.sum("ms_per_step").or(self.step_avg_ms)
+    }
+    fn tokens_per_s(&self) -> Option<f64> {
+        self.sum("tokens_per_s")
+    }
+    /// Log file stem, cut to a uuid's first group, to tell runs of one variant apart.
+    fn short_id(&self) -> String {
+        Path::new(&self.path).file_stem().map_or(String::new(), |s| s.to_string_lossy().chars().take(8).collect())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub n: usize,
+    pub loss_mean: f64,
+    pub loss_std: f64,
+    pub time_mean: f64,
+    pub time_std: f64,
+    pub time_kind: &'static str,
+    pub target: f64,
+    pub t: f64,
+    pub p_value: f64,
+}
+
+type Metric = fn(&RunLog) -> Option<f64>;
+
+fn mean_std(x: &[f64]) -> (f64, f64) {
+    let m = x.iter().sum::<f64>() / x.len() as f64;
+    (m, (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt())
+}
+
+/// One-sided one-sample t-test of final val loss, H0: mean >= target vs H1: mean < target.
+pub fn stats(logs: &[RunLog]) -> Result<Stats, String> {
+    if logs.len() < 2 {
+        return Err(format!("stats: need at least 2 logs, got {}", logs.len()));
+    }
+    let one = |what: &str, set: BTreeSet<String>| match set.len() {
+        1 => Ok(()),
+        _ => Err(format!(
+            "stats: mixed {what}s ({}); pass logs of one {what}",
+            set.into_iter().collect::<Vec<_>>().join(", ")
+        )),
+    };
+    one("variant", logs.iter().map(RunLog::variant).collect())?;
+    let each = |what: &str, f: &dyn Fn(&RunLog) -> Option<f64>| -> Result<Vec<f64>, String> {
+        logs.iter().map(|l| f(l).ok_or_else(|| format!("{}: no {what}", l.path))).collect()
+    };
+    let targets = each("target_val_loss", &RunLog::target)?;
+    one("target", targets.iter().map(f64::to_string).collect())?;
+    let loss = each("final val loss", &RunLog::final_val_loss)?;
+    let reached = logs.iter().all(|l| l.time_to_target_ms().is_some());
+    let (time_kind, f): (&str, Metric) = match reached {
+        true => ("time_to_target_ms", RunLog::time_to_target_ms),
+        false => ("train_time_ms", RunLog::train_time_ms),
+    };
+    let time = each(time_kind, &f)?;
+    let ((loss_mean, loss_std), (time_mean, time_std), n) = (mean_std(&loss), mean_std(&time), logs.len());
+    let t = (loss_mean - targets[0]) / (loss_std / (n as f64).sqrt());
+    // identical losses equal to the target give t = 0/0; statrs would be fed a NaN
+    let p_value =
+        if t.is_nan() { f64::NAN } else { StudentsT::new(0.0, 1.0, (n - 1) as f64).map_err(|e| e.to_string())?.cdf(t) };
+    Ok(Stats { n, loss_mean, loss_std, time_mean, time_std, time_kind, target: targets[0], t, p_value })
+}
+
+pub fn stats_report(s: &Stats) -> String {
+    let k = s.time_kind;
+    let j = json!({"n": s.n, "loss_mean": s.loss_mean, "loss_std": s.loss_std, "time_kind": k, "time_mean": s.time_mean,
+        "time_std": s.time_std, "target": s.target, "t": s.t, "p_value": s.p_value});
+    format!(
+        "runs: {}\ntarget_val_loss: {}\nval_loss_mean: {:.6}\nval_loss_std: {:.6}\n{k}_mean: {:.1}\n{k}_std: {:.1}\n\
+         t: {:.4}\np_value: {}\nstats: {j}\n",
+        s.n,
+        s.target,
+        s.loss_mean,
+        s.loss_std,
+        s.time_mean,
+        s.time_std,
+        s.t,
+        if s.p_value >= 1e-3 { format!("{:.4}", s.p_value) } else { format!("{:.3e}", s.p_value) }
+    )
+}
+
+#[derive(Clone, Copy)]
+enum Lex {
+    Code,
+    Block(u32),
+    Str,
+    Raw(usize),
+}
+
+fn is_ident(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_'
+}
+
+/// For each line of an embedded source, the innermost Rust `fn` around it; lines after the 40-dash rule
+/// belong to the kernel file named by the `# kernels/..` header above them. Braces count only outside
+/// comments, strings and char literals, so a `"{}"` in a format string doesn't move a function's end.
+fn fn_owners(src: &str) -> Vec<Option<String>> {
+    let (mut out, mut stack) = (vec![], Vec::<(String, usize, bool)>::new()); // (name, depth at `fn`, body opened)
+    let (mut depth, mut nest, mut st, mut kernel) = (0usize, 0i32, Lex::Code, None::<String>);
+    for line in src.lines() {
+        if kernel.is_some() || is_rule(line, b'-', 40) {
+            kernel = Some(line.strip_prefix("# ").map(|k| k.trim().to_string()).or(kernel).unwrap_or_default());
+            out.push(kernel.clone().filter(|k| !k.is_empty()));
+            continue;
+        }
+        let (b, mut owner, mut i) = (line.as_bytes(), stack.last().map(|s| s.0.clone()), 0);
+        while i < b.len() {
+            let at = |s: &str| b[i..].starts_with(s.as_bytes());
+            match st {
+                Lex::Block(d) if at("*/") => (st, i) = (if d == 1 { Lex::Code } else { Lex::Block(d - 1) }, i + 1),
+                Lex::Block(d) if at("/*") => (st, i) = (Lex::Block(d + 1), i + 1),
+                Lex::Block(_) => {}
+                Lex::Str if b[i] == b'\\' => i += 1,
+                Lex::Str if b[i] == b'"' => st = Lex::Code,
+                Lex::Str => {}
+                Lex::Raw(h) if b[i] == b'"' && b[i + 1..].iter().take_while(|&&c| c == b'#').count() >= h => {
+                    (st, i) = (Lex::Code, i + h)
+                }
+                Lex::Raw(_) => {}
+                Lex::Code if at("//") => break,
+                Lex::Code if at("/*") => (st, i) = (Lex::Block(1), i + 1),
+                Lex::Code => match b[i] {
+                    b'"' => st = Lex::Str,
+                    // '\n', '\u{7f}', '{' are char literals; 'a alone is a lifetime
+                    b'\'' if b.get(i + 1) == Some(&b'\\') => {
+                        i += 3;
+                        while i < b.len() && b[i] != b'\'' {
+                            i += 1
+                        }
+                    }
+                    b'\'' if b.get(i + 2) == Some(&b'\'') => i += 2,
+                    b'(' | b'[' => nest += 1,
+                    b')' | b']' => nest -= 1,
+                    b'{' => {
+                        depth += 1;
+                        if let Some(top) = stack.last_mut().filter(|t| !t.2 && t.1 + 1 == depth) {
+                            top.2 = true;
+                        }
+                    }
+                    b'}' => {
+                        depth = depth.saturating_sub(1);
+                        // also drops bodiless declarations the `;` rule missed
+                        while stack.last().is_some_and(|t| t.1 > depth || (t.1 == depth && t.2)) {
+                            stack.pop();
+                        }
+                    }
+                    b';' if nest == 0 && stack.last().is_some_and(|t| !t.2 && t.1 == depth) => drop(stack.pop()),
+                    c if is_ident(c) && (i == 0 || !is_ident(b[i - 1])) => {
+                        let e = i + b[i..].iter().take_while(|&&c| is_ident(c)).count();
+                        let (w, h) = (&line[i..e], b[e..].iter().take_while(|&&c| c == b'#').count());
+                        let s = e + b[e..].iter().take_while(|c| c.is_ascii_whitespace()).count();
+                        let n = s + b[s..].iter().take_while(|&&c| is_ident(c)).count();
+                        i = e - 1;
+                        if (w == "r" || w == "br") && b.get(e + h) == Some(&b'"') {
+                            (st, i) = (Lex::Raw(h), e + h);
+                        } else if w == "fn" && s > e && n > s {
+                            stack.push((line[s..n].to_string(), depth, false));
+                            (owner, i) = (Some(line[s..n].to_string()), n - 1);
+                        }
+                    }
+                    _ => {}
+                },
+            }
+            i += 1;
+        }
+        out.push(owner);
+    }
+    out
+}
+
+fn opt(x: Option<f64>, prec: usize) -> String {
+    x.map_or("-".into(), |x| format!("{x:.prec$}"))
+}
+
+pub fn diff_report(a: &RunLog, b: &RunLog) -> String {
+    let mut o = format!("a: {} ({})\nb: {} ({})\n", a.path, a.variant(), b.path, b.variant());
+
+    let js = |v: Option<&Value>| v.map_or("-".to_string(), Value::to_string);
+    let keys: BTreeSet<&String> = a.config.keys().chain(b.config.keys()).collect();
+    let cfg: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.config.get(*k) != b.config.get(*k))
+        .map(|k| format!("  {k}: {} -> {}\n", js(a.config.get(k)), js(b.config.get(k))))
+        .collect();
+    o += &format!("config: {} key(s) differ\n{}", cfg.len(), cfg.concat());
+
+    let (oa, ob) = (fn_owners(&a.source), fn_owners(&b.source));
+    let (mut add, mut del, mut fns) = (0, 0, Vec::<String>::new());
+    for c in TextDiff::from_lines(&a.source, &b.source).iter_all_changes() {
+        let (owners, line) = match c.tag() {
+            ChangeTag::Equal => continue,
+            ChangeTag::Delete => {
+                del += 1;
+                (&oa, c.old_index())
+            }
+            ChangeTag::Insert => {
+                add += 1;
+                (&ob, c.new_index())
+            }
+        };
+        let name = line.and_then(|i| owners.get(i).cloned().flatten()).unwrap_or_else(|| "<top level>".into());
+        if !fns.contains(&name) {
+            fns.push(name);
+        }
+    }
+    o += &match add + del {
+        0 => "source: identical\n".to_string(),
+        _ => format!("source: +{add} -{del} lines; functions touched: {}\n", fns.join(", ")),
+    };
+
+    let bv: BTreeMap<u64, f64> = b.val.iter().map(|v| (v.0, v.2)).collect();
+    let rows: Vec<String> = a
+        .val
+        .iter()
+        .filter_map(|&(s, _, x)| bv.get(&s).map(|y| format!("{s:>8} {x:>9.4} {y:>9.4} {:>+9.4}\n", y - x)))
+        .collect();
+    o += &match rows.len() {
+        0 => "val_loss: no matched steps\n".to_string(),
+        _ => format!("val_loss at matched steps:\n{:>8} {:>9} {:>9} {:>9}\n{}", "step", "a", "b", "b-a", rows.concat()),
+    };
+
+    o += &format!("{:<18} {:>12} {:>12} {:>8}\n", "metric", "a", "b", "b/a");
+    let metrics: [(&str, Metric); 4] = [
+        ("time_to_target_ms", RunLog::time_to_target_ms),
+        ("ms_per_step", RunLog::ms_per_step),
+        ("tokens_per_s", RunLog::tokens_per_s),
+        ("peak_alloc_mib", |l| l.peak_alloc_mib),
+    ];
+    for (name, f) in metrics {
+        let (x, y) = (f(a), f(b));
+        let r = x.zip(y).filter(|(x, _)| *x != 0.0).map(|(x, y)| y / x);
+        o += &format!("{name:<18} {:>12} {:>12} {:>8}\n", opt(x, 2), opt(y, 2), opt(r, 3));
+    }
+    o
+}
+
+/// Renders into memory first and writes through a temp file + rename, so a failure leaves no partial SVG.
+pub fn plot_svg(logs: &[RunLog], out: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", out.display());
+    let mut svg = String::new();
+    draw(logs, &mut svg).map_err(|e| err(&e))?;
+    let name = out.file_name().ok_or_else(|| err(&"not a file path"))?.to_string_lossy();
+    let tmp = out.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, &svg).and_then(|_| std::fs::rename(&tmp, out)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(&e)
+    })
+}
+
+type XOf = fn(&(u64, f64, f64)) -> f64;
+
+// matplotlib's tab10: distinct on white, unlike plotters' Palette99 whose third colour is a pale yellow
+const COLORS: [RGBColor; 10] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x17, 0xbe, 0xcf),
+];
+
+fn draw(logs: &[RunLog], svg: &mut String) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::with_string(svg, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels: [(&str, XOf); 2] = [("training time (s)", |v| v.1 / 1000.0), ("step", |v| v.0 as f64)];
+    for (area, (xdesc, x)) in root.split_evenly((1, 2)).iter().zip(panels) {
+        // log y: the step-0 loss (~10.8) would otherwise flatten the end of training, where runs differ
+        let series: Vec<Vec<(f64, f64)>> = logs
+            .iter()
+            .map(|l| {
+                l.val.iter().map(|v| (x(v), v.2)).filter(|p| p.0.is_finite() && p.1.is_finite() && p.1 > 0.0).collect()
+            })
+            .collect();
+        let all = || series.iter().flatten();
+        let lim = |f: fn(&(f64, f64)) -> f64| {
+            all().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)))
+        };
+        if all().next().is_none() {
+            return Err("no val_loss lines to plot".into());
+        }
+        let ((x0, x1), (y0, y1)) = (lim(|p| p.0), lim(|p| p.1));
+        // plotters' own log ticks are powers of ten only, which leaves a 2..11 loss axis with one label
+        let (y0, y1) = (y0 * 0.98, y1 * 1.02);
+        let yticks = (-3..4)
+            .flat_map(|k| [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0].map(|m| m * 10f64.powi(k)))
+            .filter(|t| (y0..=y1).contains(t))
+            .collect();
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("val loss vs {xdesc}"), ("sans-serif", 24))
+            .margin(15)
+            .margin_right(35) // room for the last x label
+            .x_label_area_size(50)
+            .y_label_area_size(65)
+            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0..y1).log_scale().with_key_points(yticks))?;
+        chart
+            .configure_mesh()
+            .x_desc(xdesc)
+            .y_desc("val loss")
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 18))
+            .light_line_style(BLACK.mix(0.04))
+            .x_label_formatter(&|x| format!("{x}"))
+            .y_label_formatter(&|y| format!("{y}"))
+            .draw()?;
+        for (i, (l, pts)) in logs.iter().zip(series).enumerate() {
+            let c = COLORS[i % COLORS.len()].stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(pts, c))?
+                .label(format!("{} {}", l.variant(), l.short_id()))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("records-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d.join(name)
+    }
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let p = tmp(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const SRC: &str = r##"use std::fmt;
+
+/// lr schedule
+fn lr(step: usize) -> f64 {
+    let s = format!("{{ not a brace {}", step);
+    0.02 * (1.0 - step as f64 / 1200.0)
+}
+
+trait Opt {
+    fn update(&mut self, g: &[f32; 4]);
+}
+
+fn muon_step(w: &mut [f32], g: &[f32]) {
+    let c = '}';
+    for (a, b) in w.iter_mut().zip(g) {
+        *a -= 0.02 * b;
+    }
+}
+
+struct Cfg {
+    steps: usize,
+}
+
+fn main() {
+    let k = r#"kernel { "#;
+    println!("{}", lr(0));
+}
+----------------------------------------
+# kernels/foo.cu
+__global__ void foo(float* x) { x[0] = 1.0f; }"##;
+
+    fn log_text(src: &str, cfg: &str, vals: &[(u64, f64, f64)], summary: Option<&str>, header: bool) -> String {
+        let eq = "=".repeat(100);
+        let mut s = format!("{src}\n{eq}\n");
+        if header {
+            s += "rustc: rustc 1.95.0 (59807616e 2026-04-14)\ntch: 0.24.0\nlibtorch: 2.11.0\ncuda: 13.0\ngpu: NVIDIA H200\n\
+                  nvidia-smi:\n+-----------------------------------------------------------------------------------------+\n\
+                  | NVIDIA-SMI 580.65.06              Driver Version: 580.65.06      CUDA Version: 13.0     |\n\
+                  |   0  NVIDIA H200                    On  |   00000000:19:00.0 Off |                    0 |\n";
+            s += &format!("{eq}\n");
+        }
+        s += &format!("config: {cfg}\n");
+        if header {
+            s += "data: {\"train_tokens\":91322169,\"val_tokens\":890787,\"shards\":[\"a.bin\"],\"sha256\":\"ab\"}\n";
+            s += "laplacian: {\"source\":\"chain\",\"nnz\":190}\ntau: 1.234\n";
+        }
+        for &(step, t, v) in vals {
+            s += &format!("step:{step}/1200 train_time:{t}ms step_avg:130.00ms\n");
+            s += &format!("step:{step}/1200 val_loss:{v} train_time:{t}ms step_avg:130.00ms\n");
+            s += "diag: {\"step\":100,\"lambda_p05\":[0.1]}\n";
+        }
+        if let Some(sm) = summary {
+            s += "peak memory allocated: 30220 MiB reserved: 38672 MiB\n";
+            s += &format!("summary: {sm}\n");
+        }
+        s
+    }
+
+    const CFG: &str = r#"{"variant":"causal","attn":"causal","steps":1200,"lr_muon":0.02,"target_val_loss":2.0,"seed":0,"new_key":[1]}"#;
+    const VALS: &[(u64, f64, f64)] =
+        &[(0, 0.0, 10.8253), (100, 13000.0, 4.5476), (1100, 143000.0, 1.999), (1200, 156000.0, 1.9824)];
+    const SUMMARY: &str = r#"{"variant":"causal","track":"linux-c_1xH200","steps":1200,"final_val_loss":1.9824,"target_val_loss":2.0,"time_to_target_ms":150000.0,"train_time_ms":156000.0,"ms_per_step":130.0,"tokens_per_s":504000.0,"mfu":0.2,"peak_alloc_mib":30220,"world_size":1,"laplacian_build_ms":null,"extra":{"x":1}}"#;
+
+    #[test]
+    fn parses_full_log_with_crlf() {
+        let text = log_text(SRC, CFG, VALS, Some(SUMMARY), true).replace('\n', "\r\n");
+        let l = parse_log(&write("full.txt", &text)).unwrap();
+        assert_eq!(l.source, SRC);
+        assert_eq!(l.config["lr_muon"], json!(0.02));
+        assert_eq!(l.data.as_ref().unwrap()["train_tokens"], json!(91322169));
+        assert_eq!(l.val.len(), 4);
+        assert_eq!(l.val[1], (100, 13000.0, 4.5476));
+        assert_eq!(l.step_avg_ms, Some(130.0));
+        assert_eq!(l.peak_alloc_mib, Some(30220.0));
+        let v: Vec<(&str, &str)> = l.versions.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(
+            v,
+            [
+                ("rustc", "rustc 1.95.0 (59807616e 2026-04-14)"),
+                ("tch", "0.24.0"),
+                ("libtorch", "2.11.0"),
+                ("cuda", "13.0"),
+                ("gpu", "NVIDIA H200"),
+                ("driver", "580.65.06")
+            ]
+        );
+        assert_eq!(l.variant(), "causal");
+        assert_eq!(l.final_val_loss(), Some(1.9824));
+        assert_eq!(l.time_to_target_ms(), Some(150000.0)); // from the summary, not the 143000 val line
+        assert_eq!(l.train_time_ms(), Some(156000.0));
+        assert_eq!(l.target(), Some(2.0));
+    }
+
+    #[test]
+    fn parses_truncated_log_and_derives_from_step_lines() {
+        let cfg = r#"{"attn":"tau","target_val_loss":1.999}"#; // reached exactly at step 1100
+        let text = log_text("fn main() {}", cfg, &VALS[..3], None, false) + "step:1101/1200 train_ti"; // crashed mid-line
+        let l = parse_log(&write("trunc.txt", &text)).unwrap();
+        assert!(l.summary.is_none() && l.data.is_none() && l.versions.is_empty());
+        assert_eq!(l.variant(), "tau");
+        assert_eq!(l.val.len(), 3);
+        assert_eq!(l.final_val_loss(), Some(1.999));
+        assert_eq!(l.time_to_target_ms(), Some(143000.0));
+        assert_eq!(l.train_time_ms(), Some(143000.0));
+        assert_eq!(l.peak_alloc_mib, None);
+        // summary says null: target not reached, even though nothing else is known
+        let l = parse_log(&write("null.txt", &log_text("", "{}", &[], Some(r#"{"time_to_target_ms":null}"#), false)))
+            .unwrap();
+        assert_eq!((l.time_to_target_ms(), l.variant().as_str(), l.target()), (None, "unknown", None));
+    }
+
+    #[test]
+    fn rejects_non_log() {
+        let p = write("notes.txt", "hello\n");
+        assert_eq!(
+            parse_log(&p).err().unwrap(),
+            format!("{}: not a train_gpt log (no '=' separator line); pass a file from logs/", p.display())
+        );
+    }
+
+    fn run(name: &str, loss: f64, ttt: Option<f64>) -> RunLog {
+        let ttt = ttt.map_or("null".into(), |t| t.to_string());
+        let sm = format!(
+            r#"{{"variant":"causal","final_val_loss":{loss},"target_val_loss":3.28,"time_to_target_ms":{ttt},"train_time_ms":1000.0}}"#
+        );
+        parse_log(&write(name, &log_text("", "{}", &[], Some(&sm), false))).unwrap()
+    }
+
+    #[test]
+    fn t_test_matches_scipy() {
+        // Expected values from scipy 1.17.1:
+        //   scipy.stats.ttest_1samp([3.279, 3.2785, 3.2778, 3.2792, 3.2781], 3.28, alternative='less')
+        //   -> statistic=-5.618003173209976, pvalue=0.0024672206297135144; numpy std(ddof=1)=0.0005890670590008984
+        let losses = [3.279, 3.2785, 3.2778, 3.2792, 3.2781];
+        let logs: Vec<RunLog> =
+            losses.iter().enumerate().map(|(i, &x)| run(&format!("r{i}.txt"), x, Some(900.0 + i as f64))).collect();
+        let s = stats(&logs).unwrap();
+        assert_eq!((s.n, s.time_kind, s.target), (5, "time_to_target_ms", 3.28));
+        assert!((s.loss_mean - 3.27852).abs() < 1e-12);
+        assert!((s.loss_std - 0.0005890670590008984).abs() < 1e-12);
+        assert!((s.t - -5.618003173209976).abs() < 1e-9, "t={}", s.t);
+        assert!((s.p_value - 0.0024672206297135144).abs() < 1e-9, "p={}", s.p_value);
+        assert_eq!((s.time_mean, s.time_std), (902.0, 2.5f64.sqrt()));
+        let r = stats_report(&s);
+        assert!(r.contains("t: -5.6180\np_value: 0.0025\n") && r.contains("time_to_target_ms_mean: 902.0"), "{r}");
+        let j: Value = serde_json::from_str(r.lines().last().unwrap().strip_prefix("stats: ").unwrap()).unwrap();
+        assert_eq!(j["n"], json!(5));
+        // one run missed the target: times fall back to train_time_ms
+        let mut logs = logs;
+        logs.push(run("miss.txt", 3.29, None));
+        assert_eq!(stats(&logs).unwrap().time_kind, "train_time_ms");
+    }
+
+    #[test]
+    fn stats_errors() {
+        let a = run("e1.txt", 3.27, Some(1.0));
+        assert!(stats(std::slice::from_ref(&a)).unwrap_err().contains("at least 2"));
+        let mut b = run("e2.txt", 3.27, Some(1.0));
+        b.summary.as_mut().unwrap()["variant"] = json!("tau");
+        assert_eq!(stats(&[a, b]).err().unwrap(), "stats: mixed variants (causal, tau); pass logs of one variant");
+        let (a, mut b) = (run("e3.txt", 3.27, Some(1.0)), run("e4.txt", 3.27, Some(1.0)));
+        b.summary.as_mut().unwrap()["target_val_loss"] = json!(3.3);
+        assert!(stats(&[a, b]).unwrap_err().contains("mixed targets (3.28, 3.3)"));
+    }
+
+    #[test]
+    fn fn_owners_track_bodies() {
+        let o = fn_owners(SRC);
+        let at = |needle: &str| o[SRC.lines().position(|l| l.contains(needle)).unwrap()].as_deref();
+        assert_eq!(at("not a brace"), Some("lr"));
+        assert_eq!(at("0.02 * (1.0"), Some("lr"));
+        assert_eq!(at("steps: usize"), None); // struct between functions
+        assert_eq!(at("fn update"), Some("update"));
+        assert_eq!(at("trait Opt"), None);
+        assert_eq!(at("*a -= 0.02"), Some("muon_step")); // after a '}' char literal
+        assert_eq!(at("println!"), Some("main")); // after a raw string with a brace
+        assert_eq!(at("__global__"), Some("kernels/foo.cu"));
+    }
+
+    #[test]
+    fn diff_names_key_and_function() {
+        // 3 lines become 1, so old and new line numbers disagree after the change
+        let loop_a = "for (a, b) in w.iter_mut().zip(g) {\n        *a -= 0.02 * b;\n    }";
+        let src_b = SRC.replace(loop_a, "w.iter_mut().zip(g).for_each(|(a, b)| *a -= 0.03 * b);");
+        assert_ne!(src_b, SRC);
+        let a = parse_log(&write("da.txt", &log_text(SRC, CFG, VALS, Some(SUMMARY), true))).unwrap();
+        let b = parse_log(&write("db.txt", &log_text(&src_b, &CFG.replace("0.02", "0.03"), &VALS[..2], None, false)))
+            .unwrap();
+        let r = diff_report(&a, &b);
+        assert!(r.contains("config: 1 key(s) differ\n  lr_muon: 0.02 -> 0.03\n"), "{r}");
+        assert!(r.contains("source: +1 -3 lines; functions touched: muon_step\n"), "{r}");
+        assert!(r.contains("     100    4.5476    4.5476   +0.0000\n") && !r.contains("    1200 "), "{r}");
+        assert!(r.contains("ms_per_step              130.00       130.00    1.000\n"), "{r}");
+        assert!(r.contains("tokens_per_s          504000.00            -        -\n"), "{r}");
+        // a key present on one side only
+        let mut c = parse_log(&write("dc.txt", &log_text(SRC, CFG, VALS, None, false))).unwrap();
+        c.config.remove("seed");
+        assert!(diff_report(&a, &c).contains("  seed: 0 -> -\n"));
+        assert!(diff_report(&a, &c).contains("source: identical\n"));
+    }
+
+    #[test]
+    fn plot_writes_svg_atomically() {
+        let a = parse_log(&write("pa.txt", &log_text(SRC, CFG, VALS, Some(SUMMARY), true))).unwrap();
+        let mut b = parse_log(&write("pb.txt", &log_text(SRC, &CFG.replace("causal", "tau"), &VALS[..3], None, false)))
+            .unwrap();
+        b.val.iter_mut().for_each(|v| v.2 += 0.1);
+        let out = tmp("plot.svg");
+        plot_svg(&[a, b], &out).unwrap();
+        let svg = std::fs::read_to_string(&out).unwrap();
+        assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{}", &svg[..50]);
+        assert!(svg.trim_end().ends_with("</svg>"));
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect(); // plotters puts <text> content on its own line
+        for t in ["causal pa", "tau pb", "val loss vs step", "training time (s)", "val loss", "2.5", "10"] {
+            assert!(texts.contains(&t), "no text {t:?}");
+        }
+        // each log: one curve per panel + one legend swatch per panel, in its own colour
+        for RGBColor(r, g, b) in &COLORS[..2] {
+            let stroke = format!("stroke=\"#{r:02X}{g:02X}{b:02X}\"");
+            assert_eq!(
+                svg.lines().filter(|l| l.starts_with("<polyline") && l.contains(&stroke)).count(),
+                4,
+                "{stroke}"
+            );
+        }
+        let [a, b] = [out.parent().unwrap().join("no-such-dir/plot.svg"), tmp("empty.svg")];
+        assert!(plot_svg(&[], &b).is_err()); // nothing to plot
+        assert!(plot_svg(&[parse_log(&write("pc.txt", &log_text(SRC, CFG, VALS, None, false))).unwrap()], &a).is_err());
+        assert!(!a.exists() && !b.exists() && !a.parent().unwrap().exists());
+        let left: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty());
+    }
+}
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Checkpoints (safetensors: names in the README, config in the metadata) and sampling
+
+fn save_checkpoint(m: &Model, path: &Path) -> Res<()> {
+    let mut named: Vec<(String, Tensor)> = m.params.iter().map(|(n, p)| (n.clone(), p.detach().to(Device::Cpu).contiguous())).collect();
+    if m.cfg.is_tau() {
+        named.push(("laplacian".into(), m.lap.to(Device::Cpu)));
+        named.push(("tau".into(), Tensor::from_slice(&[m.tau as f32])));
+        if m.cfg.attn == "tau" {
+            named.push(("inv_temp".into(), m.inv_temp.to(Device::Cpu)));
+        }
+    }
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = named.iter().map(|(n, t)| {
+        let v = Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap();
+        (n.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect(), t.size().iter().map(|&s| s as usize).collect())
+    }).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes.iter()
+        .map(|(n, b, s)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())).collect();
+    let meta = std::collections::HashMap::from([("config".to_string(), serde_json::to_string(&m.cfg).unwrap())]);
+    let tmp = path.with_extension("partial");
+    safetensors::tensor::serialize_to_file(views, &Some(meta), &tmp).map_err(|e| format!("{}: cannot write checkpoint ({e:?})", path.display()))?;
+    fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {
+    let p = path.display();
+    let bytes = fs::read(path).map_err(|e| format!("{p}: {e}; pass a file written by --save-checkpoint"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| format!("{p}: not a safetensors file ({e:?})"))?;
+    let cfg: ModelCfg = meta.metadata().as_ref().and_then(|m| m.get("config")).and_then(|c| serde_json::from_str(c).ok())
+        .ok_or(format!("{p}: no train_gpt config in the metadata; pass a file written by --save-checkpoint"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{p}: {e:?}"))?;
+    let get = |n: &str| -> Res<Tensor> {
+        let v = st.tensor(n).map_err(|_| format!("{p}: tensor {n} missing"))?;
+        let f: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        Ok(Tensor::from_slice(&f).view(v.shape().iter().map(|&s| s as i64).collect::<Vec<_>>().as_slice()).to(dev))
+    };
+    let cdt = compute_kind("auto", dev)?;
+    let lap = if cfg.is_tau() { Some(get("laplacian")?) } else { None };
+    let tau = if cfg.is_tau() { get("tau")?.double_value(&[0]) } else { 1.0 };
+    let mut m = Model::new(cfg, dev, cdt, lap, tau, 1.0, 1.0);
+    if m.cfg.attn == "tau" {
+        m.inv_temp = get("inv_temp")?;
+    }
+    for (n, w) in m.params.iter_mut() {
+        *w = get(n)?;
+    }
+    Ok(m)
+}
+
+// Autoregressive sampling without a cache: each token re-runs the (cropped) context.
+fn generate(m: &Model, prompt: &[i64], n: i64, temperature: f64, top_k: i64, seed: i64) -> Res<String> {
+    tch::manual_seed(seed);
+    let dev = m.lap.device();
+    let mut ids = prompt.to_vec();
+    tch::no_grad(|| {
+        for _ in 0..n {
+            let ctx = &ids[ids.len().saturating_sub(m.cfg.seq_len as usize)..];
+            let x = Tensor::from_slice(ctx).to(dev).unsqueeze(0);
+            let z = m.logits(&m.hidden(&x, None)).get(0).get(-1).narrow(0, 0, 50257); // never the padding ids
+            let next = if temperature <= 0.0 {
+                z.argmax(0, false)
+            } else {
+                let (v, i) = (z / temperature).topk(top_k.min(50257), 0, true, true);
+                i.gather(0, &v.softmax(0, Kind::Float).multinomial(1, false), false).squeeze()
+            };
+            ids.push(next.int64_value(&[]));
+        }
+    });
+    let out: Vec<u32> = ids[prompt.len()..].iter().map(|&x| x as u32).collect();
+    tokenizer().decode(&out).map_err(|e| format!("decode failed: {e}"))
+}
+
+fn cmd_sample(a: &SampleArgs) -> Res<()> {
+    let dev = pick_device(&a.device)?;
+    let m = load_checkpoint(&a.checkpoint, dev)?;
+    let prompt: Vec<i64> = tokenizer().encode_ordinary(&a.prompt).into_iter().map(|x| x as i64).collect();
+    if prompt.is_empty() {
+        return Err("--prompt is empty after tokenization; pass some text".into());
+    }
+    print!("{}", a.prompt);
+    println!("{}", generate(&m, &prompt, a.tokens, a.temperature, a.top_k, a.seed)?);
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// main
+
+fn parse_logs(paths: &[PathBuf]) -> Res<Vec<records::RunLog>> {
+    paths.iter().map(|p| records::parse_log(p)).collect()
+}
+
+fn main() {
+    load_cuda_runtime();
+    // modded-nanogpt's allocator setting: fewer fragmentation OOMs at no cost.
+    if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
+        std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
+    }
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => e.exit(),
+        Err(e) => {
+            let first = e.to_string().lines().next().unwrap_or("bad arguments").trim_start_matches("error: ").to_string();
+            eprintln!("error: {first}; see train_gpt --help");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let res = match cli.cmd {
+        Cmd::Train(a) => cmd_train(a, matches.subcommand_matches("train").unwrap()),
+        Cmd::Prepare(a) => cmd_prepare(&a),
+        Cmd::Sample(a) => cmd_sample(&a),
+        Cmd::Stats { logs } => parse_logs(&logs).and_then(|l| records::stats(&l)).map(|st| println!("{}", records::stats_report(&st))),
+        Cmd::Diff { a, b } => parse_logs(&[a, b]).map(|l| println!("{}", records::diff_report(&l[0], &l[1]))),
+        Cmd::Plot { logs, out } => parse_logs(&logs).and_then(|l| records::plot_svg(&l, &out)).map(|_| println!("wrote {}", out.display())),
+        Cmd::HasCuda => std::process::exit(if tch::Cuda::is_available() { 0 } else { 1 }),
+    };
+    if let Err(e) = res {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Tests (CPU). Command-line tests live in tests/cli.rs.
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("train_gpt-unit-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        d.join(name)
+    }
+
+    fn small(attn: &str, vocab: i64) -> Model {
+        tch::manual_seed(0);
+        let cfg = ModelCfg { n_layer: 2, n_head: 2, n_embd: 32, seq_len: 16, vocab_size: vocab, attn: attn.into() };
+        let lap = (attn != "causal").then(|| chain_laplacian(16));
+        let mut m = Model::new(cfg, Device::Cpu, Kind::Float, lap, 1.0, 0.5, 20.0);
+        // Zero-initialised output projections would hide attention entirely at init: perturb them for the tests.
+        for (n, p) in m.params.iter_mut() {
+            if n.ends_with(".o") || n.ends_with(".proj") {
+                tch::no_grad(|| p.copy_(&(p.randn_like() * 0.05)));
+            }
+        }
+        m
+    }
+
+    fn args(list: &[&str]) -> TrainArgs {
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            a: TrainArgs,
+        }
+        P::parse_from(std::iter::once("t").chain(list.iter().copied())).a
+    }
+
+    fn eig(l: &Tensor) -> Vec<f64> {
+        Vec::<f64>::try_from(&l.to_kind(Kind::Double).linalg_eigvalsh("L")).unwrap()
+    }
+
+    fn decode(ids: &[u16]) -> String {
+        tokenizer().decode(&ids.iter().map(|&x| x as u32).collect::<Vec<_>>()).unwrap()
+    }
+
+    // Documents of a split, read back from its shards: split at EOT, decoded.
+    fn read_docs(dir: &Path, split: &str) -> Vec<String> {
+        let toks: Vec<u16> = shard_paths(dir, split).iter().flat_map(|p| read_shard(p).unwrap()).collect();
+        assert_eq!(toks[0], EOT, "every document starts with EOT");
+        toks.split(|&t| t == EOT).skip(1).map(decode).collect()
+    }
+
+    #[test]
+    fn prepare_round_trip_plain_text() {
+        let src = tmp("txt");
+        fs::create_dir_all(&src).unwrap();
+        let books = ["Call me Ishmael.\r\n\r\nSome years ago—never mind how long precisely—\r\n".repeat(40), "Alice was beginning to get very tired.\n\n".repeat(50)];
+        for (i, b) in books.iter().enumerate() {
+            fs::write(src.join(format!("{i}.txt")), b).unwrap();
+        }
+        let out = tmp("txt-out");
+        cmd_prepare(&PrepareArgs { input: src.clone(), out: out.clone() }).unwrap();
+        let (train, val) = (read_docs(&out, "train"), read_docs(&out, "val"));
+        assert_eq!((train.len(), val.len()), (2, 2));
+        for i in 0..2 {
+            assert_eq!(format!("{}{}", train[i], val[i]), books[i], "train + val part of a file is the file");
+            assert!(val[i].len() as f64 <= books[i].len() as f64 * 0.06 && !val[i].is_empty(), "val is the last ~5%");
+            assert!(val[i].starts_with("\r\n\r\n") || val[i].starts_with("\n\n"), "the cut falls on a blank line");
+        }
+        let again = tmp("txt-out2");
+        cmd_prepare(&PrepareArgs { input: src, out: again.clone() }).unwrap();
+        assert_eq!(fs::read(out.join("train_000000.bin")).unwrap(), fs::read(again.join("train_000000.bin")).unwrap(), "deterministic");
+        let e = cmd_prepare(&PrepareArgs { input: tmp("txt"), out }).unwrap_err();
+        assert!(e.contains("already holds shards"), "{e}");
+    }
+
+    #[test]
+    fn prepare_round_trip_jsonl_zst_keeps_split() {
+        let docs = [("a.c", "train", "int main(void) { return 0; }\n"), ("b.c", "val", "/* é ü */ static int x;\n"), ("c.h", "train", "#define N 3\n")];
+        let jsonl: String = docs.iter().map(|(p, s, t)| format!("{}\n", json!({"path": p, "split": s, "text": t}))).collect();
+        let path = tmp("docs.jsonl.zst");
+        fs::write(&path, zstd::encode_all(jsonl.as_bytes(), 3).unwrap()).unwrap();
+        let out = tmp("jsonl-out");
+        cmd_prepare(&PrepareArgs { input: path, out: out.clone() }).unwrap();
+        assert_eq!(read_docs(&out, "train"), vec![docs[0].2, docs[2].2]);
+        assert_eq!(read_docs(&out, "val"), vec![docs[1].2]);
+        let bad = tmp("bad.jsonl");
+        fs::write(&bad, "{\"path\": \"x\", \"split\": \"test\", \"text\": \"y\"}\n").unwrap();
+        let e = cmd_prepare(&PrepareArgs { input: bad, out: tmp("bad-out") }).unwrap_err();
+        assert!(e.contains("split \"test\"") && !e.contains('\n'), "{e}");
+        let e = cmd_prepare(&PrepareArgs { input: tmp("corrupt.zst"), out: tmp("c-out") }).unwrap_err();
+        assert!(e.contains("corrupt.zst") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn shard_header_errors() {
+        let good = tmp("good.bin");
+        write_shard(&good, &[EOT, 1, 2, 3]).unwrap();
+        assert_eq!(read_shard(&good).unwrap(), vec![EOT, 1, 2, 3]);
+        let bytes = fs::read(&good).unwrap();
+        let variant = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = bytes.clone();
+            f(&mut b);
+            let p = tmp(name);
+            fs::write(&p, b).unwrap();
+            let e = read_shard(&p).unwrap_err();
+            assert!(!e.contains('\n') && e.contains("prepare"), "{e}");
+            e
+        };
+        assert!(variant("magic.bin", &|b| b[0] ^= 1).contains("magic"));
+        assert!(variant("version.bin", &|b| b[4] = 7).contains("version 7"));
+        assert!(variant("short.bin", &|b| b.truncate(1030)).contains("truncated"));
+        assert!(variant("long.bin", &|b| b.extend_from_slice(&[0, 0])).contains("truncated or corrupt"));
+        assert!(variant("tiny.bin", &|b| b.truncate(10)).contains("header"));
+        assert!(read_shard(&tmp("absent.bin")).unwrap_err().contains("prepare"));
+    }
+
+    #[test]
+    fn held_out_split_is_deterministic_and_cuts_at_blank_line() {
+        let text = "para one.\n\npara two is longer.\n\n".repeat(30);
+        let (a, b) = split_held_out(&text);
+        assert_eq!(format!("{a}{b}"), text);
+        assert!(b.starts_with("\n\n") && a.len() >= (text.len() as f64 * 0.95) as usize);
+        assert_eq!(split_held_out(&text), (a, b));
+    }
+
+    #[test]
+    fn forward_shapes() {
+        for attn in ["causal", "tau", "tau-lt"] {
+            let m = small(attn, 512);
+            let idx = Tensor::randint(512, [3, 16], (Kind::Int64, Device::Cpu));
+            let x = m.hidden(&idx, None);
+            assert_eq!(x.size(), [3, 16, 32]);
+            assert_eq!(m.logits(&x).size(), [3, 16, 512]);
+            let z = m.logits(&x);
+            assert!(f64::try_from(z.abs().max()).unwrap() <= SOFTCAP, "soft-capped");
+            assert_eq!(m.loss(&idx, &idx, Reduction::Mean).size(), Vec::<i64>::new());
+        }
+    }
+
+    #[test]
+    fn parameter_count_of_the_speedrun_model() {
+        let cfg = ModelCfg { n_layer: 6, n_head: 6, n_embd: 384, seq_len: 1024, vocab_size: 50304, attn: "causal".into() };
+        assert_eq!(Model::new(cfg, Device::Cpu, Kind::Float, None, 1.0, 1.0, 20.0).n_params(), 29_933_568);
+    }
+
+    #[test]
+    fn causality() {
+        for attn in ["causal", "tau", "tau-lt"] {
+            let m = small(attn, 512);
+            let idx = Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu));
+            let j = 9;
+            let changed = idx.copy();
+            let _ = changed.narrow(1, j, 1).copy_(&(idx.narrow(1, j, 1) + 1).remainder(512));
+            let (a, b) = tch::no_grad(|| (m.logits(&m.hidden(&idx, None)), m.logits(&m.hidden(&changed, None))));
+            let past = (a.narrow(1, 0, j) - b.narrow(1, 0, j)).abs().max().double_value(&[]);
+            let now = (a.narrow(1, j, 16 - j) - b.narrow(1, j, 16 - j)).abs().max().double_value(&[]);
+            assert!(past < 1e-5, "{attn}: a later token changed an earlier logit by {past}");
+            assert!(now > 1e-4, "{attn}: the changed token must matter from its position on");
+        }
+    }
+
+    #[test]
+    fn loss_at_init_is_ln_vocab() {
+        let m = small("causal", 50304);
+        let idx = Tensor::randint(50304, [4, 16], (Kind::Int64, Device::Cpu));
+        let l = tch::no_grad(|| m.loss(&idx, &idx.roll([1], [1]), Reduction::Mean)).double_value(&[]);
+        assert!((l - (50304f64).ln()).abs() < 0.05, "init loss {l} vs ln V {}", (50304f64).ln());
+    }
+
+    #[test]
+    fn a_few_steps_on_one_batch_lower_its_loss() {
+        for attn in ["causal", "tau-lt"] {
+            let m = small(attn, 512);
+            let a = args(&["--warmup-steps", "1"]);
+            let mut opt = Optim::new(&m);
+            let (x, y) = (Tensor::randint(512, [4, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [4, 16], (Kind::Int64, Device::Cpu)));
+            let first = m.loss(&x, &y, Reduction::Mean).double_value(&[]);
+            for _ in 0..15 {
+                let l = m.loss(&x, &y, Reduction::Mean);
+                l.backward();
+                opt.step(&a, 1.0, Kind::Float);
+                for (_, p) in &m.params {
+                    p.shallow_clone().zero_grad();
+                }
+            }
+            let last = m.loss(&x, &y, Reduction::Mean).double_value(&[]);
+            assert!(last < first - 1.0, "{attn}: loss {first} -> {last}");
+        }
+    }
+
+    #[test]
+    fn newton_schulz_singular_values_near_one() {
+        tch::manual_seed(1);
+        for (r, c) in [(64, 32), (32, 96), (48, 48)] {
+            // an ill-conditioned input: singular values spread over two decades (5 steps lift σ ≥ ~1e-3·‖G‖)
+            let (u, _, v) = Tensor::randn([r, c], (Kind::Double, Device::Cpu)).svd(true, true);
+            let s = Tensor::logspace(0.0, -2.0, r.min(c), 10.0, (Kind::Double, Device::Cpu));
+            let g = (u * s.unsqueeze(0)).matmul(&v.tr()).to_kind(Kind::Float);
+            let sv = Vec::<f64>::try_from(newton_schulz(&g, 5, Kind::Float).to_kind(Kind::Double).svd(true, false).1).unwrap();
+            assert_eq!(newton_schulz(&g, 5, Kind::Float).size(), [r, c]);
+            assert!(sv.iter().all(|&x| (0.6..1.25).contains(&x)), "{r}x{c}: {sv:?}");
+        }
+    }
+
+    #[test]
+    fn lr_schedule_warms_up_holds_and_cools_to_zero() {
+        let a = args(&["--steps", "100", "--warmup-steps", "10", "--cooldown-frac", "0.4"]);
+        assert!((lr_mult(&a, 0) - 0.1).abs() < 1e-12 && lr_mult(&a, 9) == 1.0 && lr_mult(&a, 59) == 1.0);
+        assert!((lr_mult(&a, 60) - 1.0).abs() < 1e-12 && (lr_mult(&a, 80) - 0.5).abs() < 1e-12 && lr_mult(&a, 99) > 0.0 && lr_mult(&a, 100) == 0.0);
+    }
+
+    #[test]
+    fn lambda_in_unit_interval_and_scale_invariant() {
+        let lap = chain_laplacian(16);
+        let x = Tensor::randn([2, 3, 10, 16], (Kind::Float, Device::Cpu));
+        let (e, lam) = taumode(&x, &lap, 0.7);
+        assert_eq!(lam.size(), [2, 3, 10]);
+        assert!(e.min().double_value(&[]) >= 0.0, "L is PSD, so E ≥ 0");
+        assert!(lam.min().double_value(&[]) >= 0.0 && lam.max().double_value(&[]) < 1.0);
+        let (_, scaled) = taumode(&(&x * 37.5), &lap, 0.7);
+        assert!((scaled - &lam).abs().max().double_value(&[]) < 1e-5, "λ(cx) = λ(x)");
+    }
+
+    // The direct O(T²) formula, one pair at a time.
+    fn tau_attention_direct(lq: &[f64], lk: &[f64], v: &[Vec<f64>], inv_temp: f64) -> Vec<Vec<f64>> {
+        let (tq, tk) = (lq.len(), lk.len());
+        (0..tq).map(|i| {
+            let last = i + tk - tq; // the query at row i sits at key position i + (tk − tq)
+            let w: Vec<f64> = (0..=last).map(|j| (-(lq[i] - lk[j]).abs() * inv_temp).exp()).collect();
+            let z: f64 = w.iter().sum();
+            (0..v[0].len()).map(|d| (0..=last).map(|j| w[j] / z * v[j][d]).sum()).collect()
+        }).collect()
+    }
+
+    #[test]
+    fn tau_attention_equals_direct_formula() {
+        let (h, tk, d) = (3i64, 11i64, 5i64);
+        for tq in [tk, 1, 4] {
+            let lq = Tensor::rand([1, h, tq], (Kind::Double, Device::Cpu));
+            let lk = Tensor::rand([1, h, tk], (Kind::Double, Device::Cpu));
+            let v = Tensor::randn([1, h, tk, d], (Kind::Double, Device::Cpu));
+            let it = Tensor::from_slice(&[1.0f64, 4.0, 20.0]);
+            let y = tau_attention(&lq, &lk, &v, &it);
+            for hh in 0..h {
+                let row = |t: &Tensor| Vec::<f64>::try_from(t.get(0).get(hh)).unwrap();
+                let vv: Vec<Vec<f64>> = (0..tk).map(|j| Vec::<f64>::try_from(v.get(0).get(hh).get(j)).unwrap()).collect();
+                let want = tau_attention_direct(&row(&lq), &row(&lk), &vv, it.double_value(&[hh]));
+                for (i, wi) in want.iter().enumerate() {
+                    let got = Vec::<f64>::try_from(y.get(0).get(hh).get(i as i64)).unwrap();
+                    assert!(got.iter().zip(wi).all(|(g, w)| (g - w).abs() < 1e-10), "tq={tq} head {hh} row {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tau_gradients_match_finite_differences() {
+        let lap = chain_laplacian(4).to_kind(Kind::Double);
+        let opts = (Kind::Double, Device::Cpu);
+        let (q, k, v) = (Tensor::randn([1, 2, 5, 4], opts), Tensor::randn([1, 2, 5, 4], opts), Tensor::randn([1, 2, 5, 4], opts));
+        let it = Tensor::from_slice(&[3.0f64, 7.0]);
+        let probe = Tensor::randn([1, 2, 5, 4], opts);
+        let f = |q: &Tensor, k: &Tensor, v: &Tensor, it: &Tensor| (tau_attention(&taumode(q, &lap, 0.8).1, &taumode(k, &lap, 0.8).1, v, it) * &probe).sum(Kind::Double);
+        let inputs = [q.set_requires_grad(true), k.set_requires_grad(true), v.set_requires_grad(true), it.set_requires_grad(true)];
+        f(&inputs[0], &inputs[1], &inputs[2], &inputs[3]).backward();
+        for which in 0..4 {
+            let analytic = Vec::<f64>::try_from(inputs[which].grad().flatten(0, -1)).unwrap();
+            for (n, a) in analytic.iter().enumerate() {
+                let at = |delta: f64| tch::no_grad(|| {
+                    let xs: Vec<Tensor> = inputs.iter().map(|t| t.detach().copy()).collect();
+                    let _ = xs[which].view([-1]).get(n as i64).g_add_scalar_(delta);
+                    f(&xs[0], &xs[1], &xs[2], &xs[3]).double_value(&[])
+                });
+                let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+                assert!((numeric - a).abs() < 1e-6 * (1.0 + a.abs()), "input {which} elem {n}: analytic {a} numeric {numeric}");
+            }
+        }
+    }
+
+    #[test]
+    fn checkpoint_round_trip() {
+        for attn in ["causal", "tau", "tau-lt"] {
+            let m = small(attn, 512);
+            let p = tmp(&format!("{attn}.safetensors"));
+            save_checkpoint(&m, &p).unwrap();
+            let back = load_checkpoint(&p, Device::Cpu).unwrap();
+            assert_eq!(back.cfg, m.cfg);
+            let idx = Tensor::randint(512, [1, 16], (Kind::Int64, Device::Cpu));
+            let (a, b) = tch::no_grad(|| (m.logits(&m.hidden(&idx, None)), back.logits(&back.hidden(&idx, None))));
+            assert!((a - b).abs().max().double_value(&[]) == 0.0, "{attn}: reloaded weights give the same logits");
+        }
+        let e = load_checkpoint(&tmp("nothing.safetensors"), Device::Cpu).err().unwrap();
+        assert!(e.contains("--save-checkpoint"), "{e}");
+    }
+    fn max_abs(t: &Tensor) -> f64 { f64::try_from(t.abs().max()).unwrap() }
+
+    /// Laplacian invariants: symmetric, zero row sums, PSD, off-diagonals are edge weights in [w(eps), 1].
+    fn assert_graph_laplacian(l: &Tensor, f: i64) {
+        assert_eq!(l.size(), [f, f]);
+        assert_eq!(l.kind(), Kind::Float);
+        let scale = max_abs(l);
+        assert!(max_abs(&(l - l.transpose(0, 1))) == 0.0, "L must be exactly symmetric");
+        assert!(max_abs(&l.sum_dim_intlist(1, false, Kind::Double)) < 1e-4 * scale, "rows must sum to 0");
+        let e = eig(l);
+        assert!(e[0] >= -1e-4 * e[f as usize - 1], "L must be PSD, min eig {}", e[0]);
+    }
+
+    // Zipf-like Markov source: mostly a short hop from the previous token (local structure the graph can see), else a fresh Zipf draw.
+    fn zipf_markov(n: usize, vocab: usize, seed: u64) -> Vec<u16> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut cdf: Vec<f64> = (1..=vocab).map(|r| (r as f64).powf(-1.1)).scan(0.0, |a, x| { *a += x; Some(*a) }).collect();
+        let z = *cdf.last().unwrap();
+        cdf.iter_mut().for_each(|c| *c /= z);
+        let draw = |rng: &mut StdRng| { let u = rng.gen::<f64>(); cdf.partition_point(|&c| c < u).min(vocab - 1) };
+        let mut prev = draw(&mut rng);
+        (0..n).map(|_| {
+            prev = if rng.gen_bool(0.6) { (prev + 1 + draw(&mut rng) % 8) % vocab } else { draw(&mut rng) };
+            ((prev * 31 + 5) % 65536) as u16 // 31 is odd, so this scatters ids bijectively over u16
+        }).collect()
+    }
+
+    fn small_cfg() -> LapConfig { LapConfig { n_tokens: 300_000, k_items: 1024, ..LapConfig::default() } }
+
+    #[test]
+    fn chain() {
+        for f in [2i64, 8, 64] {
+            let l = chain_laplacian(f);
+            assert_graph_laplacian(&l, f);
+            let want = 2.0 - 2.0 * (std::f64::consts::PI / f as f64).cos();
+            assert!((eig(&l)[1] - want).abs() < 1e-4, "F={f}: λ2 {} vs {want}", eig(&l)[1]);
+            let s = laplacian_stats(&l, 0.0);
+            assert_eq!((s.nnz, s.deg_min, s.deg_max, s.connected, s.n_components), (3 * f - 2, 1, if f > 2 { 2 } else { 1 }, true, 1));
+        }
+    }
+
+    #[test]
+    fn cooc_and_ppmi_by_hand() {
+        // ids 1 (×3) and 2 (×2) are the top K=2 items 0 and 1; id 3 is ignored.
+        let toks = Tensor::from_slice(&[1i64, 2, 1, 3, 1, 2]);
+        let c = lap_cooc(&toks, 2, 1).unwrap();
+        assert!(c.equal(&Tensor::from_slice(&[0i64, 3, 3, 0]).view([2, 2])), "{c}"); // 1-2 adjacent: (0,1),(1,0),(0,1)
+        let c = lap_cooc(&toks, 2, 2).unwrap();
+        assert!(c.equal(&Tensor::from_slice(&[4i64, 3, 3, 0]).view([2, 2])), "{c}"); // offset 2 adds 1…1 twice
+        assert!(lap_cooc(&toks, 4, 1).unwrap_err().contains("only 3 distinct tokens"));
+        // c=[[0,2],[2,4]]: total 8, rows 2 and 6: pmi01 = ln(2·8/12) > 0, pmi11 = ln(4·8/36) < 0 → 0, c00 = 0 → 0.
+        let p = lap_ppmi(&Tensor::from_slice(&[0.0f32, 2.0, 2.0, 4.0]).view([2, 2]));
+        let x = (4.0f32 / 3.0).ln();
+        assert!(max_abs(&(p - Tensor::from_slice(&[0.0f32, x, x, 0.0]).view([2, 2]))) < 1e-6);
+    }
+
+    #[test]
+    fn rsvd_matches_exact_svd_on_low_rank() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (a, b) = (lap_gaussian(300, 8, &mut rng), lap_gaussian(8, 200, &mut rng));
+        let m = a.matmul(&b);
+        let us = lap_rsvd(&m, 8, &mut rng);
+        let got = us.to_device(Device::Cpu).norm_scalaropt_dim(2.0, [0i64], false); // column norms of U·S are S
+        let want = m.to_kind(Kind::Double).svd(true, false).1.narrow(0, 0, 8);
+        assert!(max_abs(&((got - &want) / &want)) < 1e-3);
+    }
+
+    #[test]
+    fn kmeans_separates_blobs() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let centres = Tensor::from_slice(&[0.0, 0.0, 10.0, 0.0, 0.0, 10.0]).view([3, 2]);
+        let x = centres.repeat_interleave_self_int(50, 0, None::<i64>) + lap_gaussian(150, 2, &mut rng).to_kind(Kind::Double) * 0.1;
+        let c = lap_kmeans(&x, 3, &mut rng);
+        let nearest = lap_sqdist(&c, &centres).min_dim(1, false).0; // every true centre found to within the noise
+        assert!(max_abs(&nearest) < 0.1, "{nearest}");
+    }
+
+    #[test]
+    fn corpus_build_synthetic() {
+        let toks = zipf_markov(300_000, 4000, 7);
+        let cfg = small_cfg();
+        let t0 = std::time::Instant::now();
+        let l = corpus_laplacian(&toks, &cfg, Device::Cpu).unwrap();
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        assert_graph_laplacian(&l, 64);
+        let off = &l - l.diagonal(0, 0, 1).diag_embed(0, 0, 1);
+        let w_min = 1.0 / (1.0 + (cfg.eps / cfg.sigma).powf(cfg.p));
+        let w = off.neg().masked_select(&off.ne(0.0));
+        assert!(f64::try_from(w.min()).unwrap() >= w_min - 1e-6 && f64::try_from(w.max()).unwrap() <= 1.0, "edge weights outside [w(eps), 1]");
+        let s = laplacian_stats(&l, ms);
+        assert!(s.deg_min >= 1 && s.deg_max <= 63 && s.nnz > 64);
+        assert_eq!(s.connected, s.lambda2 > LAP_CONNECTED_TOL);
+        println!("synthetic: {}", s.to_json());
+        let again = corpus_laplacian(&toks, &cfg, Device::Cpu).unwrap();
+        assert!(l.equal(&again), "same seed must give the identical L");
+        let other = corpus_laplacian(&toks, &LapConfig { seed: 1, ..small_cfg() }, Device::Cpu).unwrap();
+        assert_graph_laplacian(&other, 64); // a different seed is a different (valid) k-means draw
+    }
+
+    #[test]
+    fn corpus_build_errors() {
+        let few = zipf_markov(10_000, 100, 3);
+        let e = corpus_laplacian(&few, &small_cfg(), Device::Cpu).unwrap_err();
+        assert!(e.contains("distinct tokens") && e.contains("lower --lap-k") && !e.contains('\n'), "{e}");
+        let e = corpus_laplacian(&few[..3], &small_cfg(), Device::Cpu).unwrap_err();
+        assert!(e.contains("window"), "{e}");
+        let e = corpus_laplacian(&few, &LapConfig { k_items: 32, ..small_cfg() }, Device::Cpu).unwrap_err();
+        assert!(e.contains("K=32 out of range"), "{e}");
+        let e = corpus_laplacian(&few, &LapConfig { sigma: 0.0, k_items: 64, ..small_cfg() }, Device::Cpu).unwrap_err();
+        assert!(e.contains("positive"), "{e}");
+    }
+
+    #[test]
+    fn tiny_corpus_is_connected() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tiny");
+        let dir = dir.as_path();
+        let mut files: Vec<_> = std::fs::read_dir(dir).map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|e| e == "txt")).collect()).unwrap_or_default();
+        assert!(!files.is_empty(), "the tiny corpus ships in data/tiny");
+        files.sort();
+        let bpe = tokenizer();
+        let toks: Vec<u16> = files.iter().flat_map(|p| bpe.encode_ordinary(&std::fs::read_to_string(p).unwrap())).map(|t| u16::try_from(t).unwrap()).collect();
+        let cfg = LapConfig { k_items: 2048, ..LapConfig::default() };
+        let t0 = std::time::Instant::now();
+        let l = corpus_laplacian(&toks, &cfg, Device::Cpu).unwrap();
+        let s = laplacian_stats(&l, t0.elapsed().as_secs_f64() * 1e3);
+        println!("tiny corpus: {} files, {} tokens, K={}: {}", files.len(), toks.len(), cfg.k_items, s.to_json());
+        assert_graph_laplacian(&l, 64);
+        assert!(s.connected && s.n_components == 1 && s.lambda2 > LAP_CONNECTED_TOL, "{}", s.to_json());
+    }
+
+    // Defaults at full size (10M tokens, K=4096) on CPU: `cargo test --release -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn default_size_cpu_timing() {
+        let toks = zipf_markov(10_000_000, 20_000, 11);
+        let t0 = std::time::Instant::now();
+        let l = corpus_laplacian(&toks, &LapConfig::default(), Device::Cpu).unwrap();
+        let s = laplacian_stats(&l, t0.elapsed().as_secs_f64() * 1e3);
+        println!("default size (synthetic 10M tokens, K=4096): {}", s.to_json());
+        assert_graph_laplacian(&l, 64);
+    }
+
+    #[test]
+    fn npy_round_trip_and_load_errors() {
+        let l = chain_laplacian(64) * 0.37;
+        let p = tmp("l.npy");
+        save_laplacian(&p, &l).unwrap();
+        assert!(load_laplacian_file(&p, 64).unwrap().equal(&l));
+        // f64 .npy and .safetensors load too (converted to f32)
+        let p64 = tmp("l64.npy");
+        l.to_kind(Kind::Double).write_npy(&p64).unwrap();
+        assert!(load_laplacian_file(&p64, 64).unwrap().equal(&l));
+        let ps = tmp("l.safetensors");
+        Tensor::write_safetensors(&[("anything", &l)], &ps).unwrap();
+        assert!(load_laplacian_file(&ps, 64).unwrap().equal(&l));
+
+        let err = |p: &Path, dim: i64, want: &str| {
+            let e = load_laplacian_file(p, dim).unwrap_err();
+            assert!(e.contains(want) && !e.contains('\n'), "expected '{want}' in: {e}");
+        };
+        err(&p, 32, "shape [64, 64], need [32, 32]");
+        let asym = l.copy();
+        let _ = asym.get(0).get(5).fill_(1.0);
+        let pa = tmp("asym.npy");
+        save_laplacian(&pa, &asym).unwrap();
+        err(&pa, 64, "not symmetric");
+        let pn = tmp("nan.npy");
+        save_laplacian(&pn, &(&l * f64::NAN)).unwrap();
+        err(&pn, 64, "NaN");
+        err(&tmp("missing.npy"), 64, "not found");
+        let pg = tmp("garbage.npy");
+        std::fs::write(&pg, b"this is not a numpy file at all").unwrap();
+        err(&pg, 64, "bad magic");
+        let pt = tmp("trunc.npy");
+        std::fs::write(&pt, &std::fs::read(&p).unwrap()[..1000]).unwrap();
+        err(&pt, 64, "truncated or corrupt");
+        let pgs = tmp("garbage.safetensors");
+        std::fs::write(&pgs, b"\x10\x00\x00\x00\x00\x00\x00\x00{nonsense}").unwrap();
+        err(&pgs, 64, "not a valid safetensors");
+        let px = tmp("l.txt");
+        std::fs::write(&px, b"x").unwrap();
+        err(&px, 64, "unknown extension");
+        assert!(save_laplacian(&tmp("x.npy"), &Tensor::zeros([3, 4], (Kind::Float, Device::Cpu))).unwrap_err().contains("not square"));
+}
+}
