@@ -57,6 +57,14 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The README records table, recomputed from the logs under ROOT (default records/)
+    RecordsTable {
+        #[arg(default_value = "records")]
+        root: PathBuf,
+    },
+    /// Time training steps on random tokens: ms/step, tokens/s, MFU, peak memory per variant, as JSON
+    #[command(args_override_self = true)]
+    Bench(BenchArgs),
     /// Exit 0 when a CUDA device is usable, 1 otherwise (for scripts)
     HasCuda,
 }
@@ -174,7 +182,7 @@ struct TrainArgs {
     /// Write the final weights as safetensors (names in the README)
     #[arg(long)]
     save_checkpoint: Option<PathBuf>,
-    /// Tokens of greedy-ish sample printed and logged at the end (0: none)
+    /// Tokens of a sample (temperature 0.8, top-k 50) printed and logged at the end (0: none)
     #[arg(long, default_value_t = 0)]
     sample_tokens: i64,
     #[arg(long, default_value = "logs")]
@@ -188,6 +196,23 @@ struct PrepareArgs {
     /// Output folder for train_NNNNNN.bin / val_NNNNNN.bin (must not hold shards yet)
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Variants to time, comma-separated (tau runs use the chain L: its values do not change the cost)
+    #[arg(long, default_value = "causal,tau,tau-lt", value_delimiter = ',')]
+    variants: Vec<Attn>,
+    #[arg(long, default_value_t = 20)]
+    bench_steps: i64,
+    /// Untimed steps first (allocator and cuDNN/cuBLAS warm-up)
+    #[arg(long, default_value_t = 5)]
+    bench_warmup: i64,
+    /// Also write the JSON list here
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    train: TrainArgs,
 }
 
 #[derive(clap::Args)]
@@ -971,6 +996,17 @@ impl Optim {
     }
 }
 
+// One optimizer step on (x, y). Returns the loss, not yet read back (reading it syncs the GPU).
+fn train_step(m: &mut Model, opt: &mut Optim, x: &Tensor, y: &Tensor, a: &TrainArgs, lr_mult: f64) -> Tensor {
+    let loss = m.loss(x, y, Reduction::Mean);
+    loss.backward();
+    opt.step(a, lr_mult, m.cdt);
+    for (_, p) in m.params.iter_mut() {
+        p.zero_grad();
+    }
+    loss
+}
+
 // 50 warm-up steps, constant, then linear to 0 over the last cooldown_frac of the run (the reference's schedule).
 fn lr_mult(a: &TrainArgs, i: i64) -> f64 {
     let cool = (a.steps as f64 * a.cooldown_frac) as i64;
@@ -1207,13 +1243,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         }
         let t = Instant::now();
         let (x, y) = train_batch(&data.train, step, a.batch_size, a.seq_len, dev);
-        let loss = model.loss(&x, &y, Reduction::Mean);
-        loss.backward();
-        opt.step(&a, lr_mult(&a, step), cdt);
-        for (_, p) in model.params.iter_mut() {
-            p.zero_grad();
-        }
-        let lv = loss.double_value(&[]); // also the step's sync point
+        let lv = train_step(&mut model, &mut opt, &x, &y, &a, lr_mult(&a, step)).double_value(&[]); // also the step's sync point
         train_ms += t.elapsed().as_secs_f64() * 1e3;
         if !lv.is_finite() {
             return Err(format!("step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or check the data", step + 1));
@@ -1245,6 +1275,50 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     log.line(&format!("summary: {summary}"));
     let path = log.finish();
     println!("log: {}", path.display());
+    Ok(())
+}
+
+// Steady ms/step of the training step on random tokens (no data, no validation), per variant.
+fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
+    let dev = pick_device(&b.train.device)?;
+    let mut a = b.train.clone();
+    apply_preset(&mut a, m, dev.is_cuda());
+    let cdt = compute_kind(&a.dtype, dev)?;
+    let gpu = gpu_name(dev);
+    let mut rows = vec![];
+    for attn in &b.variants {
+        let variant = attn.to_possible_value().unwrap().get_name().to_string();
+        tch::manual_seed(a.seed);
+        let cfg = ModelCfg { n_layer: a.n_layer, n_head: a.n_head, n_embd: a.n_embd, seq_len: a.seq_len, vocab_size: a.vocab_size, attn: variant.clone() };
+        let lap = cfg.is_tau().then(|| chain_laplacian(cfg.head_dim()));
+        let mut model = Model::new(cfg, dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
+        let mut opt = Optim::new(&model);
+        let x = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
+        let y = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
+        if let Device::Cuda(i) = dev {
+            unsafe { ext::tg_reset_memory_peaks(i as i32) };
+        }
+        let mut t0 = Instant::now();
+        for i in 0..b.bench_warmup + b.bench_steps {
+            if i == b.bench_warmup {
+                sync(dev);
+                t0 = Instant::now();
+            }
+            let _ = train_step(&mut model, &mut opt, &x, &y, &a, 1.0);
+        }
+        sync(dev);
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / b.bench_steps as f64;
+        let tok_s = (a.batch_size * a.seq_len) as f64 / (ms / 1e3);
+        let flops = 6.0 * model.n_params() as f64 + 6.0 * (a.n_layer * a.n_embd * a.seq_len) as f64;
+        let row = json!({"impl": "rust", "attn": variant, "optimizer": "muon+adam", "batch": a.batch_size, "seq": a.seq_len,
+            "ms_per_step": round4(ms), "tokens_per_s": tok_s.round(), "mfu": gpu.is_some().then(|| round4(tok_s * flops / H100_BF16_PEAK)),
+            "peak_mem_mib": memory_peaks(dev).map(|p| p.0.round()), "device": format!("{dev:?}"), "gpu": gpu, "compute_dtype": format!("{cdt:?}")});
+        println!("{row}");
+        rows.push(row);
+    }
+    if let Some(out) = &b.out {
+        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes())?;
+    }
     Ok(())
 }
 
@@ -1378,6 +1452,13 @@ impl RunLog {
     }
     fn tokens_per_s(&self) -> Option<f64> {
         self.sum("tokens_per_s")
+    }
+    /// The variant, and for tau runs the Laplacian source: `tau/chain`.
+    fn label(&self) -> String {
+        match self.summary.as_ref().and_then(|s| s.get("laplacian")).and_then(Value::as_str) {
+            Some(lap) => format!("{}/{lap}", self.variant()),
+            None => self.variant(),
+        }
     }
     /// Log file stem, cut to a uuid's first group, to tell runs of one variant apart.
     fn short_id(&self) -> String {
@@ -1549,6 +1630,45 @@ fn opt(x: Option<f64>, prec: usize) -> String {
     x.map_or("-".into(), |x| format!("{x:.prec$}"))
 }
 
+/// The README records table: one row per record folder `<root>/<track>/<YYYY-MM-DD>_<Name>/` of run logs,
+/// every figure recomputed from the logs (a test holds the README to it).
+pub fn records_table(root: &Path) -> Result<String, String> {
+    let dirs = |p: &Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(p).into_iter().flatten().filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+        v.sort();
+        v
+    };
+    let mut out = String::from("| track | record | variant | laplacian | runs | final val loss | p (< target) | time-to-target (s) | ms/step | peak MiB | date |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for track in dirs(root) {
+        for rec in dirs(&track) {
+            let mut files: Vec<_> = std::fs::read_dir(&rec).map_err(|e| e.to_string())?.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "txt")).collect();
+            files.sort();
+            if files.is_empty() {
+                continue;
+            }
+            let logs = files.iter().map(|p| parse_log(p)).collect::<Result<Vec<_>, _>>()?;
+            let col = |f: &dyn Fn(&RunLog) -> Option<f64>| -> Vec<f64> { logs.iter().filter_map(f).collect() };
+            let pm = |x: &[f64], prec: usize| match x.len() {
+                0 => "-".to_string(),
+                1 => format!("{:.prec$}", x[0]),
+                _ => { let (m, s) = mean_std(x); format!("{m:.prec$} ± {s:.prec$}") }
+            };
+            let s = |k: &str| logs[0].summary.as_ref().and_then(|v| v.get(k)).and_then(Value::as_str).unwrap_or("-").to_string();
+            let reached = col(&|l: &RunLog| l.time_to_target_ms().map(|t| t / 1e3));
+            let ttt = if reached.len() == logs.len() { pm(&reached, 1) } else { format!("not reached ({}/{})", reached.len(), logs.len()) };
+            let p = stats(&logs).map(|st| if st.p_value >= 1e-3 { format!("{:.4}", st.p_value) } else { format!("{:.1e}", st.p_value) }).unwrap_or("-".into());
+            let name = rec.file_name().unwrap().to_string_lossy().to_string();
+            let rel = rec.strip_prefix(root.parent().unwrap_or(Path::new(""))).unwrap_or(&rec).display().to_string();
+            out += &format!("| {} | [{}]({}/) | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n", track.file_name().unwrap().to_string_lossy(),
+                name.get(11..).unwrap_or(&name), rel, logs[0].variant(), s("laplacian"), logs.len(),
+                pm(&col(&RunLog::final_val_loss), 4), p, ttt, pm(&col(&RunLog::ms_per_step), 1),
+                pm(&col(&|l: &RunLog| l.peak_alloc_mib), 0), name.get(..10).unwrap_or("-"));
+        }
+    }
+    Ok(out)
+}
+
 pub fn diff_report(a: &RunLog, b: &RunLog) -> String {
     let mut o = format!("a: {} ({})\nb: {} ({})\n", a.path, a.variant(), b.path, b.variant());
 
@@ -1687,7 +1807,7 @@ fn draw(logs: &[RunLog], svg: &mut String) -> Result<(), Box<dyn std::error::Err
             let c = COLORS[i % COLORS.len()].stroke_width(2);
             chart
                 .draw_series(LineSeries::new(pts, c))?
-                .label(format!("{} {}", l.variant(), l.short_id()))
+                .label(format!("{} {}", l.label(), l.short_id()))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
         }
         chart
@@ -2072,6 +2192,8 @@ fn main() {
         Cmd::Stats { logs } => parse_logs(&logs).and_then(|l| records::stats(&l)).map(|st| println!("{}", records::stats_report(&st))),
         Cmd::Diff { a, b } => parse_logs(&[a, b]).map(|l| println!("{}", records::diff_report(&l[0], &l[1]))),
         Cmd::Plot { logs, out } => parse_logs(&logs).and_then(|l| records::plot_svg(&l, &out)).map(|_| println!("wrote {}", out.display())),
+        Cmd::RecordsTable { root } => records::records_table(&root).map(|t| print!("{t}")),
+        Cmd::Bench(a) => cmd_bench(a, matches.subcommand_matches("bench").unwrap()),
         Cmd::HasCuda => std::process::exit(if tch::Cuda::is_available() { 0 } else { 1 }),
     };
     if let Err(e) = res {
@@ -2252,18 +2374,13 @@ mod tests {
     #[test]
     fn a_few_steps_on_one_batch_lower_its_loss() {
         for attn in ["causal", "tau-lt"] {
-            let m = small(attn, 512);
+            let mut m = small(attn, 512);
             let a = args(&["--warmup-steps", "1"]);
             let mut opt = Optim::new(&m);
             let (x, y) = (Tensor::randint(512, [4, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [4, 16], (Kind::Int64, Device::Cpu)));
             let first = m.loss(&x, &y, Reduction::Mean).double_value(&[]);
             for _ in 0..15 {
-                let l = m.loss(&x, &y, Reduction::Mean);
-                l.backward();
-                opt.step(&a, 1.0, Kind::Float);
-                for (_, p) in &m.params {
-                    p.shallow_clone().zero_grad();
-                }
+                let _ = train_step(&mut m, &mut opt, &x, &y, &a, 1.0);
             }
             let last = m.loss(&x, &y, Reduction::Mean).double_value(&[]);
             assert!(last < first - 1.0, "{attn}: loss {first} -> {last}");
