@@ -21,6 +21,7 @@ const SHARD_VERSION: i32 = 1;
 const HEADER_INTS: usize = 256;
 const SHARD_MAX_TOKENS: usize = 100_000_000;
 const EOT: u16 = 50256; // <|endoftext|>, prepended to every document (it doubles as BOS)
+const GPT2_VOCAB: i64 = 50257; // ids past it are padding of the embedding table, never sampled
 const VAL_FRACTION: f64 = 0.05; // plain-text corpora: the last 5% of each file, cut at a blank line
 const LAMBDA_EPS: f64 = 1e-6; // E(x) = xᵀLx / (xᵀx + ε)
 const ROPE_BASE: f64 = 10000.0;
@@ -232,6 +233,9 @@ struct SampleArgs {
     seed: i64,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Re-run the whole context for every token instead of caching keys (K or λk) and values
+    #[arg(long)]
+    no_cache: bool,
 }
 
 // The tiny preset: what a 2-core CPU trains in about two minutes. Explicit flags still win.
@@ -770,9 +774,10 @@ fn rms(x: &Tensor) -> Tensor {
     x.rms_norm([*x.size().last().unwrap()], None::<Tensor>, None)
 }
 
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+// Rotates x [B,H,T,D] as positions pos..pos+T (pos > 0 when decoding after a cached prefix).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: i64) -> Tensor {
     let (t, d) = (x.size()[2], x.size()[3] / 2);
-    let (c, s) = (cos.narrow(0, 0, t).to_kind(x.kind()), sin.narrow(0, 0, t).to_kind(x.kind()));
+    let (c, s) = (cos.narrow(0, pos, t).to_kind(x.kind()), sin.narrow(0, pos, t).to_kind(x.kind()));
     let (x1, x2) = (x.narrow(-1, 0, d), x.narrow(-1, d, d));
     Tensor::cat(&[&x1 * &c + &x2 * &s, -&x1 * &s + &x2 * &c], -1)
 }
@@ -793,6 +798,34 @@ fn tau_attention(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Ten
     let att = -(lq.unsqueeze(-1) - lk.unsqueeze(-2)).abs() * inv_temp.view([1, -1, 1, 1]);
     let future = Tensor::ones([tq, tk], (Kind::Bool, lq.device())).tril(tk - tq).logical_not();
     att.masked_fill(&future, f64::NEG_INFINITY).softmax(-1, att.kind()).to_kind(v.kind()).matmul(v)
+}
+
+// Decoding cache, per layer (keys, values) along time: causal holds K [B,H,T,D]; tau holds λk [B,H,T] (fp32), the
+// Tauformer's scalar key. Both hold V [B,H,T,D].
+struct Cache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Cache {
+    fn new(n_layer: i64) -> Cache {
+        Cache { layers: (0..n_layer).map(|_| None).collect() }
+    }
+    // Tokens cached so far.
+    fn len(&self) -> i64 {
+        self.layers[0].as_ref().map_or(0, |(_, v)| v.size()[2])
+    }
+    fn append(&mut self, l: i64, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        let e = &mut self.layers[l as usize];
+        let (k, v) = match e.take() {
+            Some((ck, cv)) => (Tensor::cat(&[ck, k], 2), Tensor::cat(&[cv, v], 2)),
+            None => (k, v),
+        };
+        *e = Some((k.shallow_clone(), v.shallow_clone()));
+        (k, v)
+    }
+    fn bytes(&self) -> i64 {
+        self.layers.iter().flatten().map(|(k, v)| (k.numel() * k.kind().elt_size_in_bytes() + v.numel() * v.kind().elt_size_in_bytes()) as i64).sum()
+    }
 }
 
 impl Model {
@@ -835,12 +868,12 @@ impl Model {
         if self.cfg.attn == "tau-lt" { self.p(&format!("blocks.{l}.attn.log_inv_temp")).exp() } else { self.inv_temp.get(l) }
     }
 
-    // q, k (rotated, RMS-normed) and v of layer l, each [B,H,T,D].
-    fn qkv(&self, l: i64, h: &Tensor) -> (Tensor, Tensor, Tensor) {
+    // q, k (rotated, RMS-normed) and v of layer l at positions pos.., each [B,H,T,D].
+    fn qkv(&self, l: i64, h: &Tensor, pos: i64) -> (Tensor, Tensor, Tensor) {
         let (b, t) = (h.size()[0], h.size()[1]);
         let qkv = h.matmul(&self.w(&format!("blocks.{l}.attn.qkv")).tr()).view([b, t, 3, self.cfg.n_head, self.cfg.head_dim()]).permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        (rms(&rope(&q, &self.cos, &self.sin)), rms(&rope(&k, &self.cos, &self.sin)), v)
+        (rms(&rope(&q, &self.cos, &self.sin, pos)), rms(&rope(&k, &self.cos, &self.sin, pos)), v)
     }
 
     fn embed(&self, idx: &Tensor) -> Tensor {
@@ -848,21 +881,33 @@ impl Model {
     }
 
     // Final hidden states [B,T,C] (fp32 residual stream). `lams` collects each layer's λk for diagnostics.
-    fn hidden(&self, idx: &Tensor, mut lams: Option<&mut Vec<Tensor>>) -> Tensor {
+    fn hidden(&self, idx: &Tensor, lams: Option<&mut Vec<Tensor>>) -> Tensor {
+        self.forward(idx, None, lams)
+    }
+
+    // The one forward pass. With a cache, idx holds the tokens after the cached prefix: their keys join the cache
+    // (causal: K and V; tau: λk and V) and their queries attend over all of it.
+    fn forward(&self, idx: &Tensor, mut cache: Option<&mut Cache>, mut lams: Option<&mut Vec<Tensor>>) -> Tensor {
         let (b, t, c) = (idx.size()[0], idx.size()[1], self.cfg.n_embd);
-        assert!(t <= self.cfg.seq_len, "sequence longer than the RoPE table");
+        let pos = cache.as_ref().map_or(0, |c| c.len());
+        assert!(pos + t <= self.cfg.seq_len, "sequence longer than the RoPE table");
         let mut x = self.embed(idx);
         for l in 0..self.cfg.n_layer {
-            let (q, k, v) = self.qkv(l, &rms(&x).to_kind(self.cdt));
+            let (q, k, v) = self.qkv(l, &rms(&x).to_kind(self.cdt), pos);
             let y = if self.cfg.is_tau() {
                 let (_, lq) = taumode(&q, &self.lap, self.tau);
                 let (_, lk) = taumode(&k, &self.lap, self.tau);
                 if let Some(ls) = lams.as_deref_mut() {
                     ls.push(lk.detach());
                 }
+                let (lk, v) = match cache.as_deref_mut() { Some(c) => c.append(l, lk, v), None => (lk, v) };
                 tau_attention(&lq, &lk, &v, &self.layer_inv_temp(l))
             } else {
-                Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, false)
+                let (k, v) = match cache.as_deref_mut() { Some(c) => c.append(l, k, v), None => (k, v) };
+                let tk = k.size()[2];
+                // is_causal aligns the mask top-left; queries after a cached prefix need it bottom-right
+                let mask = (tk > t).then(|| Tensor::ones([t, tk], (Kind::Bool, q.device())).tril(tk - t));
+                Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, tk == t, None, false)
             };
             let y = y.transpose(1, 2).reshape([b, t, c]);
             x = x + y.matmul(&self.w(&format!("blocks.{l}.attn.o")).tr());
@@ -886,7 +931,7 @@ impl Model {
     // τ = median energy E of block 0's keys on one batch (the 30M Tauformer run's calibration).
     fn calibrate_tau(&self, idx: &Tensor) -> f64 {
         tch::no_grad(|| {
-            let (_, k, _) = self.qkv(0, &rms(&self.embed(idx)).to_kind(self.cdt));
+            let (_, k, _) = self.qkv(0, &rms(&self.embed(idx)).to_kind(self.cdt), 0);
             taumode(&k, &self.lap, 1.0).0.median().double_value(&[])
         })
     }
@@ -1256,7 +1301,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         log.line(&format!("peak memory allocated: {al:.0} MiB reserved: {re:.0} MiB"));
     }
     if a.sample_tokens > 0 {
-        let text = generate(&model, &tokenizer().encode_ordinary("\n").into_iter().map(|x| x as i64).collect::<Vec<_>>(), a.sample_tokens, 0.8, 50, a.seed)?;
+        let text = decode_ids(&generate(&model, &tokenizer().encode_ordinary("\n").into_iter().map(|x| x as i64).collect::<Vec<_>>(), a.sample_tokens, 0.8, 50, a.seed, true)?)?;
         log.line(&format!("sample: {}", json!(text)));
     }
     if let Some(path) = &a.save_checkpoint {
@@ -2127,27 +2172,42 @@ fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {
     Ok(m)
 }
 
-// Autoregressive sampling without a cache: each token re-runs the (cropped) context.
-fn generate(m: &Model, prompt: &[i64], n: i64, temperature: f64, top_k: i64, seed: i64) -> Res<String> {
+// Autoregressive sampling. Cached: the prompt fills the cache once, then each step runs one token; when the RoPE
+// table is full the cache restarts from the last half context. Uncached: each step re-runs the last seq_len tokens.
+fn generate(m: &Model, prompt: &[i64], n: i64, temperature: f64, top_k: i64, seed: i64, cached: bool) -> Res<Vec<i64>> {
     tch::manual_seed(seed);
     let dev = m.lap.device();
+    let t = m.cfg.seq_len as usize;
     let mut ids = prompt.to_vec();
+    let mut cache = Cache::new(m.cfg.n_layer);
     tch::no_grad(|| {
         for _ in 0..n {
-            let ctx = &ids[ids.len().saturating_sub(m.cfg.seq_len as usize)..];
+            let ctx: &[i64] = if !cached {
+                &ids[ids.len().saturating_sub(t)..]
+            } else if cache.len() == 0 || cache.len() as usize == t {
+                cache = Cache::new(m.cfg.n_layer);
+                &ids[ids.len().saturating_sub(if ids.len() > t { t / 2 } else { t })..]
+            } else {
+                &ids[ids.len() - 1..]
+            };
             let x = Tensor::from_slice(ctx).to(dev).unsqueeze(0);
-            let z = m.logits(&m.hidden(&x, None)).get(0).get(-1).narrow(0, 0, 50257); // never the padding ids
+            let h = m.forward(&x, cached.then_some(&mut cache), None);
+            let z = m.logits(&h.narrow(1, -1, 1)).view([-1]);
+            let z = z.narrow(0, 0, GPT2_VOCAB.min(m.cfg.vocab_size));
             let next = if temperature <= 0.0 {
                 z.argmax(0, false)
             } else {
-                let (v, i) = (z / temperature).topk(top_k.min(50257), 0, true, true);
+                let (v, i) = (&z / temperature).topk(top_k.min(z.size()[0]), 0, true, true);
                 i.gather(0, &v.softmax(0, Kind::Float).multinomial(1, false), false).squeeze()
             };
             ids.push(next.int64_value(&[]));
         }
     });
-    let out: Vec<u32> = ids[prompt.len()..].iter().map(|&x| x as u32).collect();
-    tokenizer().decode(&out).map_err(|e| format!("decode failed: {e}"))
+    Ok(ids[prompt.len()..].to_vec())
+}
+
+fn decode_ids(ids: &[i64]) -> Res<String> {
+    tokenizer().decode(&ids.iter().map(|&x| x as u32).collect::<Vec<_>>()).map_err(|e| format!("decode failed: {e}"))
 }
 
 fn cmd_sample(a: &SampleArgs) -> Res<()> {
@@ -2158,7 +2218,7 @@ fn cmd_sample(a: &SampleArgs) -> Res<()> {
         return Err("--prompt is empty after tokenization; pass some text".into());
     }
     print!("{}", a.prompt);
-    println!("{}", generate(&m, &prompt, a.tokens, a.temperature, a.top_k, a.seed)?);
+    println!("{}", decode_ids(&generate(&m, &prompt, a.tokens, a.temperature, a.top_k, a.seed, !a.no_cache)?)?);
     Ok(())
 }
 
@@ -2474,6 +2534,48 @@ mod tests {
                 assert!((numeric - a).abs() < 1e-6 * (1.0 + a.abs()), "input {which} elem {n}: analytic {a} numeric {numeric}");
             }
         }
+    }
+
+    #[test]
+    fn cached_and_uncached_greedy_decoding_agree() {
+        for attn in ["causal", "tau", "tau-lt"] {
+            let m = small(attn, 512);
+            let prompt = [5i64, 17, 300, 2, 99];
+            let cached = generate(&m, &prompt, 11, 0.0, 1, 0, true).unwrap();
+            assert_eq!(cached, generate(&m, &prompt, 11, 0.0, 1, 0, false).unwrap(), "{attn}");
+            assert_eq!(cached.len(), 11);
+            // stronger than tokens: the hidden states of a prefill + one-token steps equal one full forward
+            let idx = Tensor::randint(512, [2, 12], (Kind::Int64, Device::Cpu));
+            let full = tch::no_grad(|| m.hidden(&idx, None));
+            let mut cache = Cache::new(m.cfg.n_layer);
+            let mut parts = vec![tch::no_grad(|| m.forward(&idx.narrow(1, 0, 5), Some(&mut cache), None))];
+            for i in 5..12 {
+                parts.push(tch::no_grad(|| m.forward(&idx.narrow(1, i, 1), Some(&mut cache), None)));
+            }
+            let diff = (Tensor::cat(&parts, 1) - full).abs().max().double_value(&[]);
+            assert!(diff < 1e-4, "{attn}: cached forward differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn cache_holds_k_and_v_or_lambda_and_v() {
+        let (b, t) = (3i64, 7i64);
+        for attn in ["causal", "tau"] {
+            let m = small(attn, 512);
+            let mut cache = Cache::new(m.cfg.n_layer);
+            let _ = tch::no_grad(|| m.forward(&Tensor::randint(512, [b, t], (Kind::Int64, Device::Cpu)), Some(&mut cache), None));
+            let (l, h, d, s) = (m.cfg.n_layer, m.cfg.n_head, m.cfg.head_dim(), 4); // f32 compute on CPU; λk is f32 too
+            let want = if attn == "causal" { 2 * l * b * h * t * d * s } else { l * b * h * t * (d * s + 4) };
+            assert_eq!((cache.len(), cache.bytes()), (t, want), "{attn}");
+        }
+    }
+
+    #[test]
+    fn samples_are_reproducible_from_a_seed() {
+        let m = small("tau-lt", 512);
+        let draw = |seed| generate(&m, &[1, 2, 3], 12, 1.0, 50, seed, true).unwrap();
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8), "another seed, another sample (12 tokens from 50 candidates)");
     }
 
     #[test]
