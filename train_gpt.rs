@@ -66,6 +66,8 @@ enum Cmd {
     /// Time training steps on random tokens: ms/step, tokens/s, MFU, peak memory per variant, as JSON
     #[command(args_override_self = true)]
     Bench(BenchArgs),
+    /// Time cached greedy decoding of checkpoints: tokens/s, time per token against position, cache bytes, as JSON
+    BenchDecode(BenchDecodeArgs),
     /// Exit 0 when a CUDA device is usable, 1 otherwise (for scripts)
     HasCuda,
 }
@@ -214,6 +216,27 @@ struct BenchArgs {
     out: Option<PathBuf>,
     #[command(flatten)]
     train: TrainArgs,
+}
+
+#[derive(clap::Args)]
+struct BenchDecodeArgs {
+    /// Checkpoints written by --save-checkpoint, e.g. one per variant
+    #[arg(long, required = true, num_args = 1..)]
+    checkpoint: Vec<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    prompt_lens: Vec<i64>,
+    #[arg(long, value_delimiter = ',', default_value = "128,384")]
+    gen_lens: Vec<i64>,
+    #[arg(long, value_delimiter = ',', default_value = "1,32")]
+    batch_sizes: Vec<i64>,
+    /// Timed repeats of each shape; tokens/s is their median
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Also write the JSON list here
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -2210,6 +2233,70 @@ fn decode_ids(ids: &[i64]) -> Res<String> {
     tokenizer().decode(&ids.iter().map(|&x| x as u32).collect::<Vec<_>>()).map_err(|e| format!("decode failed: {e}"))
 }
 
+// Cached greedy decoding of a [B,P] prompt for g tokens: (prefill ms, per-token ms, cache bytes at the end).
+fn decode_timed(m: &Model, prompt: &Tensor, g: i64) -> (f64, Vec<f64>, i64) {
+    let dev = prompt.device();
+    let mut cache = Cache::new(m.cfg.n_layer);
+    tch::no_grad(|| {
+        let t0 = Instant::now();
+        let mut h = m.forward(prompt, Some(&mut cache), None);
+        sync(dev);
+        let prefill = t0.elapsed().as_secs_f64() * 1e3;
+        let mut steps = vec![];
+        for _ in 0..g {
+            let t = Instant::now();
+            let z = m.logits(&h.narrow(1, -1, 1));
+            let next = z.narrow(2, 0, GPT2_VOCAB.min(m.cfg.vocab_size)).argmax(2, false);
+            h = m.forward(&next, Some(&mut cache), None);
+            sync(dev);
+            steps.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        (prefill, steps, cache.bytes())
+    })
+}
+
+// What the cache must hold: causal K and V in the compute dtype; tau V in the compute dtype plus one fp32 λk a head.
+fn cache_bytes_formula(cfg: &ModelCfg, cdt: Kind, b: i64, t: i64) -> i64 {
+    let (per_head, s) = (cfg.n_layer * b * cfg.n_head * t, cdt.elt_size_in_bytes() as i64);
+    if cfg.is_tau() { per_head * (cfg.head_dim() * s + 4) } else { per_head * 2 * cfg.head_dim() * s }
+}
+
+fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
+    let dev = pick_device(&a.device)?;
+    let mut rows = vec![];
+    for path in &a.checkpoint {
+        let m = load_checkpoint(path, dev)?;
+        for &b in &a.batch_sizes {
+            for &p in &a.prompt_lens {
+                for &g in &a.gen_lens {
+                    if p + g > m.cfg.seq_len || p < 1 || g < 1 || b < 1 {
+                        eprintln!("skip: prompt {p} + gen {g} exceeds the context {} (or a size < 1)", m.cfg.seq_len);
+                        continue;
+                    }
+                    tch::manual_seed(0);
+                    let prompt = Tensor::randint(GPT2_VOCAB.min(m.cfg.vocab_size), [b, p], (Kind::Int64, dev));
+                    let _ = decode_timed(&m, &prompt, g.min(8)); // warm-up
+                    let runs: Vec<(f64, Vec<f64>, i64)> = (0..a.repeats.max(1)).map(|_| decode_timed(&m, &prompt, g)).collect();
+                    let mut tps: Vec<f64> = runs.iter().map(|r| (b * g) as f64 / (r.1.iter().sum::<f64>() / 1e3)).collect();
+                    tps.sort_by(f64::total_cmp);
+                    let marks: Vec<usize> = (0..8).map(|i| i * (g as usize - 1) / 7).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+                    let per_pos: Vec<Value> = marks.iter().map(|&i| json!([p + i as i64, round4(runs.iter().map(|r| r.1[i]).sum::<f64>() / runs.len() as f64)])).collect();
+                    let row = json!({"attn": m.cfg.attn, "device": format!("{dev:?}"), "gpu": gpu_name(dev), "batch": b, "prompt_len": p, "gen_len": g,
+                        "tokens_per_s": round4(tps[tps.len() / 2]), "prefill_ms": round4(runs.iter().map(|r| r.0).sum::<f64>() / runs.len() as f64),
+                        "ms_per_token_at_position": per_pos, "cache_bytes": runs[0].2, "cache_bytes_formula": cache_bytes_formula(&m.cfg, m.cdt, b, p + g),
+                        "checkpoint": path.display().to_string()});
+                    println!("{row}");
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    if let Some(out) = &a.out {
+        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes())?;
+    }
+    Ok(())
+}
+
 fn cmd_sample(a: &SampleArgs) -> Res<()> {
     let dev = pick_device(&a.device)?;
     let m = load_checkpoint(&a.checkpoint, dev)?;
@@ -2254,6 +2341,7 @@ fn main() {
         Cmd::Plot { logs, out } => parse_logs(&logs).and_then(|l| records::plot_svg(&l, &out)).map(|_| println!("wrote {}", out.display())),
         Cmd::RecordsTable { root } => records::records_table(&root).map(|t| print!("{t}")),
         Cmd::Bench(a) => cmd_bench(a, matches.subcommand_matches("bench").unwrap()),
+        Cmd::BenchDecode(a) => cmd_bench_decode(&a),
         Cmd::HasCuda => std::process::exit(if tch::Cuda::is_available() { 0 } else { 1 }),
     };
     if let Err(e) = res {
@@ -2567,6 +2655,8 @@ mod tests {
             let (l, h, d, s) = (m.cfg.n_layer, m.cfg.n_head, m.cfg.head_dim(), 4); // f32 compute on CPU; λk is f32 too
             let want = if attn == "causal" { 2 * l * b * h * t * d * s } else { l * b * h * t * (d * s + 4) };
             assert_eq!((cache.len(), cache.bytes()), (t, want), "{attn}");
+            assert_eq!(cache_bytes_formula(&m.cfg, Kind::Float, b, t), want);
+            assert_eq!(cache_bytes_formula(&m.cfg, Kind::BFloat16, b, t), if attn == "causal" { want / 2 } else { l * b * h * t * (d * 2 + 4) });
         }
     }
 

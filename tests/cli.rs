@@ -186,3 +186,26 @@ fn bench_reports_each_variant_as_json() {
         assert!(r["ms_per_step"].as_f64().unwrap() > 0.0 && r["tokens_per_s"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[test]
+fn bench_decode_measures_cache_and_speed_for_both_variants() {
+    let dir = tmp("decode");
+    let (c, t) = (dir.join("causal.safetensors"), dir.join("tau.safetensors"));
+    train(&dir, &["--steps", "2", "--save-checkpoint", c.to_str().unwrap()]);
+    train(&dir, &["--steps", "2", "--attn", "tau", "--laplacian", "chain", "--save-checkpoint", t.to_str().unwrap()]);
+    let out = dir.join("decode.json");
+    let o = run(&["bench-decode", "--checkpoint", c.to_str().unwrap(), t.to_str().unwrap(), "--prompt-lens", "4,40", "--gen-lens", "6",
+                  "--batch-sizes", "1,3", "--repeats", "2", "--device", "cpu", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("skip: prompt 40 + gen 6 exceeds the context 32"), "{}", text(&o.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(rows.len(), 4, "2 checkpoints × 2 batch sizes × 1 prompt length that fits");
+    for r in &rows {
+        assert_eq!(r["cache_bytes"], r["cache_bytes_formula"], "{r}");
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["ms_per_token_at_position"].as_array().unwrap().len(), 6, "{r}"); // 6 steps: every one is a mark
+    }
+    let bytes = |attn: &str, b: i64| rows.iter().find(|r| r["attn"] == attn && r["batch"] == b).unwrap()["cache_bytes"].as_i64().unwrap();
+    // f32 on CPU, head dim 16: V plus one λ per head is (16·4+4)/(2·16·4) = 53% of K plus V
+    assert_eq!(bytes("tau", 3) * 128, bytes("causal", 3) * 68);
+}
