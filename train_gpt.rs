@@ -182,6 +182,9 @@ struct TrainArgs {
     lap_p: f64,
     #[arg(long, default_value_t = 0.535)]
     lap_sigma: f64,
+    /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once)
+    #[arg(long, default_value_t = 0)]
+    head_chunk: i64,
     /// Write the final weights as safetensors (names in the README)
     #[arg(long)]
     save_checkpoint: Option<PathBuf>,
@@ -951,6 +954,47 @@ impl Model {
         z.view([-1, self.cfg.vocab_size]).cross_entropy_loss(&tgt.view([-1]), None::<Tensor>, red, -100, 0.0)
     }
 
+    // The tied head over rows of hidden states h [N,C] (no graph), `rows` at a time, so that only one chunk of fp32
+    // logits exists at once: the summed loss and, when asked, its gradients by hand, d/dh [N,C] and d/dwte [V,C].
+    fn head_chunked(&self, h: &Tensor, y: &Tensor, rows: i64, grad: bool) -> (Tensor, Option<(Tensor, Tensor)>) {
+        let (n, dev, w) = (h.size()[0], h.device(), self.w("wte").detach());
+        let (mut total, mut dh, mut dw) = (Tensor::zeros([], (Kind::Float, dev)), vec![], Tensor::zeros([0], (Kind::Float, dev)));
+        if grad {
+            dw = Tensor::zeros([self.cfg.vocab_size, self.cfg.n_embd], (Kind::Float, dev));
+        }
+        tch::no_grad(|| {
+            for r0 in (0..n).step_by(rows as usize) {
+                let (hc, yc) = (h.narrow(0, r0, rows.min(n - r0)), y.narrow(0, r0, rows.min(n - r0)).unsqueeze(1));
+                let t = (hc.matmul(&w.tr()).to_kind(Kind::Float) / SOFTCAP).tanh(); // logits = SOFTCAP·t
+                let z = &t * SOFTCAP;
+                let lse = z.logsumexp([1i64], true);
+                total += (&lse - z.gather(1, &yc, false)).sum(Kind::Float);
+                if grad {
+                    // d(summed CE)/d(capped logit) = softmax − onehot; through the cap: × (1 − t²)
+                    let g = (z - lse).exp().scatter_add(1, &yc, &Tensor::full([yc.size()[0], 1], -1.0, (Kind::Float, dev)));
+                    let gz = (g * (t.square().neg() + 1.0)).to_kind(self.cdt);
+                    dh.push(gz.matmul(&w));
+                    dw += gz.tr().matmul(&hc).to_kind(Kind::Float);
+                }
+            }
+        });
+        (total, grad.then(|| (Tensor::cat(&dh, 0), dw)))
+    }
+
+    // The mean training loss through `head_chunked` (autograd on `loss` keeps several B·T·V copies). Runs the backward.
+    fn loss_backward_chunked(&self, idx: &Tensor, tgt: &Tensor, rows: i64) -> Tensor {
+        let x = self.hidden(idx, None);
+        let c = self.cfg.n_embd;
+        let n = x.numel() as i64 / c;
+        let (total, grads) = self.head_chunked(&x.detach().to_kind(self.cdt).view([-1, c]), &tgt.view([-1]), rows, true);
+        let (dh, dw) = grads.unwrap();
+        // Back through the trunk: ∂/∂x of Σ x·dh is dh. The head's own share of the tied weight's gradient goes in by hand.
+        (x.view([-1, c]) * dh.to_kind(x.kind())).sum(Kind::Float).divide_scalar(n as f64).backward();
+        let mut g = self.p("wte").grad();
+        let _ = g.g_add_(&(dw / n as f64));
+        total / n as f64
+    }
+
     // τ = median energy E of block 0's keys on one batch (the 30M Tauformer run's calibration).
     fn calibrate_tau(&self, idx: &Tensor) -> f64 {
         tch::no_grad(|| {
@@ -961,7 +1005,7 @@ impl Model {
 }
 
 // Mean loss per token over the val split (or its first `limit` tokens), in windows of seq_len, batch_size at a time.
-fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64) -> f64 {
+fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64, head_chunk: i64) -> f64 {
     let t = m.cfg.seq_len;
     let usable = if limit > 0 { val.len().min(limit as usize + 1) } else { val.len() };
     let n_seq = ((usable - 1) / t as usize) as i64;
@@ -973,7 +1017,11 @@ fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64) -> f64 {
             let nb = b.min(n_seq - s);
             let lo = (s * t) as usize;
             let (x, y) = window(&val[lo..lo + (nb * t) as usize + 1], nb, t, dev);
-            total += m.loss(&x, &y, Reduction::Sum);
+            total += if head_chunk > 0 {
+                m.head_chunked(&m.hidden(&x, None).to_kind(m.cdt).view([-1, m.cfg.n_embd]), &y.view([-1]), head_chunk, false).0
+            } else {
+                m.loss(&x, &y, Reduction::Sum)
+            };
         }
         total.double_value(&[]) / (n_seq * t) as f64
     })
@@ -1066,8 +1114,13 @@ impl Optim {
 
 // One optimizer step on (x, y). Returns the loss, not yet read back (reading it syncs the GPU).
 fn train_step(m: &mut Model, opt: &mut Optim, x: &Tensor, y: &Tensor, a: &TrainArgs, lr_mult: f64) -> Tensor {
-    let loss = m.loss(x, y, Reduction::Mean);
-    loss.backward();
+    let loss = if a.head_chunk > 0 {
+        m.loss_backward_chunked(x, y, a.head_chunk)
+    } else {
+        let loss = m.loss(x, y, Reduction::Mean);
+        loss.backward();
+        loss
+    };
     opt.step(a, lr_mult, m.cdt);
     for (_, p) in m.params.iter_mut() {
         p.zero_grad();
@@ -1293,7 +1346,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         let last = step == a.steps;
         if last || step % a.val_every == 0 {
             sync(dev); // the clock is paused during validation
-            let vl = evaluate(&model, &data.val, a.batch_size, a.val_tokens);
+            let vl = evaluate(&model, &data.val, a.batch_size, a.val_tokens, a.head_chunk);
             if !vl.is_finite() {
                 return Err(format!("step {step}: val loss is {vl}; the run diverged, lower --lr-muon/--lr-adam"));
             }
@@ -2198,7 +2251,7 @@ fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {
 // Autoregressive sampling. Cached: the prompt fills the cache once, then each step runs one token; when the RoPE
 // table is full the cache restarts from the last half context. Uncached: each step re-runs the last seq_len tokens.
 fn generate(m: &Model, prompt: &[i64], n: i64, temperature: f64, top_k: i64, seed: i64, cached: bool) -> Res<Vec<i64>> {
-    tch::manual_seed(seed);
+    let mut rng = StdRng::seed_from_u64(seed as u64); // its own generator: the same sample on any device, any thread
     let dev = m.lap.device();
     let t = m.cfg.seq_len as usize;
     let mut ids = prompt.to_vec();
@@ -2218,12 +2271,15 @@ fn generate(m: &Model, prompt: &[i64], n: i64, temperature: f64, top_k: i64, see
             let z = m.logits(&h.narrow(1, -1, 1)).view([-1]);
             let z = z.narrow(0, 0, GPT2_VOCAB.min(m.cfg.vocab_size));
             let next = if temperature <= 0.0 {
-                z.argmax(0, false)
+                z.argmax(0, false).int64_value(&[])
             } else {
                 let (v, i) = (&z / temperature).topk(top_k.min(z.size()[0]), 0, true, true);
-                i.gather(0, &v.softmax(0, Kind::Float).multinomial(1, false), false).squeeze()
+                let p = Vec::<f64>::try_from(v.softmax(0, Kind::Double).to(Device::Cpu)).unwrap();
+                let (u, mut acc) = (rng.gen::<f64>(), 0.0);
+                let k = p.iter().position(|&pi| { acc += pi; acc > u }).unwrap_or(p.len() - 1);
+                i.int64_value(&[k as i64])
             };
-            ids.push(next.int64_value(&[]));
+            ids.push(next);
         }
     });
     Ok(ids[prompt.len()..].to_vec())
@@ -2532,6 +2588,32 @@ mod tests {
             }
             let last = m.loss(&x, &y, Reduction::Mean).double_value(&[]);
             assert!(last < first - 1.0, "{attn}: loss {first} -> {last}");
+        }
+    }
+
+    #[test]
+    fn chunked_head_matches_autograd() {
+        for attn in ["causal", "tau-lt"] {
+            let mut m = small(attn, 512);
+            // large logits, so that the soft cap's slope (1 − t²) is far from 1 and must be right
+            tch::no_grad(|| { let w = &mut m.params[0].1; let big = &*w * 50.0; w.copy_(&big) });
+            let (x, y) = (Tensor::randint(512, [3, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [3, 16], (Kind::Int64, Device::Cpu)));
+            let mut grads = |chunk: i64| {
+                for (_, p) in m.params.iter_mut() {
+                    p.zero_grad();
+                }
+                let loss = if chunk > 0 { m.loss_backward_chunked(&x, &y, chunk) } else { let l = m.loss(&x, &y, Reduction::Mean); l.backward(); l };
+                (loss.double_value(&[]), m.params.iter().map(|(n, p)| (n.clone(), p.grad().copy())).collect::<Vec<_>>())
+            };
+            let (l0, g0) = grads(0);
+            for chunk in [7, 48, 1000] {
+                let (l1, g1) = grads(chunk);
+                assert!((l0 - l1).abs() < 1e-5, "{attn} chunk {chunk}: loss {l0} vs {l1}");
+                for ((n, a), (_, b)) in g0.iter().zip(&g1) {
+                    let err = (a - b).abs().max().double_value(&[]) / (a.abs().max().double_value(&[]) + 1e-12);
+                    assert!(err < 1e-4, "{attn} chunk {chunk}: {n} differs by {err} (relative)");
+                }
+            }
         }
     }
 
