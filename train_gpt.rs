@@ -2,8 +2,8 @@
 // the Tauformer's topological ("tau") attention under one recipe. Read top to bottom: set-up, data, Laplacian,
 // model, optimizer, training, records tooling, sampling, main, tests. Every log embeds this file verbatim.
 
-use rand::{rngs::StdRng, Rng, SeedableRng};
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -520,7 +520,7 @@ const LAP_SYM_TOL: f64 = 1e-4; // relative to max(1, max|L|)
 const LAP_CONNECTED_TOL: f64 = 1e-6; // λ2 above this ⇔ one component, for edge weights of order 0.1–1 as built here
 
 #[derive(Debug, Clone)]
-pub struct LapConfig { pub window: usize, pub n_tokens: usize, pub k_items: usize, pub dim: usize, pub eps: f64, pub topk: usize, pub p: f64, pub sigma: f64, pub seed: u64 }
+struct LapConfig { window: usize, n_tokens: usize, k_items: usize, dim: usize, eps: f64, topk: usize, p: f64, sigma: f64, seed: u64 }
 
 impl Default for LapConfig {
     // eps/topk/p/σ are the shipped Tauformer manifold's graph parameters (manifold.json).
@@ -530,23 +530,23 @@ impl Default for LapConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct LapStats { pub build_ms: f64, pub nnz: i64 /* nonzeros of L incl. diagonal */, pub deg_min: i64, pub deg_max: i64 /* edges per node */, pub lambda2: f64, pub lambda_max: f64, pub connected: bool, pub n_components: i64 }
+struct LapStats { build_ms: f64, nnz: i64 /* nonzeros of L incl. diagonal */, deg_min: i64, deg_max: i64 /* edges per node */, lambda2: f64, lambda_max: f64, connected: bool, n_components: i64 }
 
 impl LapStats {
-    pub fn to_json(&self) -> serde_json::Value {
+    fn to_json(&self) -> serde_json::Value {
         serde_json::json!({ "build_ms": self.build_ms, "nnz": self.nnz, "deg_min": self.deg_min, "deg_max": self.deg_max,
             "lambda2": self.lambda2, "lambda_max": self.lambda_max, "connected": self.connected, "n_components": self.n_components })
     }
 }
 
 /// 1-D path graph: the dense fallback of [TF]; λ2 = 2 − 2cos(π/F).
-pub fn chain_laplacian(f: i64) -> Tensor {
+fn chain_laplacian(f: i64) -> Tensor {
     let off = Tensor::ones([f - 1], (Kind::Float, Device::Cpu));
     let w = off.diag_embed(1, 0, 1) + off.diag_embed(-1, 0, 1);
     w.sum_dim_intlist(1, false, Kind::Float).diag_embed(0, 0, 1) - w
 }
 
-pub fn corpus_laplacian(tokens: &[u16], cfg: &LapConfig, device: Device) -> Result<Tensor, String> {
+fn corpus_laplacian(tokens: &[u16], cfg: &LapConfig, device: Device) -> Result<Tensor, String> {
     let n = cfg.n_tokens.min(tokens.len());
     let (k, f) = (cfg.k_items as i64, cfg.dim as i64);
     let n_centroids = (cfg.k_items as f64).sqrt().round() as i64;
@@ -679,7 +679,7 @@ fn lap_feature_laplacian(centroids: &Tensor, cfg: &LapConfig) -> Tensor {
     l.to_kind(Kind::Float).contiguous()
 }
 
-pub fn laplacian_stats(l: &Tensor, build_ms: f64) -> LapStats {
+fn laplacian_stats(l: &Tensor, build_ms: f64) -> LapStats {
     let l = l.to_device(Device::Cpu).to_kind(Kind::Double).contiguous();
     let f = l.size()[0] as usize;
     let eig = Vec::<f64>::try_from(&l.linalg_eigvalsh("L")).unwrap(); // ascending
@@ -731,7 +731,7 @@ fn lap_read_npy(bytes: &[u8]) -> Result<Tensor, String> {
     Tensor::f_from_data_size(data, &shape, kind).map_err(|e| format!("{e}"))
 }
 
-pub fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
+fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
     let p = path.display();
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if !path.is_file() { return Err(format!("Laplacian file {p}: not found; pass an existing .npy or .safetensors file")); }
@@ -755,7 +755,7 @@ pub fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
     Ok(t)
 }
 
-pub fn save_laplacian(path: &Path, l: &Tensor) -> Result<(), String> {
+fn save_laplacian(path: &Path, l: &Tensor) -> Result<(), String> {
     let sz = l.size();
     if sz.len() != 2 || sz[0] != sz[1] { return Err(format!("save_laplacian {}: shape {sz:?} is not square; pass the F×F Laplacian", path.display())); }
     l.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().write_npy(path)
@@ -776,6 +776,10 @@ struct ModelCfg {
 }
 
 impl ModelCfg {
+    fn from_args(a: &TrainArgs, attn: Attn) -> ModelCfg {
+        let attn = attn.to_possible_value().unwrap().get_name().to_string(); // the one-word variant: causal | tau | tau-lt
+        ModelCfg { n_layer: a.n_layer, n_head: a.n_head, n_embd: a.n_embd, seq_len: a.seq_len, vocab_size: a.vocab_size, attn }
+    }
     fn head_dim(&self) -> i64 {
         self.n_embd / self.n_head
     }
@@ -1293,8 +1297,8 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         return Err(format!("{}: {} train / {} val tokens is too few for batch {}×{}; lower --batch-size/--seq-len", a.data.display(), data.train.len(), data.val.len(), a.batch_size, a.seq_len));
     }
     tch::manual_seed(a.seed);
-    let variant = a.attn.to_possible_value().unwrap().get_name().to_string();
-    let cfg = ModelCfg { n_layer: a.n_layer, n_head: a.n_head, n_embd: a.n_embd, seq_len: a.seq_len, vocab_size: a.vocab_size, attn: variant.clone() };
+    let cfg = ModelCfg::from_args(&a, a.attn);
+    let variant = cfg.attn.clone();
     let world_size = 1;
     let gpu = gpu_name(dev);
     let corpus = a.data.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or("data".into());
@@ -1408,9 +1412,9 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     let gpu = gpu_name(dev);
     let mut rows = vec![];
     for attn in &b.variants {
-        let variant = attn.to_possible_value().unwrap().get_name().to_string();
         tch::manual_seed(a.seed);
-        let cfg = ModelCfg { n_layer: a.n_layer, n_head: a.n_head, n_embd: a.n_embd, seq_len: a.seq_len, vocab_size: a.vocab_size, attn: variant.clone() };
+        let cfg = ModelCfg::from_args(&a, *attn);
+        let variant = cfg.attn.clone();
         let lap = cfg.is_tau().then(|| chain_laplacian(cfg.head_dim()));
         let mut model = Model::new(cfg, dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
         let mut opt = Optim::new(&model);
