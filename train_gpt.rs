@@ -109,6 +109,9 @@ struct TrainArgs {
     n_layer: i64,
     #[arg(long, default_value_t = 6)]
     n_head: i64,
+    /// Key/value heads, fewer for grouped-query attention (0: as many as --n-head)
+    #[arg(long, default_value_t = 0)]
+    n_kv_head: i64,
     #[arg(long, default_value_t = 384)]
     n_embd: i64,
     #[arg(long, default_value_t = 1024)]
@@ -769,6 +772,8 @@ fn save_laplacian(path: &Path, l: &Tensor) -> Result<(), String> {
 struct ModelCfg {
     n_layer: i64,
     n_head: i64,
+    #[serde(default)] // checkpoints from before grouped heads: 0, as many key/value heads as query heads
+    n_kv_head: i64,
     n_embd: i64,
     seq_len: i64,
     vocab_size: i64,
@@ -778,7 +783,11 @@ struct ModelCfg {
 impl ModelCfg {
     fn from_args(a: &TrainArgs, attn: Attn) -> ModelCfg {
         let attn = attn.to_possible_value().unwrap().get_name().to_string(); // the one-word variant: causal | tau | tau-lt
-        ModelCfg { n_layer: a.n_layer, n_head: a.n_head, n_embd: a.n_embd, seq_len: a.seq_len, vocab_size: a.vocab_size, attn }
+        ModelCfg { n_layer: a.n_layer, n_head: a.n_head, n_kv_head: a.n_kv_head, n_embd: a.n_embd, seq_len: a.seq_len, vocab_size: a.vocab_size, attn }
+    }
+    // Key/value heads (grouped-query attention when fewer than the query heads; each serves n_head / kv_heads of them).
+    fn kv_heads(&self) -> i64 {
+        if self.n_kv_head > 0 { self.n_kv_head } else { self.n_head }
     }
     fn head_dim(&self) -> i64 {
         self.n_embd / self.n_head
@@ -830,29 +839,39 @@ fn tau_attention(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Ten
     att.masked_fill(&future, f64::NEG_INFINITY).softmax(-1, att.kind()).to_kind(v.kind()).matmul(v)
 }
 
-// Decoding cache, per layer (keys, values) along time: causal holds K [B,H,T,D]; tau holds λk [B,H,T] (fp32), the
-// Tauformer's scalar key. Both hold V [B,H,T,D].
+// Decoding cache, per layer (keys, values) along time, allocated once for `cap` tokens: causal holds K [B,Hkv,T,D];
+// tau holds λk [B,Hkv,T] (fp32), the Tauformer's scalar key. Both hold V [B,Hkv,T,D].
 struct Cache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+    cap: i64,
 }
 
 impl Cache {
-    fn new(n_layer: i64) -> Cache {
-        Cache { layers: (0..n_layer).map(|_| None).collect() }
+    fn new(n_layer: i64, cap: i64) -> Cache {
+        Cache { layers: (0..n_layer).map(|_| None).collect(), len: 0, cap }
     }
     // Tokens cached so far.
     fn len(&self) -> i64 {
-        self.layers[0].as_ref().map_or(0, |(_, v)| v.size()[2])
+        self.len
     }
+    // Writes layer l's new keys and values after the cached ones; returns all of them (views, no copy).
     fn append(&mut self, l: i64, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
-        let e = &mut self.layers[l as usize];
-        let (k, v) = match e.take() {
-            Some((ck, cv)) => (Tensor::cat(&[ck, k], 2), Tensor::cat(&[cv, v], 2)),
-            None => (k, v),
-        };
-        *e = Some((k.shallow_clone(), v.shallow_clone()));
-        (k, v)
+        let (t, len, cap) = (v.size()[2], self.len, self.cap);
+        assert!(len + t <= cap, "cache full: {len} + {t} tokens > capacity {cap}");
+        let (ck, cv) = self.layers[l as usize].get_or_insert_with(|| {
+            let grow = |x: &Tensor| { let mut sz = x.size(); sz[2] = cap; Tensor::zeros(sz.as_slice(), (x.kind(), x.device())) };
+            (grow(&k), grow(&v))
+        });
+        ck.narrow(2, len, t).copy_(&k);
+        cv.narrow(2, len, t).copy_(&v);
+        (ck.narrow(2, 0, len + t), cv.narrow(2, 0, len + t))
     }
+    // Called once every layer has appended the same t tokens.
+    fn advance(&mut self, t: i64) {
+        self.len += t;
+    }
+    // Bytes allocated (the whole capacity).
     fn bytes(&self) -> i64 {
         self.layers.iter().flatten().map(|(k, v)| (k.numel() * k.kind().elt_size_in_bytes() + v.numel() * v.kind().elt_size_in_bytes()) as i64).sum()
     }
@@ -862,10 +881,11 @@ impl Model {
     fn new(cfg: ModelCfg, dev: Device, cdt: Kind, lap: Option<Tensor>, tau: f64, tau_temp: f64, inv_temp_init: f64) -> Model {
         let (c, v, h) = (cfg.n_embd, cfg.vocab_size, cfg.n_head);
         assert!(c % h == 0 && cfg.head_dim() % 2 == 0, "n_embd must split into heads of even size (RoPE)");
+        assert!(h % cfg.kv_heads() == 0, "query heads must split evenly over key/value heads");
         let uniform = |o: i64, i: i64| Tensor::empty([o, i], (Kind::Float, dev)).uniform_(-1.0 / (i as f64).sqrt(), 1.0 / (i as f64).sqrt());
         let mut params = vec![("wte".to_string(), Tensor::randn([v, c], (Kind::Float, dev)) * 0.02)];
         for l in 0..cfg.n_layer {
-            params.push((format!("blocks.{l}.attn.qkv"), uniform(3 * c, c)));
+            params.push((format!("blocks.{l}.attn.qkv"), uniform(c + 2 * cfg.kv_heads() * cfg.head_dim(), c)));
             params.push((format!("blocks.{l}.attn.o"), Tensor::zeros([c, c], (Kind::Float, dev)))); // zero-init output projections
             params.push((format!("blocks.{l}.mlp.fc"), uniform(4 * c, c)));
             params.push((format!("blocks.{l}.mlp.proj"), Tensor::zeros([c, 4 * c], (Kind::Float, dev))));
@@ -898,11 +918,14 @@ impl Model {
         if self.cfg.attn == "tau-lt" { self.p(&format!("blocks.{l}.attn.log_inv_temp")).exp() } else { self.inv_temp.get(l) }
     }
 
-    // q, k (rotated, RMS-normed) and v of layer l at positions pos.., each [B,H,T,D].
+    // q [B,H,T,D], k and v [B,Hkv,T,D] of layer l at positions pos..; q and k rotated and RMS-normed.
+    // The qkv weight's rows: H heads of q, then Hkv of k, then Hkv of v, D rows a head.
     fn qkv(&self, l: i64, h: &Tensor, pos: i64) -> (Tensor, Tensor, Tensor) {
-        let (b, t) = (h.size()[0], h.size()[1]);
-        let qkv = h.matmul(&self.w(&format!("blocks.{l}.attn.qkv")).tr()).view([b, t, 3, self.cfg.n_head, self.cfg.head_dim()]).permute([2, 0, 3, 1, 4]);
-        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let (b, t, d) = (h.size()[0], h.size()[1], self.cfg.head_dim());
+        let y = h.matmul(&self.w(&format!("blocks.{l}.attn.qkv")).tr());
+        let heads = |first: i64, n: i64| y.narrow(-1, first * d, n * d).view([b, t, n, d]).transpose(1, 2);
+        let (hq, hk) = (self.cfg.n_head, self.cfg.kv_heads());
+        let (q, k, v) = (heads(0, hq), heads(hq, hk), heads(hq + hk, hk));
         (rms(&rope(&q, &self.cos, &self.sin, pos)), rms(&rope(&k, &self.cos, &self.sin, pos)), v)
     }
 
@@ -931,18 +954,23 @@ impl Model {
                     ls.push(lk.detach());
                 }
                 let (lk, v) = match cache.as_deref_mut() { Some(c) => c.append(l, lk, v), None => (lk, v) };
+                let group = self.cfg.n_head / self.cfg.kv_heads(); // query heads a key/value head serves
+                let (lk, v) = if group > 1 { (lk.repeat_interleave_self_int(group, 1, None), v.repeat_interleave_self_int(group, 1, None)) } else { (lk, v) };
                 tau_attention(&lq, &lk, &v, &self.layer_inv_temp(l))
             } else {
                 let (k, v) = match cache.as_deref_mut() { Some(c) => c.append(l, k, v), None => (k, v) };
                 let tk = k.size()[2];
                 // is_causal aligns the mask top-left; queries after a cached prefix need it bottom-right
                 let mask = (tk > t).then(|| Tensor::ones([t, tk], (Kind::Bool, q.device())).tril(tk - t));
-                Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, tk == t, None, false)
+                Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, tk == t, None, self.cfg.kv_heads() < self.cfg.n_head)
             };
             let y = y.transpose(1, 2).reshape([b, t, c]);
             x = x + y.matmul(&self.w(&format!("blocks.{l}.attn.o")).tr());
             let h = rms(&x).to_kind(self.cdt).matmul(&self.w(&format!("blocks.{l}.mlp.fc")).tr()).relu().square();
             x = x + h.matmul(&self.w(&format!("blocks.{l}.mlp.proj")).tr());
+        }
+        if let Some(c) = cache {
+            c.advance(t);
         }
         rms(&x)
     }
@@ -1287,7 +1315,8 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     for (ok, what) in [(a.steps > 0, "--steps must be > 0"), (a.batch_size > 0 && a.seq_len > 1, "--batch-size and --seq-len must be positive"),
                        (a.val_every > 0, "--val-every must be > 0"), ((0.0..=1.0).contains(&a.cooldown_frac), "--cooldown-frac must be in [0,1]"),
                        (a.tau_temp > 0.0 && a.inv_temp_init > 0.0, "--tau-temp and --inv-temp-init must be > 0"),
-                       (a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head")] {
+                       (a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head"),
+                       (a.n_kv_head >= 0 && (a.n_kv_head == 0 || a.n_head % a.n_kv_head == 0), "--n-head must be a multiple of --n-kv-head")] {
         if !ok {
             return Err(format!("{what}; see train_gpt train --help"));
         }
@@ -2259,13 +2288,13 @@ fn generate(m: &Model, prompt: &[i64], n: i64, temperature: f64, top_k: i64, see
     let dev = m.lap.device();
     let t = m.cfg.seq_len as usize;
     let mut ids = prompt.to_vec();
-    let mut cache = Cache::new(m.cfg.n_layer);
+    let mut cache = Cache::new(m.cfg.n_layer, m.cfg.seq_len);
     tch::no_grad(|| {
         for _ in 0..n {
             let ctx: &[i64] = if !cached {
                 &ids[ids.len().saturating_sub(t)..]
             } else if cache.len() == 0 || cache.len() as usize == t {
-                cache = Cache::new(m.cfg.n_layer);
+                cache = Cache::new(m.cfg.n_layer, m.cfg.seq_len);
                 &ids[ids.len().saturating_sub(if ids.len() > t { t / 2 } else { t })..]
             } else {
                 &ids[ids.len() - 1..]
@@ -2296,7 +2325,7 @@ fn decode_ids(ids: &[i64]) -> Res<String> {
 // Cached greedy decoding of a [B,P] prompt for g tokens: (prefill ms, per-token ms, cache bytes at the end).
 fn decode_timed(m: &Model, prompt: &Tensor, g: i64) -> (f64, Vec<f64>, i64) {
     let dev = prompt.device();
-    let mut cache = Cache::new(m.cfg.n_layer);
+    let mut cache = Cache::new(m.cfg.n_layer, prompt.size()[1] + g);
     tch::no_grad(|| {
         let t0 = Instant::now();
         let mut h = m.forward(prompt, Some(&mut cache), None);
@@ -2317,7 +2346,7 @@ fn decode_timed(m: &Model, prompt: &Tensor, g: i64) -> (f64, Vec<f64>, i64) {
 
 // What the cache must hold: causal K and V in the compute dtype; tau V in the compute dtype plus one fp32 λk a head.
 fn cache_bytes_formula(cfg: &ModelCfg, cdt: Kind, b: i64, t: i64) -> i64 {
-    let (per_head, s) = (cfg.n_layer * b * cfg.n_head * t, cdt.elt_size_in_bytes() as i64);
+    let (per_head, s) = (cfg.n_layer * b * cfg.kv_heads() * t, cdt.elt_size_in_bytes() as i64);
     if cfg.is_tau() { per_head * (cfg.head_dim() * s + 4) } else { per_head * 2 * cfg.head_dim() * s }
 }
 
@@ -2423,9 +2452,17 @@ mod tests {
         d.join(name)
     }
 
+    // (variant, n_kv_head): full heads and grouped-query attention
+    const VARIANTS: [(&str, i64); 5] = [("causal", 0), ("tau", 0), ("tau-lt", 0), ("causal", 1), ("tau", 1)];
+
     fn small(attn: &str, vocab: i64) -> Model {
+        small_kv(attn, vocab, 0)
+    }
+
+    // n_kv_head 1 of 2 query heads: grouped-query attention
+    fn small_kv(attn: &str, vocab: i64, n_kv_head: i64) -> Model {
         tch::manual_seed(0);
-        let cfg = ModelCfg { n_layer: 2, n_head: 2, n_embd: 32, seq_len: 16, vocab_size: vocab, attn: attn.into() };
+        let cfg = ModelCfg { n_layer: 2, n_head: 2, n_kv_head, n_embd: 32, seq_len: 16, vocab_size: vocab, attn: attn.into() };
         let lap = (attn != "causal").then(|| chain_laplacian(16));
         let mut m = Model::new(cfg, Device::Cpu, Kind::Float, lap, 1.0, 0.5, 20.0);
         // Zero-initialised output projections would hide attention entirely at init: perturb them for the tests.
@@ -2537,8 +2574,8 @@ mod tests {
 
     #[test]
     fn forward_shapes() {
-        for attn in ["causal", "tau", "tau-lt"] {
-            let m = small(attn, 512);
+        for (attn, kv) in VARIANTS {
+            let m = small_kv(attn, 512, kv);
             let idx = Tensor::randint(512, [3, 16], (Kind::Int64, Device::Cpu));
             let x = m.hidden(&idx, None);
             assert_eq!(x.size(), [3, 16, 32]);
@@ -2551,14 +2588,14 @@ mod tests {
 
     #[test]
     fn parameter_count_of_the_speedrun_model() {
-        let cfg = ModelCfg { n_layer: 6, n_head: 6, n_embd: 384, seq_len: 1024, vocab_size: 50304, attn: "causal".into() };
+        let cfg = ModelCfg { n_layer: 6, n_head: 6, n_kv_head: 0, n_embd: 384, seq_len: 1024, vocab_size: 50304, attn: "causal".into() };
         assert_eq!(Model::new(cfg, Device::Cpu, Kind::Float, None, 1.0, 1.0, 20.0).n_params(), 29_933_568);
     }
 
     #[test]
     fn causality() {
-        for attn in ["causal", "tau", "tau-lt"] {
-            let m = small(attn, 512);
+        for (attn, kv) in VARIANTS {
+            let m = small_kv(attn, 512, kv);
             let idx = Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu));
             let j = 9;
             let changed = idx.copy();
@@ -2581,8 +2618,8 @@ mod tests {
 
     #[test]
     fn a_few_steps_on_one_batch_lower_its_loss() {
-        for attn in ["causal", "tau-lt"] {
-            let mut m = small(attn, 512);
+        for (attn, kv) in [("causal", 0), ("tau-lt", 0), ("tau-lt", 1)] {
+            let mut m = small_kv(attn, 512, kv);
             let a = args(&["--warmup-steps", "1"]);
             let mut opt = Optim::new(&m);
             let (x, y) = (Tensor::randint(512, [4, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [4, 16], (Kind::Int64, Device::Cpu)));
@@ -2712,8 +2749,8 @@ mod tests {
 
     #[test]
     fn cached_and_uncached_greedy_decoding_agree() {
-        for attn in ["causal", "tau", "tau-lt"] {
-            let m = small(attn, 512);
+        for (attn, kv) in VARIANTS {
+            let m = small_kv(attn, 512, kv);
             let prompt = [5i64, 17, 300, 2, 99];
             let cached = generate(&m, &prompt, 11, 0.0, 1, 0, true).unwrap();
             assert_eq!(cached, generate(&m, &prompt, 11, 0.0, 1, 0, false).unwrap(), "{attn}");
@@ -2721,7 +2758,7 @@ mod tests {
             // stronger than tokens: the hidden states of a prefill + one-token steps equal one full forward
             let idx = Tensor::randint(512, [2, 12], (Kind::Int64, Device::Cpu));
             let full = tch::no_grad(|| m.hidden(&idx, None));
-            let mut cache = Cache::new(m.cfg.n_layer);
+            let mut cache = Cache::new(m.cfg.n_layer, 12);
             let mut parts = vec![tch::no_grad(|| m.forward(&idx.narrow(1, 0, 5), Some(&mut cache), None))];
             for i in 5..12 {
                 parts.push(tch::no_grad(|| m.forward(&idx.narrow(1, i, 1), Some(&mut cache), None)));
@@ -2734,11 +2771,12 @@ mod tests {
     #[test]
     fn cache_holds_k_and_v_or_lambda_and_v() {
         let (b, t) = (3i64, 7i64);
-        for attn in ["causal", "tau"] {
-            let m = small(attn, 512);
-            let mut cache = Cache::new(m.cfg.n_layer);
+        for (attn, kv) in [("causal", 0), ("tau", 0), ("causal", 1), ("tau", 1)] {
+            let m = small_kv(attn, 512, kv);
+            let mut cache = Cache::new(m.cfg.n_layer, t);
             let _ = tch::no_grad(|| m.forward(&Tensor::randint(512, [b, t], (Kind::Int64, Device::Cpu)), Some(&mut cache), None));
-            let (l, h, d, s) = (m.cfg.n_layer, m.cfg.n_head, m.cfg.head_dim(), 4); // f32 compute on CPU; λk is f32 too
+            let (l, h, d, s) = (m.cfg.n_layer, m.cfg.kv_heads(), m.cfg.head_dim(), 4); // f32 compute on CPU; λk is f32 too
+            assert_eq!(h, if kv == 1 { 1 } else { 2 });
             let want = if attn == "causal" { 2 * l * b * h * t * d * s } else { l * b * h * t * (d * s + 4) };
             assert_eq!((cache.len(), cache.bytes()), (t, want), "{attn}");
             assert_eq!(cache_bytes_formula(&m.cfg, Kind::Float, b, t), want);
@@ -2756,9 +2794,9 @@ mod tests {
 
     #[test]
     fn checkpoint_round_trip() {
-        for attn in ["causal", "tau", "tau-lt"] {
-            let m = small(attn, 512);
-            let p = tmp(&format!("{attn}.safetensors"));
+        for (attn, kv) in VARIANTS {
+            let m = small_kv(attn, 512, kv);
+            let p = tmp(&format!("{attn}-{kv}.safetensors"));
             save_checkpoint(&m, &p).unwrap();
             let back = load_checkpoint(&p, Device::Cpu).unwrap();
             assert_eq!(back.cfg, m.cfg);
