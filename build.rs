@@ -9,18 +9,26 @@ fn main() {
     println!("cargo:rerun-if-changed=Cargo.lock");
     let torch = std::env::var("LIBTORCH").expect("LIBTORCH unset: run ./run.sh setup (it makes .venv/torch)");
     let torch = std::fs::canonicalize(&torch).expect("LIBTORCH points nowhere: run ./run.sh setup");
+    // c10d's NCCL group needs the CUDA runtime, CCCL and NCCL headers: PyPI's nvidia-* wheels beside torch.
+    let cu = torch.join("../nvidia/cu13/include");
     cc::Build::new()
         .cpp(true)
         .std("c++17")
         .warnings(false)
+        .flag("-Wno-interference-size")
         .include(torch.join("include"))
         .include(torch.join("include/torch/csrc/api/include"))
+        .include(&cu)
+        .include(cu.join("cccl"))
+        .include(torch.join("../nvidia/nccl/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_NCCL", None)
         .file("kernels/ext.cpp")
         .compile("train_gpt_ext");
     println!("cargo:rustc-link-search=native={}", torch.join("lib").display());
-    println!("cargo:rustc-link-lib=dylib=torch_cpu");
-    println!("cargo:rustc-link-lib=dylib=c10");
+    for lib in ["torch_cuda", "torch_cpu", "c10_cuda", "c10"] {
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", torch.join("lib").display());
     println!("cargo:rustc-env=TRAIN_GPT_RUSTC={}", command_line(&std::env::var("RUSTC").unwrap_or("rustc".into())));
     println!("cargo:rustc-env=TRAIN_GPT_TCH={}", locked_version(Path::new("Cargo.lock"), "tch"));

@@ -68,6 +68,8 @@ enum Cmd {
     Bench(BenchArgs),
     /// Time cached greedy decoding of checkpoints: tokens/s, time per token against position, cache bytes, as JSON
     BenchDecode(BenchDecodeArgs),
+    /// Start --nproc ranks that meet (TCPStore rendezvous) and pass a barrier; --fail-rank R makes rank R die first
+    DistCheck(DistCheckArgs),
     /// Exit 0 when a CUDA device is usable, 1 otherwise (for scripts)
     HasCuda,
 }
@@ -185,6 +187,15 @@ struct TrainArgs {
     lap_p: f64,
     #[arg(long, default_value_t = 0.535)]
     lap_sigma: f64,
+    /// Processes (GPUs) on this host, one rank each (torchrun's RANK/WORLD_SIZE/... start ranks across hosts instead)
+    #[arg(long, default_value_t = 1)]
+    nproc: i64,
+    /// Sequences a rank runs at once; gradients accumulate over batch_size / (ranks × micro_batch) of them (0: all its rows)
+    #[arg(long, default_value_t = 0)]
+    micro_batch: i64,
+    /// Seconds a rank waits for the others (rendezvous, all-reduce) before it fails
+    #[arg(long, default_value_t = 60.0)]
+    dist_timeout: f64,
     /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once)
     #[arg(long, default_value_t = 0)]
     head_chunk: i64,
@@ -243,6 +254,16 @@ struct BenchDecodeArgs {
     /// Also write the JSON list here
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct DistCheckArgs {
+    #[arg(long, default_value_t = 2)]
+    nproc: i64,
+    #[arg(long)]
+    fail_rank: Option<i64>,
+    #[arg(long, default_value_t = 60.0)]
+    dist_timeout: f64,
 }
 
 #[derive(clap::Args)]
@@ -492,12 +513,22 @@ fn load_data(dir: &Path, vocab: i64) -> Res<Data> {
     Ok(Data { train, val, info })
 }
 
-// Step i's batch: a contiguous window of the train stream (no shuffling: the reference streams it in order).
-fn train_batch(tokens: &[u16], step: i64, b: i64, t: i64, dev: Device) -> (Tensor, Tensor) {
+// Step i's batch: a contiguous window of b sequences of the train stream (no shuffling: the reference streams it in
+// order). A rank reads only its own rows of it, so 1 or N GPUs see the same global batch.
+fn train_batch(tokens: &[u16], step: i64, b: i64, t: i64, dev: Device, rank: i64, world: i64) -> (Tensor, Tensor) {
     let n = (b * t) as usize;
     assert!(tokens.len() > n + 1, "train split must exceed one batch");
     let start = (step as usize * n) % (tokens.len() - n - 1);
-    window(&tokens[start..start + n + 1], b, t, dev)
+    let (row0, rows) = rank_rows(b, rank, world);
+    let lo = start + (row0 * t) as usize;
+    window(&tokens[lo..lo + (rows * t) as usize + 1], rows, t, dev)
+}
+
+// The rows [row0, row0 + rows) of n that rank r of `world` owns: equal contiguous blocks, the last one taking any rest.
+fn rank_rows(n: i64, rank: i64, world: i64) -> (i64, i64) {
+    assert!((0..world).contains(&rank));
+    let per = n / world;
+    (rank * per, if rank == world - 1 { n - rank * per } else { per })
 }
 
 fn window(tokens: &[u16], b: i64, t: i64, dev: Device) -> (Tensor, Tensor) {
@@ -1013,17 +1044,23 @@ impl Model {
         (total, grad.then(|| (Tensor::cat(&dh, 0), dw)))
     }
 
-    // The mean training loss through `head_chunked` (autograd on `loss` keeps several B·T·V copies). Runs the backward.
-    fn loss_backward_chunked(&self, idx: &Tensor, tgt: &Tensor, rows: i64) -> Tensor {
+    // Accumulates the gradient of scale × (mean training loss) and returns the loss. head_chunk > 0 runs the head
+    // through `head_chunked` (autograd on `loss` keeps several B·T·V copies of the logits).
+    fn loss_backward(&self, idx: &Tensor, tgt: &Tensor, head_chunk: i64, scale: f64) -> Tensor {
+        if head_chunk == 0 {
+            let loss = self.loss(idx, tgt, Reduction::Mean);
+            (&loss * scale).backward();
+            return loss.detach();
+        }
         let x = self.hidden(idx, None);
         let c = self.cfg.n_embd;
         let n = x.numel() as i64 / c;
-        let (total, grads) = self.head_chunked(&x.detach().to_kind(self.cdt).view([-1, c]), &tgt.view([-1]), rows, true);
+        let (total, grads) = self.head_chunked(&x.detach().to_kind(self.cdt).view([-1, c]), &tgt.view([-1]), head_chunk, true);
         let (dh, dw) = grads.unwrap();
         // Back through the trunk: ∂/∂x of Σ x·dh is dh. The head's own share of the tied weight's gradient goes in by hand.
-        (x.view([-1, c]) * dh.to_kind(x.kind())).sum(Kind::Float).divide_scalar(n as f64).backward();
+        (x.view([-1, c]) * dh.to_kind(x.kind())).sum(Kind::Float).multiply_scalar(scale / n as f64).backward();
         let mut g = self.p("wte").grad();
-        let _ = g.g_add_(&(dw / n as f64));
+        let _ = g.g_add_(&(dw * (scale / n as f64)));
         total / n as f64
     }
 
@@ -1037,16 +1074,18 @@ impl Model {
 }
 
 // Mean loss per token over the val split (or its first `limit` tokens), in windows of seq_len, batch_size at a time.
-fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64, head_chunk: i64) -> f64 {
+// With several ranks each scores its own block of sequences and the sums are added up.
+fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64, head_chunk: i64, dist: Option<&Dist>) -> Res<f64> {
     let t = m.cfg.seq_len;
     let usable = if limit > 0 { val.len().min(limit as usize + 1) } else { val.len() };
     let n_seq = ((usable - 1) / t as usize) as i64;
     assert!(n_seq > 0, "val split shorter than one sequence");
     let dev = m.lap.device();
-    tch::no_grad(|| {
+    let (first, mine) = dist.map_or((0, n_seq), |d| rank_rows(n_seq, d.rank, d.world));
+    let total = tch::no_grad(|| {
         let mut total = Tensor::zeros([], (Kind::Float, dev));
-        for s in (0..n_seq).step_by(b as usize) {
-            let nb = b.min(n_seq - s);
+        for s in (first..first + mine).step_by(b as usize) {
+            let nb = b.min(first + mine - s);
             let lo = (s * t) as usize;
             let (x, y) = window(&val[lo..lo + (nb * t) as usize + 1], nb, t, dev);
             total += if head_chunk > 0 {
@@ -1055,8 +1094,12 @@ fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64, head_chunk: i64) -> f64 
                 m.loss(&x, &y, Reduction::Sum)
             };
         }
-        total.double_value(&[]) / (n_seq * t) as f64
-    })
+        total
+    });
+    if let Some(d) = dist {
+        d.all_reduce(std::slice::from_ref(&total), false)?;
+    }
+    Ok(total.double_value(&[]) / (n_seq * t) as f64)
 }
 
 // λk percentiles per layer and the inverse temperatures, to watch for collapse.
@@ -1144,20 +1187,33 @@ impl Optim {
     }
 }
 
-// One optimizer step on (x, y). Returns the loss, not yet read back (reading it syncs the GPU).
-fn train_step(m: &mut Model, opt: &mut Optim, x: &Tensor, y: &Tensor, a: &TrainArgs, lr_mult: f64) -> Tensor {
-    let loss = if a.head_chunk > 0 {
-        m.loss_backward_chunked(x, y, a.head_chunk)
-    } else {
-        let loss = m.loss(x, y, Reduction::Mean);
-        loss.backward();
-        loss
-    };
+// One optimizer step on this rank's rows (x, y): micro-batches of --micro-batch rows accumulate the gradient of the
+// mean loss, the ranks average it, then the update. Returns the mean loss, not yet read back (reading syncs the GPU).
+fn train_step(m: &mut Model, opt: &mut Optim, x: &Tensor, y: &Tensor, a: &TrainArgs, lr_mult: f64, dist: Option<&Dist>) -> Res<Tensor> {
+    let loss = backward_micro_batches(m, x, y, a.micro_batch, a.head_chunk);
+    if let Some(d) = dist {
+        let mut ts: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+        ts.push(loss.shallow_clone());
+        d.all_reduce(&ts, true)?;
+    }
     opt.step(a, lr_mult, m.cdt);
     for (_, p) in m.params.iter_mut() {
         p.zero_grad();
     }
-    loss
+    Ok(loss)
+}
+
+// The gradient of the mean loss over the rows of (x, y), accumulated `micro` rows at a time (0: all at once).
+fn backward_micro_batches(m: &Model, x: &Tensor, y: &Tensor, micro: i64, head_chunk: i64) -> Tensor {
+    let rows = x.size()[0];
+    let micro = if micro > 0 { micro.min(rows) } else { rows };
+    let accum = rows / micro;
+    assert!(accum * micro == rows, "--micro-batch must divide the rows of a rank");
+    let mut loss = Tensor::zeros([], (Kind::Float, x.device()));
+    for j in 0..accum {
+        loss += m.loss_backward(&x.narrow(0, j * micro, micro), &y.narrow(0, j * micro, micro), head_chunk, 1.0 / accum as f64);
+    }
+    loss / accum as f64
 }
 
 // 50 warm-up steps, constant, then linear to 0 over the last cooldown_frac of the run (the reference's schedule).
@@ -1172,6 +1228,7 @@ fn lr_mult(a: &TrainArgs, i: i64) -> f64 {
 struct Log {
     path: PathBuf,
     file: Option<fs::File>,
+    silent: bool, // ranks other than 0: no file, no output
 }
 
 impl Log {
@@ -1180,15 +1237,22 @@ impl Log {
         let path = dir.join(format!("{}.txt", uuid::Uuid::new_v4()));
         let file = fs::OpenOptions::new().write(true).create_new(true).open(path.with_extension("txt.partial"))
             .map_err(|e| format!("{}: {e}; pass a writable --log-dir", dir.display()))?;
-        Ok(Log { path, file: Some(file) })
+        Ok(Log { path, file: Some(file), silent: false })
+    }
+    fn silent() -> Log {
+        Log { path: PathBuf::new(), file: None, silent: true }
     }
     // Everything logged is printed too.
     fn line(&mut self, s: &str) {
-        println!("{s}");
+        if !self.silent {
+            println!("{s}");
+        }
         self.quiet(s);
     }
     fn quiet(&mut self, s: &str) {
-        writeln!(self.file.as_mut().unwrap(), "{s}").expect("log write");
+        if let Some(f) = self.file.as_mut() {
+            writeln!(f, "{s}").expect("log write");
+        }
     }
     fn finish(mut self) -> PathBuf {
         self.file.take().unwrap().sync_all().expect("log sync");
@@ -1270,6 +1334,163 @@ fn memory_peaks(dev: Device) -> Option<(f64, f64)> {
 }
 
 // ----------------------------------------------------------------------------------------------------------------
+// Several GPUs: one process per GPU, libtorch's c10d (TCPStore rendezvous, ProcessGroupNCCL), torchrun's variables
+
+mod dist_ffi {
+    use std::os::raw::{c_char, c_int, c_longlong, c_void};
+    extern "C" {
+        pub fn tg_dist_init(host: *const c_char, port: c_int, rank: c_int, world: c_int, timeout_ms: c_int, nccl: c_int, err: *mut c_char, errlen: usize) -> *mut c_void;
+        pub fn tg_all_reduce(dist: *mut c_void, tensors: *const *mut c_void, n: c_int, op: c_int, err: *mut c_char, errlen: usize) -> c_int; // at::Tensor*[]
+        pub fn tg_store_add(dist: *mut c_void, key: *const c_char, delta: c_longlong, wait_for: c_longlong, err: *mut c_char, errlen: usize) -> c_longlong;
+        pub fn tg_dist_free(dist: *mut c_void);
+    }
+}
+
+// This process's place in a multi-process run, from torchrun's variables (set by `--nproc` on one host).
+#[derive(Debug, PartialEq)]
+struct DistEnv {
+    rank: i64,
+    world: i64,
+    local_rank: i64,
+    addr: String,
+    port: i64,
+}
+
+fn dist_env(get: impl Fn(&str) -> Option<String>) -> Res<Option<DistEnv>> {
+    let num = |k: &str, default: Option<i64>| -> Res<i64> {
+        match get(k) {
+            Some(v) => v.trim().parse().map_err(|_| format!("{k}={v:?} is not a number; set it to an integer or unset it")),
+            None => default.ok_or(format!("{k} is unset but WORLD_SIZE is set; set RANK, WORLD_SIZE (and MASTER_ADDR/MASTER_PORT) together")),
+        }
+    };
+    let world = match get("WORLD_SIZE") {
+        None => return Ok(None),
+        Some(_) => num("WORLD_SIZE", None)?,
+    };
+    let rank = num("RANK", None)?;
+    if world < 1 || !(0..world).contains(&rank) {
+        return Err(format!("RANK={rank} WORLD_SIZE={world}: need 0 ≤ RANK < WORLD_SIZE"));
+    }
+    let env = DistEnv { rank, world, local_rank: num("LOCAL_RANK", Some(rank))?, addr: get("MASTER_ADDR").unwrap_or("127.0.0.1".into()), port: num("MASTER_PORT", Some(29500))? };
+    Ok((world > 1).then_some(env))
+}
+
+struct Dist {
+    ptr: *mut std::os::raw::c_void,
+    rank: i64,
+    world: i64,
+    failed: std::cell::Cell<bool>, // after an error nobody waits for anybody on the way out
+}
+
+fn ffi_err(buf: &[u8]) -> String {
+    String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap_or(buf.len())]).to_string()
+}
+
+impl Dist {
+    // Meets the other ranks at MASTER_ADDR:MASTER_PORT (rank 0 serves the store); with NCCL on CUDA also forms the group.
+    fn init(e: &DistEnv, timeout_s: f64, nccl: bool) -> Res<Dist> {
+        let mut err = vec![0u8; 512];
+        let host = std::ffi::CString::new(e.addr.clone()).map_err(|_| "MASTER_ADDR holds a NUL byte".to_string())?;
+        let ptr = unsafe { dist_ffi::tg_dist_init(host.as_ptr(), e.port as i32, e.rank as i32, e.world as i32, (timeout_s * 1e3) as i32, nccl as i32, err.as_mut_ptr() as *mut _, err.len()) };
+        if ptr.is_null() {
+            return Err(format!("rank {}: rendezvous at {}:{} failed ({}); check MASTER_ADDR/MASTER_PORT and that all {} ranks start", e.rank, e.addr, e.port, ffi_err(&err), e.world));
+        }
+        Ok(Dist { ptr, rank: e.rank, world: e.world, failed: false.into() })
+    }
+    // In place over the ranks: average (avg) or sum. A rank that died or hangs surfaces here as an error after the timeout.
+    fn all_reduce(&self, ts: &[Tensor], avg: bool) -> Res<()> {
+        let mut err = vec![0u8; 512];
+        let ptrs: Vec<*mut std::os::raw::c_void> = ts.iter().map(|t| t.as_ptr() as *mut _).collect(); // tch's handle is the at::Tensor*
+        let rc = unsafe { dist_ffi::tg_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, avg as i32, err.as_mut_ptr() as *mut _, err.len()) };
+        if rc != 0 {
+            self.failed.set(true);
+            return Err(format!("rank {}: all-reduce failed ({}); another rank died or hung, see its error", self.rank, ffi_err(&err)));
+        }
+        Ok(())
+    }
+    // Every rank reaches `name` or, after the store's timeout, this one fails naming how many came.
+    fn barrier(&self, name: &str) -> Res<()> {
+        let mut err = vec![0u8; 512];
+        let key = std::ffi::CString::new(format!("barrier/{name}")).unwrap();
+        let v = unsafe { dist_ffi::tg_store_add(self.ptr, key.as_ptr(), 1, self.world, err.as_mut_ptr() as *mut _, err.len()) };
+        if v < 0 {
+            self.failed.set(true);
+            return Err(format!("rank {}: barrier {name}: {}; another rank died or hung, see its error", self.rank, ffi_err(&err)));
+        }
+        Ok(())
+    }
+}
+
+// Rank 0 serves the store, so it leaves last: it waits (up to the timeout) until every rank has checked out.
+impl Drop for Dist {
+    fn drop(&mut self) {
+        let mut err = vec![0u8; 512];
+        let key = std::ffi::CString::new("exit").unwrap();
+        let wait_for = if self.rank == 0 && !self.failed.get() { self.world } else { 0 };
+        unsafe {
+            dist_ffi::tg_store_add(self.ptr, key.as_ptr(), 1, wait_for, err.as_mut_ptr() as *mut _, err.len());
+            dist_ffi::tg_dist_free(self.ptr);
+        }
+    }
+}
+
+// `--nproc N` on one host: start N copies of this command as ranks 0..N (torchrun's variables, a free port), pass rank
+// 0's output through, and stop them all as soon as one fails, naming it. Returns the exit code.
+fn launch(nproc: i64) -> Res<i32> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| format!("no free local port for the rendezvous: {e}"))?.port();
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let mut kids = vec![];
+    for r in 0..nproc {
+        let mut c = std::process::Command::new(&exe);
+        c.args(std::env::args().skip(1)).env("RANK", r.to_string()).env("LOCAL_RANK", r.to_string()).env("WORLD_SIZE", nproc.to_string())
+            .env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
+        if r > 0 {
+            c.stdout(std::process::Stdio::null()); // rank 0 speaks for the run; errors still reach stderr
+        }
+        kids.push(c.spawn().map_err(|e| format!("cannot start rank {r}: {e}"))?);
+    }
+    let mut done = vec![false; kids.len()];
+    loop {
+        for (r, k) in kids.iter_mut().enumerate() {
+            if done[r] {
+                continue;
+            }
+            if let Some(st) = k.try_wait().map_err(|e| format!("rank {r}: {e}"))? {
+                done[r] = true;
+                if !st.success() {
+                    for (o, other) in kids.iter_mut().enumerate() {
+                        if !done[o] {
+                            let _ = other.kill();
+                            let _ = other.wait();
+                        }
+                    }
+                    return Err(format!("rank {r} of {nproc} failed ({st}); stopped the other ranks"));
+                }
+            }
+        }
+        if done.iter().all(|&d| d) {
+            return Ok(0);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+// A rendezvous of --nproc ranks and a barrier, without training: checks MASTER_ADDR/PORT, the launcher, and that a
+// rank which never arrives (`--fail-rank`) stops the others with an error instead of a hang.
+fn cmd_dist_check(a: &DistCheckArgs) -> Res<()> {
+    let Some(e) = dist_env(|k| std::env::var(k).ok())? else {
+        return Err("dist-check runs as a rank: start it with --nproc N (N ≥ 2) or torchrun's variables".into());
+    };
+    let d = Dist::init(&e, a.dist_timeout, false)?;
+    if a.fail_rank == Some(e.rank) {
+        std::process::exit(3); // dies after the rendezvous, before the barrier
+    }
+    d.barrier("check")?;
+    println!("rank {}/{}: rendezvous and barrier ok", e.rank, e.world);
+    Ok(())
+}
+
+// ----------------------------------------------------------------------------------------------------------------
 // Training
 
 fn sync(dev: Device) {
@@ -1309,14 +1530,22 @@ fn compute_kind(spec: &str, dev: Device) -> Res<Kind> {
 }
 
 fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
-    let dev = pick_device(&a.device)?;
+    let de = dist_env(|k| std::env::var(k).ok())?;
+    let (rank, world_size) = de.as_ref().map_or((0, 1), |e| (e.rank, e.world));
+    let dev = match (&de, a.device.as_str()) {
+        (Some(e), "auto" | "cuda") if tch::Cuda::is_available() => pick_device(&format!("cuda:{}", e.local_rank))?,
+        (Some(_), _) => return Err(format!("rank {rank}: training on {world_size} ranks needs a CUDA GPU each (NCCL); on CPU use --nproc 1")),
+        (None, d) => pick_device(d)?,
+    };
     apply_preset(&mut a, m, dev.is_cuda());
     let cdt = compute_kind(&a.dtype, dev)?;
     for (ok, what) in [(a.steps > 0, "--steps must be > 0"), (a.batch_size > 0 && a.seq_len > 1, "--batch-size and --seq-len must be positive"),
                        (a.val_every > 0, "--val-every must be > 0"), ((0.0..=1.0).contains(&a.cooldown_frac), "--cooldown-frac must be in [0,1]"),
                        (a.tau_temp > 0.0 && a.inv_temp_init > 0.0, "--tau-temp and --inv-temp-init must be > 0"),
                        (a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head"),
-                       (a.n_kv_head >= 0 && (a.n_kv_head == 0 || a.n_head % a.n_kv_head == 0), "--n-head must be a multiple of --n-kv-head")] {
+                       (a.n_kv_head >= 0 && (a.n_kv_head == 0 || a.n_head % a.n_kv_head == 0), "--n-head must be a multiple of --n-kv-head"),
+                       (a.batch_size % world_size == 0, "--batch-size must split evenly over the ranks"),
+                       (a.micro_batch >= 0 && (a.micro_batch == 0 || (a.batch_size / world_size) % a.micro_batch == 0), "--micro-batch must divide batch_size / ranks")] {
         if !ok {
             return Err(format!("{what}; see train_gpt train --help"));
         }
@@ -1328,18 +1557,22 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     tch::manual_seed(a.seed);
     let cfg = ModelCfg::from_args(&a, a.attn);
     let variant = cfg.attn.clone();
-    let world_size = 1;
+    let dist = match &de {
+        Some(e) => Some(Dist::init(e, a.dist_timeout, true)?),
+        None => None,
+    };
     let gpu = gpu_name(dev);
     let corpus = a.data.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or("data".into());
     let track = format!("{corpus}_{world_size}x{}", gpu.as_deref().map(|g| g.trim_start_matches("NVIDIA ").replace(' ', "-")).unwrap_or("CPU".into()));
 
-    let mut log = Log::create(&a.log_dir)?;
+    let mut log = if rank == 0 { Log::create(&a.log_dir)? } else { Log::silent() }; // rank 0 alone writes the log
     write_header(&mut log, dev);
     let mut config = serde_json::to_value(&a).unwrap();
     config["variant"] = json!(variant);
     config["track"] = json!(track);
     config["device"] = json!(format!("{dev:?}"));
     config["compute_dtype"] = json!(format!("{cdt:?}"));
+    config["world_size"] = json!(world_size);
     log.line(&format!("config: {config}"));
     log.line(&format!("data: {}", data.info));
 
@@ -1353,7 +1586,9 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         let (l, stats) = build_laplacian(&a, cfg.head_dim(), &data, dev)?;
         log.line(&format!("laplacian: {stats}"));
         let ms = stats["build_ms"].as_f64();
-        save_laplacian(&log.path.with_extension("laplacian.npy"), &l)?;
+        if rank == 0 {
+            save_laplacian(&log.path.with_extension("laplacian.npy"), &l)?;
+        }
         (Some(l), ms)
     } else {
         (None, None)
@@ -1362,7 +1597,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     if cfg.is_tau() {
         model.tau = match a.tau {
             Some(t) => t,
-            None => model.calibrate_tau(&train_batch(&data.train, 0, a.batch_size, a.seq_len, dev).0),
+            None => model.calibrate_tau(&train_batch(&data.train, 0, a.batch_size, a.seq_len, dev, 0, 1).0), // the whole batch on every rank
         };
         log.line(&format!("tau: {}", model.tau));
     }
@@ -1379,7 +1614,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         let last = step == a.steps;
         if last || step % a.val_every == 0 {
             sync(dev); // the clock is paused during validation
-            let vl = evaluate(&model, &data.val, a.batch_size, a.val_tokens, a.head_chunk);
+            let vl = evaluate(&model, &data.val, a.batch_size, a.val_tokens, a.head_chunk, dist.as_ref())?;
             if !vl.is_finite() {
                 return Err(format!("step {step}: val loss is {vl}; the run diverged, lower --lr-muon/--lr-adam"));
             }
@@ -1388,7 +1623,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
                 time_to_target = Some(train_ms);
             }
             log.line(&format!("step:{step}/{} val_loss:{vl:.4} train_time:{:.0}ms step_avg:{:.2}ms", a.steps, train_ms, train_ms / step.max(1) as f64));
-            if cfg.is_tau() {
+            if cfg.is_tau() && rank == 0 {
                 log.line(&format!("diag: {}", tau_diagnostics(&model, &data.val, a.batch_size, step)));
             }
         }
@@ -1396,8 +1631,8 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             break;
         }
         let t = Instant::now();
-        let (x, y) = train_batch(&data.train, step, a.batch_size, a.seq_len, dev);
-        let lv = train_step(&mut model, &mut opt, &x, &y, &a, lr_mult(&a, step)).double_value(&[]); // also the step's sync point
+        let (x, y) = train_batch(&data.train, step, a.batch_size, a.seq_len, dev, rank, world_size);
+        let lv = train_step(&mut model, &mut opt, &x, &y, &a, lr_mult(&a, step), dist.as_ref())?.double_value(&[]); // also the step's sync point
         train_ms += t.elapsed().as_secs_f64() * 1e3;
         if !lv.is_finite() {
             return Err(format!("step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or check the data", step + 1));
@@ -1409,6 +1644,17 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     if let Some((al, re)) = peaks {
         log.line(&format!("peak memory allocated: {al:.0} MiB reserved: {re:.0} MiB"));
     }
+    let steps_ms = train_ms - lap_ms.unwrap_or(0.0);
+    let tokens_per_s = (a.steps * tokens_per_step) as f64 / (steps_ms / 1e3);
+    // Each rank's own rate, gathered by a sum over one slot a rank.
+    let per_rank = Tensor::zeros([world_size], (Kind::Float, dev));
+    let _ = per_rank.get(rank).fill_(tokens_per_s * rank_rows(a.batch_size, rank, world_size).1 as f64 / a.batch_size as f64);
+    if let Some(d) = &dist {
+        d.all_reduce(std::slice::from_ref(&per_rank), false)?;
+    }
+    if rank > 0 {
+        return Ok(()); // rank 0 writes the log, the sample and the checkpoint
+    }
     if a.sample_tokens > 0 {
         let text = decode_ids(&generate(&model, &tokenizer().encode_ordinary("\n").into_iter().map(|x| x as i64).collect::<Vec<_>>(), a.sample_tokens, 0.8, 50, a.seed, true)?)?;
         log.line(&format!("sample: {}", json!(text)));
@@ -1417,14 +1663,14 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         save_checkpoint(&model, path)?;
         log.line(&format!("checkpoint: {}", path.display()));
     }
-    let steps_ms = train_ms - lap_ms.unwrap_or(0.0);
-    let tokens_per_s = (a.steps * tokens_per_step) as f64 / (steps_ms / 1e3);
     let flops_per_token = 6.0 * n_params as f64 + 6.0 * (a.n_layer * a.n_embd * a.seq_len) as f64; // llm.c
-    let mfu = gpu.is_some().then(|| round4(tokens_per_s * flops_per_token / H100_BF16_PEAK));
+    let mfu = gpu.is_some().then(|| round4(tokens_per_s * flops_per_token / (H100_BF16_PEAK * world_size as f64)));
+    let per_rank: Vec<f64> = Vec::<f64>::try_from(per_rank.to(Device::Cpu).to_kind(Kind::Double)).unwrap().into_iter().map(f64::round).collect();
     let summary = json!({"variant": variant, "track": track, "laplacian": cfg.is_tau().then(|| a.laplacian.clone()), "steps": a.steps,
         "final_val_loss": round4(final_val), "target_val_loss": a.target_val_loss, "time_to_target_ms": time_to_target.map(|t| t.round()),
         "train_time_ms": train_ms.round(), "ms_per_step": round4(steps_ms / a.steps as f64), "tokens_per_s": tokens_per_s.round(), "mfu": mfu,
         "peak_alloc_mib": peaks.map(|p| p.0.round()), "peak_reserved_mib": peaks.map(|p| p.1.round()), "world_size": world_size,
+        "tokens_per_s_per_rank": per_rank, "micro_batch": a.micro_batch,
         "laplacian_build_ms": lap_ms, "tau": cfg.is_tau().then_some(model.tau), "params": n_params});
     log.line(&format!("summary: {summary}"));
     let path = log.finish();
@@ -1458,7 +1704,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
                 sync(dev);
                 t0 = Instant::now();
             }
-            let _ = train_step(&mut model, &mut opt, &x, &y, &a, 1.0);
+            let _ = train_step(&mut model, &mut opt, &x, &y, &a, 1.0, None)?;
         }
         sync(dev);
         let ms = t0.elapsed().as_secs_f64() * 1e3 / b.bench_steps as f64;
@@ -2411,6 +2657,14 @@ fn main() {
     if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
         std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
     }
+    // A timed-out NCCL collective raises in the waiting rank (one clear error) instead of aborting the process.
+    if std::env::var_os("TORCH_NCCL_BLOCKING_WAIT").is_none() {
+        std::env::set_var("TORCH_NCCL_BLOCKING_WAIT", "1");
+    }
+    // libtorch's C++ warnings come with stack traces; errors reach the user as one line of ours instead.
+    if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
+        std::env::set_var("TORCH_CPP_LOG_LEVEL", "ERROR");
+    }
     let matches = match Cli::command().try_get_matches() {
         Ok(m) => m,
         Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => e.exit(),
@@ -2421,6 +2675,20 @@ fn main() {
         }
     };
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let nproc = match &cli.cmd {
+        Cmd::Train(a) => a.nproc,
+        Cmd::DistCheck(a) => a.nproc,
+        _ => 1,
+    };
+    if nproc > 1 && std::env::var_os("WORLD_SIZE").is_none() {
+        match launch(nproc) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     let res = match cli.cmd {
         Cmd::Train(a) => cmd_train(a, matches.subcommand_matches("train").unwrap()),
         Cmd::Prepare(a) => cmd_prepare(&a),
@@ -2431,6 +2699,7 @@ fn main() {
         Cmd::RecordsTable { root } => records::records_table(&root).map(|t| print!("{t}")),
         Cmd::Bench(a) => cmd_bench(a, matches.subcommand_matches("bench").unwrap()),
         Cmd::BenchDecode(a) => cmd_bench_decode(&a),
+        Cmd::DistCheck(a) => cmd_dist_check(&a),
         Cmd::HasCuda => std::process::exit(if tch::Cuda::is_available() { 0 } else { 1 }),
     };
     if let Err(e) = res {
@@ -2625,7 +2894,7 @@ mod tests {
             let (x, y) = (Tensor::randint(512, [4, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [4, 16], (Kind::Int64, Device::Cpu)));
             let first = m.loss(&x, &y, Reduction::Mean).double_value(&[]);
             for _ in 0..15 {
-                let _ = train_step(&mut m, &mut opt, &x, &y, &a, 1.0);
+                let _ = train_step(&mut m, &mut opt, &x, &y, &a, 1.0, None).unwrap();
             }
             let last = m.loss(&x, &y, Reduction::Mean).double_value(&[]);
             assert!(last < first - 1.0, "{attn}: loss {first} -> {last}");
@@ -2643,7 +2912,7 @@ mod tests {
                 for (_, p) in m.params.iter_mut() {
                     p.zero_grad();
                 }
-                let loss = if chunk > 0 { m.loss_backward_chunked(&x, &y, chunk) } else { let l = m.loss(&x, &y, Reduction::Mean); l.backward(); l };
+                let loss = m.loss_backward(&x, &y, chunk, 1.0);
                 (loss.double_value(&[]), m.params.iter().map(|(n, p)| (n.clone(), p.grad().copy())).collect::<Vec<_>>())
             };
             let (l0, g0) = grads(0);
@@ -2654,6 +2923,56 @@ mod tests {
                     let err = (a - b).abs().max().double_value(&[]) / (a.abs().max().double_value(&[]) + 1e-12);
                     assert!(err < 1e-4, "{attn} chunk {chunk}: {n} differs by {err} (relative)");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_split_the_batch_and_the_val_set_without_gaps() {
+        for (n, world) in [(64, 1), (64, 2), (64, 8), (869, 2), (869, 3)] {
+            let blocks: Vec<(i64, i64)> = (0..world).map(|r| rank_rows(n, r, world)).collect();
+            assert_eq!(blocks[0].0, 0);
+            for w in blocks.windows(2) {
+                assert_eq!(w[0].0 + w[0].1, w[1].0, "contiguous");
+            }
+            assert_eq!(blocks.last().map(|b| b.0 + b.1), Some(n), "everything covered");
+        }
+        // two ranks read the same tokens as one, half each
+        let toks: Vec<u16> = (0..5000u16).collect();
+        let (whole, _) = train_batch(&toks, 3, 8, 16, Device::Cpu, 0, 1);
+        let halves: Vec<Tensor> = (0..2).map(|r| train_batch(&toks, 3, 8, 16, Device::Cpu, r, 2).0).collect();
+        assert!(Tensor::cat(&halves, 0).equal(&whole));
+    }
+
+    #[test]
+    fn torchrun_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        assert_eq!(dist_env(env(&[])).unwrap(), None);
+        assert_eq!(dist_env(env(&[("WORLD_SIZE", "1"), ("RANK", "0")])).unwrap(), None);
+        let e = dist_env(env(&[("WORLD_SIZE", "4"), ("RANK", "2"), ("MASTER_ADDR", "10.0.0.1"), ("MASTER_PORT", "1234")])).unwrap().unwrap();
+        assert_eq!(e, DistEnv { rank: 2, world: 4, local_rank: 2, addr: "10.0.0.1".into(), port: 1234 });
+        assert!(dist_env(env(&[("WORLD_SIZE", "2")])).unwrap_err().contains("RANK is unset"));
+        assert!(dist_env(env(&[("WORLD_SIZE", "2"), ("RANK", "2")])).unwrap_err().contains("0 ≤ RANK < WORLD_SIZE"));
+        assert!(dist_env(env(&[("WORLD_SIZE", "two"), ("RANK", "0")])).unwrap_err().contains("not a number"));
+    }
+
+    #[test]
+    fn micro_batches_accumulate_the_same_gradient() {
+        let mut m = small("tau-lt", 512);
+        let (x, y) = (Tensor::randint(512, [8, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [8, 16], (Kind::Int64, Device::Cpu)));
+        let mut grads = |micro: i64, chunk: i64| {
+            for (_, p) in m.params.iter_mut() {
+                p.zero_grad();
+            }
+            let loss = backward_micro_batches(&m, &x, &y, micro, chunk).double_value(&[]);
+            (loss, m.params.iter().map(|(_, p)| p.grad().copy()).collect::<Vec<_>>())
+        };
+        let (l0, g0) = grads(0, 0);
+        for (micro, chunk) in [(2, 0), (4, 0), (1, 5)] {
+            let (l1, g1) = grads(micro, chunk);
+            assert!((l0 - l1).abs() < 1e-5, "micro {micro}: loss {l0} vs {l1}");
+            for (a, b) in g0.iter().zip(&g1) {
+                assert!((a - b).abs().max().double_value(&[]) <= 1e-5 * (1.0 + a.abs().max().double_value(&[])), "micro {micro} chunk {chunk}");
             }
         }
     }

@@ -13,3 +13,89 @@ extern "C" void tg_memory_peaks(int device, int64_t* peak_allocated, int64_t* pe
 extern "C" void tg_reset_memory_peaks(int device) {
   at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
 }
+
+// ---- Data-parallel training over libtorch's own c10d: a TCPStore rendezvous and ProcessGroupNCCL collectives.
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#include <cstdio>
+#include <string>
+
+struct TgDist {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> pg;  // null on CPU: the store alone (rendezvous, failure detection)
+};
+
+static void tg_err(char* err, size_t len, const std::exception& e) {
+  std::string m = e.what();
+  auto nl = m.find('\n');  // c10 errors carry a backtrace after the first line
+  std::snprintf(err, len, "%s", m.substr(0, nl).c_str());
+}
+
+// Rank 0 serves the store at host:port; every rank waits there for all `world` ranks (up to timeout_ms), then,
+// with nccl != 0, forms the NCCL group over the current CUDA device. Returns null and fills err on failure.
+extern "C" void* tg_dist_init(const char* host, int port, int rank, int world, int timeout_ms, int nccl, char* err, size_t errlen) {
+  try {
+    c10d::TCPStoreOptions o;
+    o.port = static_cast<std::uint16_t>(port);
+    o.isServer = rank == 0;
+    o.numWorkers = world;
+    o.waitWorkers = true;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
+    auto d = new TgDist();
+    d->store = c10::make_intrusive<c10d::TCPStore>(host, o);
+    if (nccl) {
+      auto po = c10d::ProcessGroupNCCL::Options::create();
+      po->timeout = std::chrono::milliseconds(timeout_ms);
+      d->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(d->store, rank, world, po);
+    }
+    return d;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return nullptr;
+  }
+}
+
+// In-place all-reduce of each tensor (op 0: sum, 1: average), waiting for completion. 0 on success.
+extern "C" int tg_all_reduce(void* dist, at::Tensor** tensors, int n, int op, char* err, size_t errlen) {
+  try {
+    auto d = static_cast<TgDist*>(dist);
+    TORCH_CHECK(d->pg, "no NCCL group: multi-process training needs CUDA");
+    c10d::AllreduceOptions o;
+    o.reduceOp = op == 1 ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
+    for (int i = 0; i < n; i++) {
+      std::vector<at::Tensor> one{*tensors[i]};
+      works.push_back(d->pg->allreduce(one, o));  // queued on NCCL's stream; the buckets overlap each other
+    }
+    for (auto& w : works) w->wait();
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
+  }
+}
+
+// Store counter: adds `delta` to `key` and returns the new value; with wait_for > 0, then waits (up to the
+// store's timeout) until the counter reaches wait_for. A barrier that also notices a rank that never comes.
+extern "C" long long tg_store_add(void* dist, const char* key, long long delta, long long wait_for, char* err, size_t errlen) {
+  try {
+    auto d = static_cast<TgDist*>(dist);
+    auto v = d->store->add(key, delta);
+    auto t0 = std::chrono::steady_clock::now();
+    while (wait_for > 0 && v < wait_for) {
+      TORCH_CHECK(std::chrono::steady_clock::now() - t0 < d->store->getTimeout(), "timed out waiting for ", wait_for, " ranks at '", key, "' (", v, " came)");
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      v = d->store->add(key, 0);
+    }
+    return v;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return -1;
+  }
+}
+
+extern "C" void tg_dist_free(void* dist) {
+  auto d = static_cast<TgDist*>(dist);
+  if (d->pg) d->pg->shutdown();
+  delete d;
+}

@@ -209,3 +209,32 @@ fn bench_decode_measures_cache_and_speed_for_both_variants() {
     // f32 on CPU, head dim 16: V plus one λ per head is (16·4+4)/(2·16·4) = 53% of K plus V
     assert_eq!(bytes("tau", 3) * 128, bytes("causal", 3) * 68);
 }
+
+#[test]
+fn launcher_rendezvous_and_a_dead_rank() {
+    let o = run(&["dist-check", "--nproc", "3", "--dist-timeout", "20"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("rank 0/3: rendezvous and barrier ok"));
+    // rank 1 dies after the rendezvous: the launcher stops the others at once and names it
+    let t0 = std::time::Instant::now();
+    let o = run(&["dist-check", "--nproc", "3", "--fail-rank", "1", "--dist-timeout", "20"]);
+    assert_one_line_error(&o, 1, "rank 1 of 3 failed");
+    assert!(t0.elapsed().as_secs_f64() < 15.0, "stopped well inside the timeout: {:?}", t0.elapsed());
+    // started by hand (as across hosts) with a rank that never comes: an error after the timeout, not a hang
+    let o = Command::new(BIN).args(["dist-check", "--dist-timeout", "2"]).env("WORLD_SIZE", "2").env("RANK", "0").env("MASTER_PORT", "29613").output().unwrap();
+    assert_one_line_error(&o, 1, "1/2 clients joined");
+}
+
+#[test]
+fn several_ranks_need_gpus() {
+    if run(&["has-cuda"]).status.success() {
+        return;
+    }
+    let dir = tmp("ranks");
+    let mut args = vec!["train", "--nproc", "2", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("needs a CUDA GPU each"), "{}", text(&o.stderr));
+    assert!(logs_in(&dir).is_empty());
+}
