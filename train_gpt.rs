@@ -327,7 +327,8 @@ fn pick_device(spec: &str) -> Res<Device> {
     }
 }
 
-// The linker drops libtorch_cuda.so (it is linked as-needed), so CUDA would look absent: load it by hand.
+// CUDA exists for libtorch once libtorch_cuda.so is loaded. The c10d code links it today, but a build that drops it
+// (tch links as-needed) would see no GPU, so load it, and the CUDA linear algebra beside it, by hand.
 fn load_cuda_runtime() {
     for lib in ["libtorch_cuda.so\0", "libtorch_cuda_linalg.so\0"] {
         unsafe { libc::dlopen(lib.as_ptr() as *const libc::c_char, libc::RTLD_NOW | libc::RTLD_GLOBAL) };
