@@ -1,0 +1,68 @@
+# The reference recipe from the harness's initial weights, fp32 on CPU, printing the harness's step-line format.
+# usage: parity.py INIT.safetensors SHARD.bin n_layer n_head n_embd seq_len batch steps lr_muon lr_adam
+import json, os, struct, sys, types
+import torch
+
+sys.modules["tiktoken"] = types.ModuleType("tiktoken")  # ref_train imports it for data loading, unused here
+sys.modules["tiktoken.load"] = types.SimpleNamespace(load_tiktoken_bpe=None)
+sys.path.insert(0, os.path.dirname(__file__))
+import ref_train as R
+
+init, shard = sys.argv[1], sys.argv[2]
+R.L, R.H, R.C, R.T, B, steps = (int(a) for a in sys.argv[3:9])
+R.D = R.C // R.H
+lr_muon, lr_adam = float(sys.argv[9]), float(sys.argv[10])
+
+def load_safetensors(path):  # f32 tensors only, as --save-checkpoint writes them
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n])
+    out = {}
+    for k, v in head.items():
+        if k == "__metadata__":
+            continue
+        assert v["dtype"] == "F32", v
+        a, b = v["data_offsets"]
+        out[k] = torch.frombuffer(bytearray(raw[8 + n + a:8 + n + b]), dtype=torch.float32).view(v["shape"])
+    return out
+
+w = load_safetensors(init)
+m = R.GPT("causal", False)
+sd = {"wte.weight": w["wte"]}
+for i in range(R.L):
+    sd[f"blocks.{i}.a.qkv.weight"] = w[f"blocks.{i}.attn.qkv"]
+    sd[f"blocks.{i}.a.o.weight"] = w[f"blocks.{i}.attn.o"]
+    sd[f"blocks.{i}.fc.weight"] = w[f"blocks.{i}.mlp.fc"]
+    sd[f"blocks.{i}.pr.weight"] = w[f"blocks.{i}.mlp.proj"]
+missing = [k for k in m.load_state_dict(sd, strict=False).missing_keys if "log_inv_temp" not in k]
+assert not missing, missing
+
+def zeropower_f32(G, steps=5):  # the reference's Newton–Schulz, in fp32 as the harness runs it on CPU
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.float()
+    X = X / (X.norm() + 1e-7)
+    tall = G.size(0) > G.size(1)
+    if tall:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+R.zeropower = zeropower_f32
+
+raw = open(shard, "rb").read()
+tr = torch.frombuffer(bytearray(raw[1024:]), dtype=torch.int16).to(torch.int64) & 0xFFFF
+mats = [p for n, p in m.named_parameters() if p.ndim == 2 and "wte" not in n]
+others = [p for n, p in m.named_parameters() if (p.ndim != 2 or "wte" in n) and p.requires_grad]
+o1 = R.Muon(mats, lr=lr_muon)
+o2 = torch.optim.Adam(others, lr=lr_adam, betas=(0.8, 0.95), eps=1e-10)
+for i in range(steps):  # warm-up 1 step, no cool-down: every step at the full rate
+    n = B * R.T
+    s = (i * n) % (tr.numel() - n - 1)
+    x = tr[s:s + n + 1]
+    loss = m(x[:-1].view(B, R.T), x[1:].view(B, R.T))
+    loss.backward()
+    o1.step()
+    o2.step()
+    m.zero_grad(set_to_none=True)
+    print(f"step:{i + 1}/{steps} train_loss:{loss.item():.4f}")
