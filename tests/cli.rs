@@ -240,31 +240,35 @@ fn several_ranks_need_gpus() {
 }
 
 // The harness against the team's PyTorch reference (tests/reference/ref_train.py): the same initial weights,
-// batches and recipe, fp32 on CPU, six steps at a high learning rate. The training losses agree to every digit
-// logged, so the causal model, Muon, Adam and the data order are the reference's.
+// batches and recipe, fp32 on CPU, six steps at a high learning rate, for each variant. The training losses agree
+// to every digit logged, so the models (tau's λ, τ calibration and temperatures too), Muon, Adam and the data
+// order are the reference's.
 #[test]
 fn parity_with_the_pytorch_reference() {
-    let dir = tmp("parity");
-    let init = dir.join("init.safetensors");
-    let shape = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--seq-len", "32", "--batch-size", "4"];
-    let mut common = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap(), "--device", "cpu", "--dtype", "f32",
-                          "--warmup-steps", "1", "--cooldown-frac", "0", "--val-every", "1000", "--val-tokens", "256", "--sample-tokens", "0"];
-    common.extend_from_slice(&shape);
-    // lr 0 for one step: the checkpoint holds the initial weights
-    let mut a = common.clone();
-    a.extend_from_slice(&["--steps", "1", "--lr-muon", "0", "--lr-adam", "0", "--save-checkpoint", init.to_str().unwrap()]);
-    assert!(run(&a).status.success());
-    let mut b = common.clone();
-    b.extend_from_slice(&["--steps", "6", "--lr-muon", "0.1", "--lr-adam", "0.05"]);
-    let o = run(&b);
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let ours: Vec<String> = text(&o.stdout).lines().filter(|l| l.contains("train_loss:")).map(|l| l.split(" train_time").next().unwrap().to_string()).collect();
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
-    let shard = tiny_shards().join("train_000000.bin");
-    let o = Command::new(python).current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["tests/reference/parity.py", init.to_str().unwrap(), shard.to_str().unwrap(), "2", "2", "64", "32", "4", "6", "0.1", "0.05"]).output().unwrap();
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let theirs: Vec<String> = text(&o.stdout).lines().map(str::to_string).collect();
-    assert_eq!(ours.len(), 6);
-    assert_eq!(ours, theirs);
+    for (attn, lap) in [("causal", "chain"), ("tau", "chain"), ("tau-lt", "chain")] {
+        let dir = tmp(&format!("parity-{attn}"));
+        let init = dir.join("init.safetensors");
+        let shape = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--seq-len", "32", "--batch-size", "4"];
+        let mut common = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap(), "--device", "cpu", "--dtype", "f32",
+                              "--warmup-steps", "1", "--cooldown-frac", "0", "--val-every", "1000", "--val-tokens", "256", "--sample-tokens", "0",
+                              "--attn", attn, "--laplacian", lap];
+        common.extend_from_slice(&shape);
+        // lr 0 for one step: the checkpoint holds the initial weights (and L)
+        let mut a = common.clone();
+        a.extend_from_slice(&["--steps", "1", "--lr-muon", "0", "--lr-adam", "0", "--save-checkpoint", init.to_str().unwrap()]);
+        assert!(run(&a).status.success());
+        let mut b = common.clone();
+        b.extend_from_slice(&["--steps", "6", "--lr-muon", "0.1", "--lr-adam", "0.05"]);
+        let o = run(&b);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let ours: Vec<String> = text(&o.stdout).lines().filter(|l| l.contains("train_loss:")).map(|l| l.split(" train_time").next().unwrap().to_string()).collect();
+        let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+        let shard = tiny_shards().join("train_000000.bin");
+        let o = Command::new(python).current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["tests/reference/parity.py", init.to_str().unwrap(), shard.to_str().unwrap(), "2", "2", "64", "32", "4", "6", "0.1", "0.05", attn]).output().unwrap();
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let theirs: Vec<String> = text(&o.stdout).lines().map(str::to_string).collect();
+        assert_eq!(ours.len(), 6);
+        assert_eq!(ours, theirs, "{attn}");
+    }
 }

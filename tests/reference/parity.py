@@ -1,5 +1,5 @@
 # The reference recipe from the harness's initial weights, fp32 on CPU, printing the harness's step-line format.
-# usage: parity.py INIT.safetensors SHARD.bin n_layer n_head n_embd seq_len batch steps lr_muon lr_adam
+# usage: parity.py INIT.safetensors SHARD.bin n_layer n_head n_embd seq_len batch steps lr_muon lr_adam [causal|tau|tau-lt]
 import json, os, struct, sys, types
 import torch
 
@@ -12,6 +12,7 @@ init, shard = sys.argv[1], sys.argv[2]
 R.L, R.H, R.C, R.T, B, steps = (int(a) for a in sys.argv[3:9])
 R.D = R.C // R.H
 lr_muon, lr_adam = float(sys.argv[9]), float(sys.argv[10])
+variant = sys.argv[11] if len(sys.argv) > 11 else "causal"
 
 def load_safetensors(path):  # f32 tensors only, as --save-checkpoint writes them
     raw = open(path, "rb").read()
@@ -27,13 +28,15 @@ def load_safetensors(path):  # f32 tensors only, as --save-checkpoint writes the
     return out
 
 w = load_safetensors(init)
-m = R.GPT("causal", False)
+m = R.GPT("causal" if variant == "causal" else "tau", variant == "tau-lt")
 sd = {"wte.weight": w["wte"]}
 for i in range(R.L):
     sd[f"blocks.{i}.a.qkv.weight"] = w[f"blocks.{i}.attn.qkv"]
     sd[f"blocks.{i}.a.o.weight"] = w[f"blocks.{i}.attn.o"]
     sd[f"blocks.{i}.fc.weight"] = w[f"blocks.{i}.mlp.fc"]
     sd[f"blocks.{i}.pr.weight"] = w[f"blocks.{i}.mlp.proj"]
+    if variant == "tau-lt":
+        sd[f"blocks.{i}.a.log_inv_temp"] = w[f"blocks.{i}.attn.log_inv_temp"].view(R.H, 1, 1)
 missing = [k for k in m.load_state_dict(sd, strict=False).missing_keys if "log_inv_temp" not in k]
 assert not missing, missing
 
@@ -54,13 +57,22 @@ raw = open(shard, "rb").read()
 tr = torch.frombuffer(bytearray(raw[1024:]), dtype=torch.int16).to(torch.int64) & 0xFFFF
 mats = [p for n, p in m.named_parameters() if p.ndim == 2 and "wte" not in n]
 others = [p for n, p in m.named_parameters() if (p.ndim != 2 or "wte" in n) and p.requires_grad]
-o1 = R.Muon(mats, lr=lr_muon)
-o2 = torch.optim.Adam(others, lr=lr_adam, betas=(0.8, 0.95), eps=1e-10)
-for i in range(steps):  # warm-up 1 step, no cool-down: every step at the full rate
+def batch(i):
     n = B * R.T
     s = (i * n) % (tr.numel() - n - 1)
     x = tr[s:s + n + 1]
-    loss = m(x[:-1].view(B, R.T), x[1:].view(B, R.T))
+    return x[:-1].view(B, R.T), x[1:].view(B, R.T)
+if variant != "causal":  # the reference's calibration: median energy of block 0's keys on the first batch
+    with torch.no_grad():
+        m(*batch(0))
+        tau = m.blocks[0].a.Ek.float().median()
+    for blk in m.blocks:
+        blk.a.Lap.copy_(w["laplacian"])
+        blk.a.tau.fill_(tau)
+o1 = R.Muon(mats, lr=lr_muon)
+o2 = torch.optim.Adam(others, lr=lr_adam, betas=(0.8, 0.95), eps=1e-10)
+for i in range(steps):  # warm-up 1 step, no cool-down: every step at the full rate
+    loss = m(*batch(i))
     loss.backward()
     o1.step()
     o2.step()
