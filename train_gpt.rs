@@ -49,7 +49,12 @@ enum Cmd {
     /// Generate text from a checkpoint written by --save-checkpoint
     Sample(SampleArgs),
     /// Mean ± σ of final val loss and time, and the one-sided t-test against the target (H0: mean ≥ target)
-    Stats { logs: Vec<PathBuf> },
+    Stats {
+        logs: Vec<PathBuf>,
+        /// Also compare with these runs (e.g. another variant): Welch's two-sided t-test of final val loss and time
+        #[arg(long, num_args = 1..)]
+        vs: Vec<PathBuf>,
+    },
     /// Differences between two runs: options, embedded source, val loss at matched steps, speed, memory
     Diff { a: PathBuf, b: PathBuf },
     /// Val loss against training time and step, one line per log, as SVG
@@ -1920,6 +1925,40 @@ pub fn stats(logs: &[RunLog]) -> Result<Stats, String> {
     Ok(Stats { n, loss_mean, loss_std, time_mean, time_std, time_kind, target: targets[0], t, p_value })
 }
 
+/// Welch's unequal-variance t-test, two-sided: (t, Welch–Satterthwaite df, p).
+pub fn welch(a: &[f64], b: &[f64]) -> Result<(f64, f64, f64), String> {
+    if a.len() < 2 || b.len() < 2 {
+        return Err(format!("compare: need at least 2 runs a side, got {} and {}", a.len(), b.len()));
+    }
+    let ((ma, sa), (mb, sb)) = (mean_std(a), mean_std(b));
+    let (va, vb) = (sa * sa / a.len() as f64, sb * sb / b.len() as f64);
+    let t = (ma - mb) / (va + vb).sqrt();
+    let df = (va + vb).powi(2) / (va * va / (a.len() - 1) as f64 + vb * vb / (b.len() - 1) as f64);
+    let p = 2.0 * StudentsT::new(0.0, 1.0, df).map_err(|e| e.to_string())?.cdf(-t.abs());
+    Ok((t, df, p))
+}
+
+/// Two sets of runs side by side: final val loss and training time (time-to-target when every run of both reached
+/// it), each with Welch's two-sided test of the difference.
+pub fn compare_report(a: &[RunLog], b: &[RunLog]) -> Result<String, String> {
+    let col = |logs: &[RunLog], f: Metric, what: &str| -> Result<Vec<f64>, String> {
+        logs.iter().map(|l| f(l).ok_or_else(|| format!("{}: no {what}", l.path))).collect()
+    };
+    let reached = a.iter().chain(b).all(|l| l.time_to_target_ms().is_some());
+    let (tk, tf): (&str, Metric) = if reached { ("time_to_target_ms", RunLog::time_to_target_ms) } else { ("train_time_ms", RunLog::train_time_ms) };
+    let mut out = format!("compare: {} ({} runs) vs {} ({} runs)\n", a[0].label(), a.len(), b[0].label(), b.len());
+    let mut j = Map::new();
+    for (name, f) in [("final_val_loss", RunLog::final_val_loss as Metric), (tk, tf)] {
+        let (x, y) = (col(a, f, name)?, col(b, f, name)?);
+        let (t, df, p) = welch(&x, &y)?;
+        let (mx, my) = (mean_std(&x).0, mean_std(&y).0);
+        out += &format!("{name}: {mx:.4} vs {my:.4} diff {:.4} welch_t {t:.3} df {df:.2} p_two_sided {p:.3e}\n", mx - my);
+        j.insert(name.to_string(), json!({"a": mx, "b": my, "t": t, "df": df, "p": p}));
+    }
+    out += &format!("compare_json: {}", Value::Object(j));
+    Ok(out)
+}
+
 pub fn stats_report(s: &Stats) -> String {
     let k = s.time_kind;
     let j = json!({"n": s.n, "loss_mean": s.loss_mean, "loss_std": s.loss_std, "time_kind": k, "time_mean": s.time_mean,
@@ -2369,6 +2408,20 @@ __global__ void foo(float* x) { x[0] = 1.0f; }"##;
     }
 
     #[test]
+    fn welch_matches_scipy() {
+        // scipy 1.17.1: stats.ttest_ind(a, b, equal_var=False) -> statistic, pvalue, df
+        let cases: [(&[f64], &[f64], f64, f64, f64); 2] = [
+            (&[2.0163, 2.0078, 1.9766], &[3.3666, 3.3777, 3.3452], -88.60267806607668, 1.9451275655668673e-07, 3.7971790007406008),
+            (&[3.279, 3.2785, 3.2778, 3.2792, 3.2781], &[3.2801, 3.2810, 3.2795, 3.2806], -4.262326969235371, 0.00486629538893782, 6.233818191506601),
+        ];
+        for (a, b, t, p, df) in cases {
+            let (t1, df1, p1) = welch(a, b).unwrap();
+            assert!((t1 - t).abs() < 1e-9 * t.abs() && (df1 - df).abs() < 1e-9 * df && (p1 - p).abs() < 1e-6 * p, "{t1} {df1} {p1}");
+        }
+        assert!(welch(&[1.0], &[1.0, 2.0]).is_err());
+    }
+
+    #[test]
     fn t_test_matches_scipy() {
         // Expected values from scipy 1.17.1:
         //   scipy.stats.ttest_1samp([3.279, 3.2785, 3.2778, 3.2792, 3.2781], 3.28, alternative='less')
@@ -2648,6 +2701,15 @@ fn cmd_sample(a: &SampleArgs) -> Res<()> {
 // ----------------------------------------------------------------------------------------------------------------
 // main
 
+fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
+    let a = parse_logs(logs)?;
+    println!("{}", records::stats_report(&records::stats(&a)?));
+    if !vs.is_empty() {
+        println!("{}", records::compare_report(&a, &parse_logs(vs)?)?);
+    }
+    Ok(())
+}
+
 fn parse_logs(paths: &[PathBuf]) -> Res<Vec<records::RunLog>> {
     paths.iter().map(|p| records::parse_log(p)).collect()
 }
@@ -2694,7 +2756,7 @@ fn main() {
         Cmd::Train(a) => cmd_train(a, matches.subcommand_matches("train").unwrap()),
         Cmd::Prepare(a) => cmd_prepare(&a),
         Cmd::Sample(a) => cmd_sample(&a),
-        Cmd::Stats { logs } => parse_logs(&logs).and_then(|l| records::stats(&l)).map(|st| println!("{}", records::stats_report(&st))),
+        Cmd::Stats { logs, vs } => cmd_stats(&logs, &vs),
         Cmd::Diff { a, b } => parse_logs(&[a, b]).map(|l| println!("{}", records::diff_report(&l[0], &l[1]))),
         Cmd::Plot { logs, out } => parse_logs(&logs).and_then(|l| records::plot_svg(&l, &out)).map(|_| println!("wrote {}", out.display())),
         Cmd::RecordsTable { root } => records::records_table(&root).map(|t| print!("{t}")),

@@ -102,6 +102,10 @@ fn stats_diff_and_plot_read_logs() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     assert!(out.contains("runs: 2") && out.contains("p_value: "), "{out}");
+    let o = run(&["stats", a.to_str().unwrap(), b.to_str().unwrap(), "--vs", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert!(o.status.success() && out.contains("compare: causal (2 runs) vs causal (2 runs)")
+        && out.lines().any(|l| l.starts_with("final_val_loss:") && l.contains("diff 0.0000 welch_t 0.000")), "{out}");
     let o = run(&["diff", a.to_str().unwrap(), b.to_str().unwrap()]);
     let out = text(&o.stdout);
     assert!(o.status.success() && out.contains("seed: 1 -> 2"), "{out}");
