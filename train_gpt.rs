@@ -3374,3 +3374,142 @@ mod tests {
         assert!(save_laplacian(&tmp("x.npy"), &Tensor::zeros([3, 4], (Kind::Float, Device::Cpu))).unwrap_err().contains("not square"));
 }
 }
+
+// ----------------------------------------------------------------------------------------------------------------
+// GPU tests: ignored by default. On a CUDA box (no cargo there): build them here with
+// `cargo test --release --no-run`, carry target/release/deps/train_gpt-<hash>, and run it with
+// `LD_LIBRARY_PATH=<torch>/lib train_gpt-<hash> --ignored --test-threads 1`.
+
+#[cfg(test)]
+mod gpu_tests {
+    use super::*;
+
+    fn cuda() -> Device {
+        load_cuda_runtime();
+        assert!(tch::Cuda::is_available(), "these tests need a CUDA GPU");
+        Device::Cuda(0)
+    }
+
+    // The same small model (same weights) on the CPU in f32 and on the GPU in bf16.
+    fn twins(attn: &str, kv: i64) -> (Model, Model) {
+        let dev = cuda();
+        tch::manual_seed(0);
+        let cfg = ModelCfg { n_layer: 2, n_head: 4, n_kv_head: kv, n_embd: 128, seq_len: 64, vocab_size: 1024, attn: attn.into() };
+        let lap = (attn != "causal").then(|| chain_laplacian(32));
+        let cpu = Model::new(cfg.clone(), Device::Cpu, Kind::Float, lap.as_ref().map(|l| l.copy()), 0.8, 0.5, 20.0);
+        let mut gpu = Model::new(cfg, dev, Kind::BFloat16, lap, 0.8, 0.5, 20.0);
+        tch::no_grad(|| {
+            for ((_, g), (_, c)) in gpu.params.iter_mut().zip(&cpu.params) {
+                let w = c + c.randn_like() * 0.02; // zero-initialised projections would hide the attention
+                g.copy_(&w);
+                c.shallow_clone().copy_(&w);
+            }
+        });
+        (cpu, gpu)
+    }
+
+    fn rel(a: &Tensor, b: &Tensor) -> f64 {
+        let (a, b) = (a.to(Device::Cpu).to_kind(Kind::Double), b.to(Device::Cpu).to_kind(Kind::Double));
+        (&a - &b).abs().max().double_value(&[]) / (a.abs().max().double_value(&[]) + 1e-12)
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn bf16_gpu_loss_and_gradients_match_f32_cpu() {
+        for (attn, kv) in [("causal", 0), ("tau", 0), ("tau-lt", 0), ("causal", 2), ("tau", 2)] {
+            let (c, g) = twins(attn, kv);
+            let (x, y) = (Tensor::randint(1024, [4, 64], (Kind::Int64, Device::Cpu)), Tensor::randint(1024, [4, 64], (Kind::Int64, Device::Cpu)));
+            let lc = c.loss_backward(&x, &y, 0, 1.0).double_value(&[]);
+            let lg = g.loss_backward(&x.to(g.lap.device()), &y.to(g.lap.device()), 0, 1.0).double_value(&[]);
+            assert!((lc - lg).abs() < 2e-2 * lc, "{attn}/{kv}: loss {lc} vs {lg}");
+            for ((n, pc), (_, pg)) in c.params.iter().zip(&g.params) {
+                assert!(rel(&pc.grad(), &pg.grad()) < 5e-2, "{attn}/{kv}: {n} grad differs by {}", rel(&pc.grad(), &pg.grad()));
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn chunked_head_matches_autograd_on_gpu() {
+        let (_, mut g) = twins("causal", 0);
+        let dev = g.lap.device();
+        let (x, y) = (Tensor::randint(1024, [4, 64], (Kind::Int64, dev)), Tensor::randint(1024, [4, 64], (Kind::Int64, dev)));
+        let mut run = |chunk: i64| {
+            for (_, p) in g.params.iter_mut() {
+                p.zero_grad();
+            }
+            let l = g.loss_backward(&x, &y, chunk, 1.0).double_value(&[]);
+            (l, g.params.iter().map(|(_, p)| p.grad().copy()).collect::<Vec<_>>())
+        };
+        let (l0, g0) = run(0);
+        for chunk in [100, 256] {
+            let (l1, g1) = run(chunk);
+            assert!((l0 - l1).abs() < 1e-3 * l0, "chunk {chunk}: {l0} vs {l1}");
+            for (a, b) in g0.iter().zip(&g1) {
+                assert!(rel(a, b) < 2e-2, "chunk {chunk}: {}", rel(a, b));
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn decoding_cache_matches_full_forward_on_gpu() {
+        for (attn, kv) in [("causal", 0), ("tau", 0), ("causal", 1), ("tau", 1)] {
+            let (_, g) = twins(attn, kv);
+            let idx = Tensor::randint(1024, [2, 40], (Kind::Int64, g.lap.device()));
+            let full = tch::no_grad(|| g.hidden(&idx, None));
+            let mut cache = Cache::new(g.cfg.n_layer, 40);
+            let mut parts = vec![tch::no_grad(|| g.forward(&idx.narrow(1, 0, 30), Some(&mut cache), None))];
+            for i in 30..40 {
+                parts.push(tch::no_grad(|| g.forward(&idx.narrow(1, i, 1), Some(&mut cache), None)));
+            }
+            assert!(rel(&full, &Tensor::cat(&parts, 1)) < 2e-2, "{attn}/{kv}");
+            assert_eq!(cache.bytes(), cache_bytes_formula(&g.cfg, Kind::BFloat16, 2, 40));
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn tau_attention_on_gpu_equals_cpu() {
+        let dev = cuda();
+        let (lq, lk) = (Tensor::rand([2, 3, 100], (Kind::Float, Device::Cpu)), Tensor::rand([2, 3, 100], (Kind::Float, Device::Cpu)));
+        let (v, it) = (Tensor::randn([2, 3, 100, 16], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[1.0f32, 5.0, 20.0]));
+        let (a, b) = (tau_attention(&lq, &lk, &v, &it), tau_attention(&lq.to(dev), &lk.to(dev), &v.to(dev), &it.to(dev)));
+        assert!(rel(&a, &b) < 1e-5);
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn corpus_laplacian_is_the_same_on_gpu_and_cpu() {
+        let dev = cuda();
+        let toks: Vec<u16> = fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/tiny")).unwrap()
+            .filter_map(|e| e.ok().map(|e| e.path())).flat_map(|p| tokenizer().encode_ordinary(&fs::read_to_string(p).unwrap()))
+            .map(|t| t as u16).collect();
+        let cfg = LapConfig { k_items: 1024, ..LapConfig::default() };
+        let (c, g) = (corpus_laplacian(&toks, &cfg, Device::Cpu).unwrap(), corpus_laplacian(&toks, &cfg, dev).unwrap());
+        assert!(rel(&c, &g) < 1e-3, "the build must not depend on the device: {}", rel(&c, &g));
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn memory_peaks_see_an_allocation() {
+        let dev = cuda();
+        unsafe { ext::tg_reset_memory_peaks(0) };
+        let t = Tensor::zeros([256, 1024, 1024], (Kind::Float, dev)); // 1 GiB
+        let (alloc, reserved) = memory_peaks(dev).unwrap();
+        assert!(alloc >= 1024.0 && reserved >= alloc, "{alloc} {reserved}");
+        drop(t);
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn nccl_group_of_one_reduces() {
+        let dev = cuda();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port() as i64;
+        let d = Dist::init(&DistEnv { rank: 0, world: 1, local_rank: 0, addr: "127.0.0.1".into(), port }, 30.0, true).unwrap();
+        let t = Tensor::from_slice(&[1.5f32, -2.0]).to(dev);
+        d.all_reduce(std::slice::from_ref(&t), true).unwrap();
+        d.all_reduce(std::slice::from_ref(&t), false).unwrap();
+        assert_eq!(Vec::<f32>::try_from(t.to(Device::Cpu)).unwrap(), vec![1.5, -2.0]);
+    }
+}
