@@ -1977,91 +1977,49 @@ pub fn stats_report(s: &Stats) -> String {
     )
 }
 
-#[derive(Clone, Copy)]
-enum Lex {
-    Code,
-    Block(u32),
-    Str,
-    Raw(usize),
-}
-
-fn is_ident(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_'
-}
-
-/// For each line of an embedded source, the innermost Rust `fn` around it; lines after the 40-dash rule
-/// belong to the kernel file named by the `# kernels/..` header above them. Braces count only outside
-/// comments, strings and char literals, so a `"{}"` in a format string doesn't move a function's end.
+/// For each line of an embedded source, the innermost Rust `fn` around it (syn parses the source; a source that
+/// does not parse owns nothing); lines after the 40-dash rule belong to the kernel file named by the `# kernels/..`
+/// header above them.
 fn fn_owners(src: &str) -> Vec<Option<String>> {
-    let (mut out, mut stack) = (vec![], Vec::<(String, usize, bool)>::new()); // (name, depth at `fn`, body opened)
-    let (mut depth, mut nest, mut st, mut kernel) = (0usize, 0i32, Lex::Code, None::<String>);
-    for line in src.lines() {
-        if kernel.is_some() || is_rule(line, b'-', 40) {
-            kernel = Some(line.strip_prefix("# ").map(|k| k.trim().to_string()).or(kernel).unwrap_or_default());
-            out.push(kernel.clone().filter(|k| !k.is_empty()));
-            continue;
+    let lines: Vec<&str> = src.lines().collect();
+    let rust = lines.iter().position(|l| is_rule(l, b'-', 40)).unwrap_or(lines.len());
+    let mut out = vec![None; lines.len()];
+    struct Fns(Vec<(String, usize, usize)>); // (name, first line, last line), 1-based
+    impl<'a> syn::visit::Visit<'a> for Fns {
+        fn visit_item_fn(&mut self, f: &'a syn::ItemFn) {
+            self.0.push((f.sig.ident.to_string(), f.span_lines().0, f.span_lines().1));
+            syn::visit::visit_item_fn(self, f);
         }
-        let (b, mut owner, mut i) = (line.as_bytes(), stack.last().map(|s| s.0.clone()), 0);
-        while i < b.len() {
-            let at = |s: &str| b[i..].starts_with(s.as_bytes());
-            match st {
-                Lex::Block(d) if at("*/") => (st, i) = (if d == 1 { Lex::Code } else { Lex::Block(d - 1) }, i + 1),
-                Lex::Block(d) if at("/*") => (st, i) = (Lex::Block(d + 1), i + 1),
-                Lex::Block(_) => {}
-                Lex::Str if b[i] == b'\\' => i += 1,
-                Lex::Str if b[i] == b'"' => st = Lex::Code,
-                Lex::Str => {}
-                Lex::Raw(h) if b[i] == b'"' && b[i + 1..].iter().take_while(|&&c| c == b'#').count() >= h => {
-                    (st, i) = (Lex::Code, i + h)
-                }
-                Lex::Raw(_) => {}
-                Lex::Code if at("//") => break,
-                Lex::Code if at("/*") => (st, i) = (Lex::Block(1), i + 1),
-                Lex::Code => match b[i] {
-                    b'"' => st = Lex::Str,
-                    // '\n', '\u{7f}', '{' are char literals; 'a alone is a lifetime
-                    b'\'' if b.get(i + 1) == Some(&b'\\') => {
-                        i += 3;
-                        while i < b.len() && b[i] != b'\'' {
-                            i += 1
-                        }
-                    }
-                    b'\'' if b.get(i + 2) == Some(&b'\'') => i += 2,
-                    b'(' | b'[' => nest += 1,
-                    b')' | b']' => nest -= 1,
-                    b'{' => {
-                        depth += 1;
-                        if let Some(top) = stack.last_mut().filter(|t| !t.2 && t.1 + 1 == depth) {
-                            top.2 = true;
-                        }
-                    }
-                    b'}' => {
-                        depth = depth.saturating_sub(1);
-                        // also drops bodiless declarations the `;` rule missed
-                        while stack.last().is_some_and(|t| t.1 > depth || (t.1 == depth && t.2)) {
-                            stack.pop();
-                        }
-                    }
-                    b';' if nest == 0 && stack.last().is_some_and(|t| !t.2 && t.1 == depth) => drop(stack.pop()),
-                    c if is_ident(c) && (i == 0 || !is_ident(b[i - 1])) => {
-                        let e = i + b[i..].iter().take_while(|&&c| is_ident(c)).count();
-                        let (w, h) = (&line[i..e], b[e..].iter().take_while(|&&c| c == b'#').count());
-                        let s = e + b[e..].iter().take_while(|c| c.is_ascii_whitespace()).count();
-                        let n = s + b[s..].iter().take_while(|&&c| is_ident(c)).count();
-                        i = e - 1;
-                        if (w == "r" || w == "br") && b.get(e + h) == Some(&b'"') {
-                            (st, i) = (Lex::Raw(h), e + h);
-                        } else if w == "fn" && s > e && n > s {
-                            stack.push((line[s..n].to_string(), depth, false));
-                            (owner, i) = (Some(line[s..n].to_string()), n - 1);
-                        }
-                    }
-                    _ => {}
-                },
-            }
-            i += 1;
+        fn visit_impl_item_fn(&mut self, f: &'a syn::ImplItemFn) {
+            self.0.push((f.sig.ident.to_string(), f.span_lines().0, f.span_lines().1));
+            syn::visit::visit_impl_item_fn(self, f);
         }
-        out.push(owner);
+        fn visit_trait_item_fn(&mut self, f: &'a syn::TraitItemFn) {
+            self.0.push((f.sig.ident.to_string(), f.span_lines().0, f.span_lines().1));
+            syn::visit::visit_trait_item_fn(self, f);
+        }
+    }
+    trait SpanLines {
+        fn span_lines(&self) -> (usize, usize);
+    }
+    impl<T: syn::spanned::Spanned> SpanLines for T {
+        fn span_lines(&self) -> (usize, usize) {
+            let s = self.span();
+            (s.start().line, s.end().line)
+        }
+    }
+    if let Ok(file) = syn::parse_file(&lines[..rust].join("\n")) {
+        let mut fns = Fns(vec![]);
+        syn::visit::Visit::visit_file(&mut fns, &file);
+        // outer functions come first in visiting order, so later (inner) ones overwrite them
+        for (name, first, last) in fns.0 {
+            (first..=last).for_each(|l| out[l - 1] = Some(name.clone()));
+        }
+    }
+    let mut kernel = None::<String>;
+    for (i, l) in lines.iter().enumerate().skip(rust) {
+        kernel = l.strip_prefix("# ").map(|k| k.trim().to_string()).or(kernel);
+        out[i] = kernel.clone();
     }
     out
 }
