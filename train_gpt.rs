@@ -2237,7 +2237,9 @@ mod tests {
         p
     }
 
-    const SRC: &str = r##"use std::fmt;
+    // The 40-dash rule is put in at run time: a literal one in this file would end the embedded source early.
+    static SRC: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| SRC_TEMPLATE.replace("<RULE>", &"-".repeat(40)));
+    const SRC_TEMPLATE: &str = r##"use std::fmt;
 
 /// lr schedule
 fn lr(step: usize) -> f64 {
@@ -2264,7 +2266,7 @@ fn main() {
     let k = r#"kernel { "#;
     println!("{}", lr(0));
 }
-----------------------------------------
+<RULE>
 # kernels/foo.cu
 __global__ void foo(float* x) { x[0] = 1.0f; }"##;
 
@@ -2302,9 +2304,9 @@ __global__ void foo(float* x) { x[0] = 1.0f; }"##;
 
     #[test]
     fn parses_full_log_with_crlf() {
-        let text = log_text(SRC, CFG, VALS, Some(SUMMARY), true).replace('\n', "\r\n");
+        let text = log_text(&SRC, CFG, VALS, Some(SUMMARY), true).replace('\n', "\r\n");
         let l = parse_log(&write("full.txt", &text)).unwrap();
-        assert_eq!(l.source, SRC);
+        assert_eq!(l.source, *SRC);
         assert_eq!(l.config["lr_muon"], json!(0.02));
         assert_eq!(l.data.as_ref().unwrap()["train_tokens"], json!(91322169));
         assert_eq!(l.val.len(), 4);
@@ -2418,7 +2420,7 @@ __global__ void foo(float* x) { x[0] = 1.0f; }"##;
 
     #[test]
     fn fn_owners_track_bodies() {
-        let o = fn_owners(SRC);
+        let o = fn_owners(&SRC);
         let at = |needle: &str| o[SRC.lines().position(|l| l.contains(needle)).unwrap()].as_deref();
         assert_eq!(at("not a brace"), Some("lr"));
         assert_eq!(at("0.02 * (1.0"), Some("lr"));
@@ -2435,8 +2437,8 @@ __global__ void foo(float* x) { x[0] = 1.0f; }"##;
         // 3 lines become 1, so old and new line numbers disagree after the change
         let loop_a = "for (a, b) in w.iter_mut().zip(g) {\n        *a -= 0.02 * b;\n    }";
         let src_b = SRC.replace(loop_a, "w.iter_mut().zip(g).for_each(|(a, b)| *a -= 0.03 * b);");
-        assert_ne!(src_b, SRC);
-        let a = parse_log(&write("da.txt", &log_text(SRC, CFG, VALS, Some(SUMMARY), true))).unwrap();
+        assert_ne!(src_b, *SRC);
+        let a = parse_log(&write("da.txt", &log_text(&SRC, CFG, VALS, Some(SUMMARY), true))).unwrap();
         let b = parse_log(&write("db.txt", &log_text(&src_b, &CFG.replace("0.02", "0.03"), &VALS[..2], None, false)))
             .unwrap();
         let r = diff_report(&a, &b);
@@ -2446,7 +2448,7 @@ __global__ void foo(float* x) { x[0] = 1.0f; }"##;
         assert!(r.contains("ms_per_step              130.00       130.00    1.000\n"), "{r}");
         assert!(r.contains("tokens_per_s          504000.00            -        -\n"), "{r}");
         // a key present on one side only
-        let mut c = parse_log(&write("dc.txt", &log_text(SRC, CFG, VALS, None, false))).unwrap();
+        let mut c = parse_log(&write("dc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap();
         c.config.remove("seed");
         assert!(diff_report(&a, &c).contains("  seed: 0 -> -\n"));
         assert!(diff_report(&a, &c).contains("source: identical\n"));
@@ -2454,8 +2456,8 @@ __global__ void foo(float* x) { x[0] = 1.0f; }"##;
 
     #[test]
     fn plot_writes_svg_atomically() {
-        let a = parse_log(&write("pa.txt", &log_text(SRC, CFG, VALS, Some(SUMMARY), true))).unwrap();
-        let mut b = parse_log(&write("pb.txt", &log_text(SRC, &CFG.replace("causal", "tau"), &VALS[..3], None, false)))
+        let a = parse_log(&write("pa.txt", &log_text(&SRC, CFG, VALS, Some(SUMMARY), true))).unwrap();
+        let mut b = parse_log(&write("pb.txt", &log_text(&SRC, &CFG.replace("causal", "tau"), &VALS[..3], None, false)))
             .unwrap();
         b.val.iter_mut().for_each(|v| v.2 += 0.1);
         let out = tmp("plot.svg");
@@ -2478,7 +2480,7 @@ __global__ void foo(float* x) { x[0] = 1.0f; }"##;
         }
         let [a, b] = [out.parent().unwrap().join("no-such-dir/plot.svg"), tmp("empty.svg")];
         assert!(plot_svg(&[], &b).is_err()); // nothing to plot
-        assert!(plot_svg(&[parse_log(&write("pc.txt", &log_text(SRC, CFG, VALS, None, false))).unwrap()], &a).is_err());
+        assert!(plot_svg(&[parse_log(&write("pc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap()], &a).is_err());
         assert!(!a.exists() && !b.exists() && !a.parent().unwrap().exists());
         let left: Vec<_> = std::fs::read_dir(out.parent().unwrap())
             .unwrap()
@@ -2874,6 +2876,12 @@ mod tests {
             assert!(f64::try_from(z.abs().max()).unwrap() <= SOFTCAP, "soft-capped");
             assert_eq!(m.loss(&idx, &idx, Reduction::Mean).size(), Vec::<i64>::new());
         }
+    }
+
+    #[test]
+    fn the_embedded_source_has_no_log_separator_lines() {
+        // a log splits at its first 100-'=' line and at 40-'-' lines: the harness's own source must hold neither
+        assert!(!SOURCE.lines().any(|l| l.trim_end() == "=".repeat(100) || l.trim_end() == "-".repeat(40)));
     }
 
     #[test]
