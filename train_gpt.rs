@@ -201,6 +201,9 @@ struct TrainArgs {
     /// Seconds a rank waits for the others (rendezvous, all-reduce) before it fails
     #[arg(long, default_value_t = 60.0)]
     dist_timeout: f64,
+    /// tau: attention this many query rows at a time, scores recomputed in the backward (0: all T×T scores at once)
+    #[arg(long, default_value_t = 0)]
+    tau_chunk: i64,
     /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once)
     #[arg(long, default_value_t = 0)]
     head_chunk: i64,
@@ -843,6 +846,7 @@ struct Model {
     tau: f64,         // tau: the global energy scale
     inv_temp: Tensor, // tau: [n_layer, H] fixed inverse temperature; tau-lt: unused
     cdt: Kind,        // compute dtype (bf16 on CUDA)
+    tau_chunk: i64,   // tau: query rows a chunk in `tau_attention_chunked` (0: the plain path)
 }
 
 fn rms(x: &Tensor) -> Tensor {
@@ -865,6 +869,16 @@ fn taumode(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
     let e = (xf.matmul(&lap) * &xf).sum_dim_intlist(-1, false, xf.kind()) / (xf.square().sum_dim_intlist(-1, false, xf.kind()) + LAMBDA_EPS);
     let lam = &e / (&e + tau);
     (e, lam)
+}
+
+// The same attention, `chunk` query rows at a time with the backward recomputing the scores (kernels/ext.cpp), so
+// that at most chunk×T scores exist at once instead of T×T.
+fn tau_attention_chunked(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor, chunk: i64) -> Tensor {
+    let mut err = vec![0u8; 512];
+    let p = |t: &Tensor| t.as_ptr() as *mut std::os::raw::c_void;
+    let out = unsafe { ext::tg_tau_attention(p(lq), p(lk), p(v), p(inv_temp), chunk, err.as_mut_ptr() as *mut _, err.len()) };
+    assert!(!out.is_null(), "tau attention (chunked): {}", ffi_err(&err));
+    unsafe { Tensor::from_ptr(out as *mut _) }
 }
 
 // Tau attention over scalars: logits −|λq(i) − λk(j)|·inv_temp, causal, softmax, then the full value vectors.
@@ -936,7 +950,7 @@ impl Model {
         let f = Tensor::arange(cfg.seq_len, (Kind::Float, dev)).outer(&inv);
         let lap = lap.map(|l| l.to(dev)).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)));
         let inv_temp = Tensor::full([cfg.n_layer, h], 1.0 / tau_temp, (Kind::Float, dev));
-        Model { cos: f.cos(), sin: f.sin(), cfg, params, lap, tau, inv_temp, cdt }
+        Model { cos: f.cos(), sin: f.sin(), cfg, params, lap, tau, inv_temp, cdt, tau_chunk: 0 }
     }
 
     fn p(&self, name: &str) -> &Tensor {
@@ -993,7 +1007,11 @@ impl Model {
                 let (lk, v) = match cache.as_deref_mut() { Some(c) => c.append(l, lk, v), None => (lk, v) };
                 let group = self.cfg.n_head / self.cfg.kv_heads(); // query heads a key/value head serves
                 let (lk, v) = if group > 1 { (lk.repeat_interleave_self_int(group, 1, None), v.repeat_interleave_self_int(group, 1, None)) } else { (lk, v) };
-                tau_attention(&lq, &lk, &v, &self.layer_inv_temp(l))
+                if self.tau_chunk > 0 {
+                    tau_attention_chunked(&lq, &lk, &v, &self.layer_inv_temp(l), self.tau_chunk)
+                } else {
+                    tau_attention(&lq, &lk, &v, &self.layer_inv_temp(l))
+                }
             } else {
                 let (k, v) = match cache.as_deref_mut() { Some(c) => c.append(l, k, v), None => (k, v) };
                 let tk = k.size()[2];
@@ -1325,9 +1343,12 @@ fn write_header(log: &mut Log, dev: Device) {
 }
 
 mod ext {
+    use std::os::raw::{c_char, c_void};
     extern "C" {
         pub fn tg_memory_peaks(device: i32, peak_allocated: *mut i64, peak_reserved: *mut i64);
         pub fn tg_reset_memory_peaks(device: i32);
+        // at::Tensor* in and out: tch's handles
+        pub fn tg_tau_attention(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, chunk: i64, err: *mut c_char, errlen: usize) -> *mut c_void;
     }
 }
 
@@ -1603,6 +1624,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         (None, None)
     };
     let mut model = Model::new(cfg.clone(), dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
+    model.tau_chunk = a.tau_chunk;
     if cfg.is_tau() {
         model.tau = match a.tau {
             Some(t) => t,
@@ -1701,6 +1723,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         let variant = cfg.attn.clone();
         let lap = cfg.is_tau().then(|| chain_laplacian(cfg.head_dim()));
         let mut model = Model::new(cfg, dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
+        model.tau_chunk = a.tau_chunk;
         let mut opt = Optim::new(&model);
         let x = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
         let y = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
@@ -2750,6 +2773,28 @@ mod tests {
     // (variant, n_kv_head): full heads and grouped-query attention
     const VARIANTS: [(&str, i64); 5] = [("causal", 0), ("tau", 0), ("tau-lt", 0), ("causal", 1), ("tau", 1)];
 
+    #[test]
+    fn a_model_with_chunked_tau_attention_is_the_same_model() {
+        for attn in ["tau", "tau-lt"] {
+            let mut m = small(attn, 512);
+            let (x, y) = (Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu)));
+            let mut run = |chunk: i64| {
+                m.tau_chunk = chunk;
+                for (_, p) in m.params.iter_mut() {
+                    p.zero_grad();
+                }
+                let l = m.loss_backward(&x, &y, 0, 1.0).double_value(&[]);
+                (l, m.params.iter().map(|(_, p)| p.grad().copy()).collect::<Vec<_>>())
+            };
+            let (l0, g0) = run(0);
+            let (l1, g1) = run(5);
+            assert!((l0 - l1).abs() < 1e-5, "{attn}: {l0} vs {l1}");
+            for (a, b) in g0.iter().zip(&g1) {
+                assert!((a - b).abs().max().double_value(&[]) < 1e-5 * (1.0 + a.abs().max().double_value(&[])), "{attn}");
+            }
+        }
+    }
+
     fn small(attn: &str, vocab: i64) -> Model {
         small_kv(attn, vocab, 0)
     }
@@ -3070,6 +3115,32 @@ mod tests {
                     let got = Vec::<f64>::try_from(y.get(0).get(hh).get(i as i64)).unwrap();
                     assert!(got.iter().zip(wi).all(|(g, w)| (g - w).abs() < 1e-10), "tq={tq} head {hh} row {i}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_tau_attention_matches_the_plain_path() {
+        let opts = (Kind::Double, Device::Cpu);
+        for (tq, tk, chunk, learn) in [(13, 13, 4, true), (13, 13, 13, false), (5, 13, 2, true), (1, 9, 3, true), (16, 16, 100, false)] {
+            let lq = Tensor::rand([2, 3, tq], opts).set_requires_grad(true);
+            let lk = Tensor::rand([2, 3, tk], opts).set_requires_grad(true);
+            let v = Tensor::randn([2, 3, tk, 5], opts).set_requires_grad(true);
+            let it = Tensor::from_slice(&[1.0f64, 6.0, 20.0]).set_requires_grad(learn);
+            let probe = Tensor::randn([2, 3, tq, 5], opts);
+            let grads = |y: Tensor| {
+                (y.shallow_clone() * &probe).sum(Kind::Double).backward();
+                let g: Vec<Tensor> = [&lq, &lk, &v, &it].iter().map(|t| { let g = t.grad(); if g.defined() { g.copy() } else { Tensor::zeros([1], opts) } }).collect();
+                for t in [&lq, &lk, &v, &it] {
+                    t.shallow_clone().zero_grad();
+                }
+                (y.detach(), g)
+            };
+            let (y0, g0) = grads(tau_attention(&lq, &lk, &v, &it));
+            let (y1, g1) = grads(tau_attention_chunked(&lq, &lk, &v, &it, chunk));
+            assert!((&y0 - &y1).abs().max().double_value(&[]) < 1e-12, "tq {tq} tk {tk} chunk {chunk}: forward");
+            for (i, (a, b)) in g0.iter().zip(&g1).enumerate() {
+                assert!((a - b).abs().max().double_value(&[]) < 1e-10, "tq {tq} tk {tk} chunk {chunk}: gradient of input {i}");
             }
         }
     }
@@ -3445,6 +3516,29 @@ mod gpu_tests {
         let (v, it) = (Tensor::randn([2, 3, 100, 16], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[1.0f32, 5.0, 20.0]));
         let (a, b) = (tau_attention(&lq, &lk, &v, &it), tau_attention(&lq.to(dev), &lk.to(dev), &v.to(dev), &it.to(dev)));
         assert!(rel(&a, &b) < 1e-5);
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn chunked_tau_attention_matches_plain_on_gpu() {
+        let dev = cuda();
+        let (lq, lk) = (Tensor::rand([4, 6, 1024], (Kind::Float, dev)).set_requires_grad(true), Tensor::rand([4, 6, 1024], (Kind::Float, dev)).set_requires_grad(true));
+        let v = Tensor::randn([4, 6, 1024, 64], (Kind::BFloat16, dev)).set_requires_grad(true);
+        let it = Tensor::full([6], 20.0, (Kind::Float, dev)).set_requires_grad(true);
+        let probe = Tensor::randn([4, 6, 1024, 64], (Kind::BFloat16, dev));
+        let mut run = |chunk: i64| {
+            let y = if chunk > 0 { tau_attention_chunked(&lq, &lk, &v, &it, chunk) } else { tau_attention(&lq, &lk, &v, &it) };
+            (y.to_kind(Kind::Float) * probe.to_kind(Kind::Float)).sum(Kind::Float).backward();
+            let g: Vec<Tensor> = [&lq, &lk, &v, &it].iter().map(|t| t.grad().copy()).collect();
+            [&lq, &lk, &v, &it].iter().for_each(|t| t.shallow_clone().zero_grad());
+            (y.detach(), g)
+        };
+        let (y0, g0) = run(0);
+        let (y1, g1) = run(128);
+        assert!(rel(&y0, &y1) < 1e-2);
+        for (i, (a, b)) in g0.iter().zip(&g1).enumerate() {
+            assert!(rel(a, b) < 2e-2, "gradient {i}: {}", rel(a, b));
+        }
     }
 
     #[test]

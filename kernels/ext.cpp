@@ -99,3 +99,75 @@ extern "C" void tg_dist_free(void* dist) {
   if (d->pg) d->pg->shutdown();
   delete d;
 }
+
+// ---- Tau attention in query chunks: the T×T scores never exist whole (at most chunk×T of them at a time).
+// Forward keeps only the output and each row's log-sum-exp; backward recomputes a chunk's scores from λq, λk.
+// The arithmetic mirrors the plain path (scores and softmax in λ's dtype, probabilities cast to V's for the product).
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace {
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Scores −|λq − λk|·inv_temp of query rows [q0, q1) against all keys, with the future masked to −inf.
+at::Tensor tau_scores(const at::Tensor& lq, const at::Tensor& lk, const at::Tensor& it, int64_t q0, int64_t q1) {
+  const int64_t tq = lq.size(2), tk = lk.size(2);
+  auto diff = lq.slice(2, q0, q1).unsqueeze(-1) - lk.unsqueeze(-2);  // [B,H,c,Tk]
+  auto s = -diff.abs() * it.view({1, -1, 1, 1}).to(lq.scalar_type());
+  auto qi = at::arange(q0, q1, lq.options().dtype(at::kLong)) + (tk - tq);  // a query's last visible key
+  auto kj = at::arange(tk, lq.options().dtype(at::kLong));
+  return s.masked_fill(kj.unsqueeze(0) > qi.unsqueeze(1), -std::numeric_limits<double>::infinity());
+}
+
+struct TauAttention : public torch::autograd::Function<TauAttention> {
+  static at::Tensor forward(AutogradContext* ctx, at::Tensor lq, at::Tensor lk, at::Tensor v, at::Tensor it, int64_t chunk) {
+    const int64_t tq = lq.size(2);
+    auto out = at::empty({v.size(0), v.size(1), tq, v.size(3)}, v.options());
+    auto lse = at::empty_like(lq);
+    for (int64_t q0 = 0; q0 < tq; q0 += chunk) {
+      const int64_t q1 = std::min(q0 + chunk, tq);
+      auto s = tau_scores(lq, lk, it, q0, q1);
+      auto l = at::logsumexp(s, -1, true);
+      lse.slice(2, q0, q1).copy_(l.squeeze(-1));
+      out.slice(2, q0, q1).copy_(at::exp(s - l).to(v.scalar_type()).matmul(v));
+    }
+    ctx->save_for_backward({lq, lk, v, it, lse});
+    ctx->saved_data["chunk"] = chunk;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto &lq = saved[0], &lk = saved[1], &v = saved[2], &it = saved[3], &lse = saved[4];
+    const int64_t chunk = ctx->saved_data["chunk"].toInt(), tq = lq.size(2);
+    auto dout = grads[0];
+    auto dlq = at::empty_like(lq), dlk = at::zeros_like(lk), dv = at::zeros_like(v);
+    auto dit = at::zeros({it.size(0)}, lq.options());
+    auto itb = it.view({1, -1, 1, 1}).to(lq.scalar_type());
+    for (int64_t q0 = 0; q0 < tq; q0 += chunk) {
+      const int64_t q1 = std::min(q0 + chunk, tq);
+      auto p = at::exp(tau_scores(lq, lk, it, q0, q1) - lse.slice(2, q0, q1).unsqueeze(-1));  // softmax, recomputed
+      auto doc = dout.slice(2, q0, q1);
+      dv += p.to(v.scalar_type()).transpose(-1, -2).matmul(doc);
+      auto dp = doc.matmul(v.transpose(-1, -2)).to(p.scalar_type());
+      auto ds = p * (dp - (dp * p).sum(-1, true));  // softmax backward
+      auto diff = lq.slice(2, q0, q1).unsqueeze(-1) - lk.unsqueeze(-2);
+      auto g = ds * (-itb) * diff.sign();  // ∂s/∂λq = −inv_temp·sign(λq − λk) = −∂s/∂λk
+      dlq.slice(2, q0, q1).copy_(g.sum(-1));
+      dlk -= g.sum(-2);
+      dit -= (ds * diff.abs()).sum({0, 2, 3});
+    }
+    return {dlq, dlk, dv, it.requires_grad() ? dit.to(it.scalar_type()) : at::Tensor(), at::Tensor()};
+  }
+};
+}  // namespace
+
+// out = tau attention of (λq [B,H,Tq], λk [B,H,Tk], V [B,H,Tk,D], inv_temp [H]), differentiable; null + err on failure.
+extern "C" at::Tensor* tg_tau_attention(at::Tensor* lq, at::Tensor* lk, at::Tensor* v, at::Tensor* it, int64_t chunk, char* err, size_t errlen) {
+  try {
+    return new at::Tensor(TauAttention::apply(*lq, *lk, *v, *it, chunk));
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return nullptr;
+  }
+}
