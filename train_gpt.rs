@@ -3526,7 +3526,7 @@ mod gpu_tests {
         let v = Tensor::randn([4, 6, 1024, 64], (Kind::BFloat16, dev)).set_requires_grad(true);
         let it = Tensor::full([6], 20.0, (Kind::Float, dev)).set_requires_grad(true);
         let probe = Tensor::randn([4, 6, 1024, 64], (Kind::BFloat16, dev));
-        let mut run = |chunk: i64| {
+        let run = |chunk: i64| {
             let y = if chunk > 0 { tau_attention_chunked(&lq, &lk, &v, &it, chunk) } else { tau_attention(&lq, &lk, &v, &it) };
             (y.to_kind(Kind::Float) * probe.to_kind(Kind::Float)).sum(Kind::Float).backward();
             let g: Vec<Tensor> = [&lq, &lk, &v, &it].iter().map(|t| t.grad().copy()).collect();
