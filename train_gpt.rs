@@ -874,10 +874,9 @@ fn taumode(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
 // The same attention, `chunk` query rows at a time with the backward recomputing the scores (kernels/ext.cpp), so
 // that at most chunk×T scores exist at once instead of T×T.
 fn tau_attention_chunked(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor, chunk: i64) -> Tensor {
-    let mut err = vec![0u8; 512];
     let p = |t: &Tensor| t.as_ptr() as *mut std::os::raw::c_void;
-    let out = unsafe { ext::tg_tau_attention(p(lq), p(lk), p(v), p(inv_temp), chunk, err.as_mut_ptr() as *mut _, err.len()) };
-    assert!(!out.is_null(), "tau attention (chunked): {}", ffi_err(&err));
+    let (out, err) = ffi(|e, n| unsafe { ext::tg_tau_attention(p(lq), p(lk), p(v), p(inv_temp), chunk, e, n) });
+    assert!(!out.is_null(), "tau attention (chunked): {err}");
     unsafe { Tensor::from_ptr(out as *mut _) }
 }
 
@@ -1145,6 +1144,12 @@ fn tau_diagnostics(m: &Model, val: &[u16], b: i64, step: i64) -> Value {
     json!({"step": step, "lambda_p05": q(0.05), "lambda_p50": q(0.5), "lambda_p95": q(0.95), "inv_temp": inv})
 }
 
+// Model FLOPs utilisation of one GPU at `tokens_per_s`: llm.c's 6N + 6·L·C·T FLOPs a token over the bf16 peak.
+fn mfu(m: &Model, tokens_per_s: f64) -> f64 {
+    let c = &m.cfg;
+    round4(tokens_per_s * (6.0 * m.n_params() as f64 + 6.0 * (c.n_layer * c.n_embd * c.seq_len) as f64) / H100_BF16_PEAK)
+}
+
 fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
@@ -1409,40 +1414,40 @@ struct Dist {
     failed: std::cell::Cell<bool>, // after an error nobody waits for anybody on the way out
 }
 
-fn ffi_err(buf: &[u8]) -> String {
-    String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap_or(buf.len())]).to_string()
+// Calls into kernels/ext.cpp with an error buffer: (the result, the error message it wrote, "" if none).
+fn ffi<T>(call: impl FnOnce(*mut std::os::raw::c_char, usize) -> T) -> (T, String) {
+    let mut buf = vec![0u8; 512];
+    let r = call(buf.as_mut_ptr() as *mut _, buf.len());
+    (r, String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap_or(buf.len())]).to_string())
 }
 
 impl Dist {
     // Meets the other ranks at MASTER_ADDR:MASTER_PORT (rank 0 serves the store); with NCCL on CUDA also forms the group.
     fn init(e: &DistEnv, timeout_s: f64, nccl: bool) -> Res<Dist> {
-        let mut err = vec![0u8; 512];
         let host = std::ffi::CString::new(e.addr.clone()).map_err(|_| "MASTER_ADDR holds a NUL byte".to_string())?;
-        let ptr = unsafe { dist_ffi::tg_dist_init(host.as_ptr(), e.port as i32, e.rank as i32, e.world as i32, (timeout_s * 1e3) as i32, nccl as i32, err.as_mut_ptr() as *mut _, err.len()) };
+        let (ptr, err) = ffi(|b, n| unsafe { dist_ffi::tg_dist_init(host.as_ptr(), e.port as i32, e.rank as i32, e.world as i32, (timeout_s * 1e3) as i32, nccl as i32, b, n) });
         if ptr.is_null() {
-            return Err(format!("rank {}: rendezvous at {}:{} failed ({}); check MASTER_ADDR/MASTER_PORT and that all {} ranks start", e.rank, e.addr, e.port, ffi_err(&err), e.world));
+            return Err(format!("rank {}: rendezvous at {}:{} failed ({err}); check MASTER_ADDR/MASTER_PORT and that all {} ranks start", e.rank, e.addr, e.port, e.world));
         }
         Ok(Dist { ptr, rank: e.rank, world: e.world, failed: false.into() })
     }
     // In place over the ranks: average (avg) or sum. A rank that died or hangs surfaces here as an error after the timeout.
     fn all_reduce(&self, ts: &[Tensor], avg: bool) -> Res<()> {
-        let mut err = vec![0u8; 512];
         let ptrs: Vec<*mut std::os::raw::c_void> = ts.iter().map(|t| t.as_ptr() as *mut _).collect(); // tch's handle is the at::Tensor*
-        let rc = unsafe { dist_ffi::tg_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, avg as i32, err.as_mut_ptr() as *mut _, err.len()) };
+        let (rc, err) = ffi(|b, n| unsafe { dist_ffi::tg_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, avg as i32, b, n) });
         if rc != 0 {
             self.failed.set(true);
-            return Err(format!("rank {}: all-reduce failed ({}); another rank died or hung, see its error", self.rank, ffi_err(&err)));
+            return Err(format!("rank {}: all-reduce failed ({err}); another rank died or hung, see its error", self.rank));
         }
         Ok(())
     }
     // Every rank reaches `name` or, after the store's timeout, this one fails naming how many came.
     fn barrier(&self, name: &str) -> Res<()> {
-        let mut err = vec![0u8; 512];
         let key = std::ffi::CString::new(format!("barrier/{name}")).unwrap();
-        let v = unsafe { dist_ffi::tg_store_add(self.ptr, key.as_ptr(), 1, self.world, err.as_mut_ptr() as *mut _, err.len()) };
+        let (v, err) = ffi(|b, n| unsafe { dist_ffi::tg_store_add(self.ptr, key.as_ptr(), 1, self.world, b, n) });
         if v < 0 {
             self.failed.set(true);
-            return Err(format!("rank {}: barrier {name}: {}; another rank died or hung, see its error", self.rank, ffi_err(&err)));
+            return Err(format!("rank {}: barrier {name}: {err}; another rank died or hung, see its error", self.rank));
         }
         Ok(())
     }
@@ -1451,13 +1456,10 @@ impl Dist {
 // Rank 0 serves the store, so it leaves last: it waits (up to the timeout) until every rank has checked out.
 impl Drop for Dist {
     fn drop(&mut self) {
-        let mut err = vec![0u8; 512];
         let key = std::ffi::CString::new("exit").unwrap();
         let wait_for = if self.rank == 0 && !self.failed.get() { self.world } else { 0 };
-        unsafe {
-            dist_ffi::tg_store_add(self.ptr, key.as_ptr(), 1, wait_for, err.as_mut_ptr() as *mut _, err.len());
-            dist_ffi::tg_dist_free(self.ptr);
-        }
+        let _ = ffi(|b, n| unsafe { dist_ffi::tg_store_add(self.ptr, key.as_ptr(), 1, wait_for, b, n) });
+        unsafe { dist_ffi::tg_dist_free(self.ptr) };
     }
 }
 
@@ -1694,8 +1696,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         save_checkpoint(&model, path)?;
         log.line(&format!("checkpoint: {}", path.display()));
     }
-    let flops_per_token = 6.0 * n_params as f64 + 6.0 * (a.n_layer * a.n_embd * a.seq_len) as f64; // llm.c
-    let mfu = gpu.is_some().then(|| round4(tokens_per_s * flops_per_token / (H100_BF16_PEAK * world_size as f64)));
+    let mfu = gpu.is_some().then(|| mfu(&model, tokens_per_s / world_size as f64));
     let per_rank: Vec<f64> = Vec::<f64>::try_from(per_rank.to(Device::Cpu).to_kind(Kind::Double)).unwrap().into_iter().map(f64::round).collect();
     let summary = json!({"variant": variant, "track": track, "laplacian": cfg.is_tau().then(|| a.laplacian.clone()), "steps": a.steps,
         "final_val_loss": round4(final_val), "target_val_loss": a.target_val_loss, "time_to_target_ms": time_to_target.map(|t| t.round()),
@@ -1741,9 +1742,9 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         sync(dev);
         let ms = t0.elapsed().as_secs_f64() * 1e3 / b.bench_steps as f64;
         let tok_s = (a.batch_size * a.seq_len) as f64 / (ms / 1e3);
-        let flops = 6.0 * model.n_params() as f64 + 6.0 * (a.n_layer * a.n_embd * a.seq_len) as f64;
+
         let row = json!({"impl": "rust", "attn": variant, "optimizer": "muon+adam", "batch": a.batch_size, "seq": a.seq_len,
-            "ms_per_step": round4(ms), "tokens_per_s": tok_s.round(), "mfu": gpu.is_some().then(|| round4(tok_s * flops / H100_BF16_PEAK)),
+            "ms_per_step": round4(ms), "tokens_per_s": tok_s.round(), "mfu": gpu.is_some().then(|| mfu(&model, tok_s)),
             "peak_mem_mib": memory_peaks(dev).map(|p| p.0.round()), "device": format!("{dev:?}"), "gpu": gpu, "compute_dtype": format!("{cdt:?}")});
         println!("{row}");
         rows.push(row);
