@@ -1789,7 +1789,7 @@ fn is_rule(l: &str, c: u8, n: usize) -> bool {
 
 pub fn parse_log(path: &Path) -> Result<RunLog, String> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{p}: {e}"))?.replace("\r\n", "\n");
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{p}: {e}; pass a train_gpt log (logs/ or records/)"))?.replace("\r\n", "\n");
     let lines: Vec<&str> = text.lines().collect();
     let eq = lines
         .iter()
@@ -2689,11 +2689,12 @@ fn cmd_sample(a: &SampleArgs) -> Res<()> {
 // main
 
 fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
-    let a = parse_logs(logs)?;
-    println!("{}", records::stats_report(&records::stats(&a)?));
-    if !vs.is_empty() {
-        println!("{}", records::compare_report(&a, &parse_logs(vs)?)?);
+    let (a, b) = (parse_logs(logs)?, parse_logs(vs)?); // every log read before anything is printed
+    let mut out = records::stats_report(&records::stats(&a)?);
+    if !b.is_empty() {
+        out += &records::compare_report(&a, &b)?;
     }
+    println!("{out}");
     Ok(())
 }
 
