@@ -248,9 +248,10 @@ struct BenchDecodeArgs {
     /// Checkpoints written by --save-checkpoint, e.g. one per variant
     #[arg(long, required = true, num_args = 1..)]
     checkpoint: Vec<PathBuf>,
-    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    #[arg(long, value_delimiter = ',', default_value = "128")]
     prompt_lens: Vec<i64>,
-    #[arg(long, value_delimiter = ',', default_value = "128,384")]
+    /// Tokens generated; past the trained context the model runs on with a longer RoPE table (cost only)
+    #[arg(long, value_delimiter = ',', default_value = "128,1024,4096")]
     gen_lens: Vec<i64>,
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
     batch_sizes: Vec<i64>,
@@ -854,6 +855,13 @@ fn rms(x: &Tensor) -> Tensor {
     x.rms_norm([*x.size().last().unwrap()], None::<Tensor>, None)
 }
 
+// RoPE's cos and sin for positions 0..n, [n, d/2] (fp32).
+fn rope_tables(d: i64, n: i64, dev: Device) -> (Tensor, Tensor) {
+    let inv = Tensor::arange_start_step(0, d, 2, (Kind::Float, dev)).divide_scalar(d as f64).multiply_scalar(-ROPE_BASE.ln()).exp();
+    let f = Tensor::arange(n, (Kind::Float, dev)).outer(&inv);
+    (f.cos(), f.sin())
+}
+
 // Rotates x [B,H,T,D] as positions pos..pos+T (pos > 0 when decoding after a cached prefix).
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: i64) -> Tensor {
     let (t, d) = (x.size()[2], x.size()[3] / 2);
@@ -944,12 +952,10 @@ impl Model {
             }
         }
         let params = params.into_iter().map(|(n, p)| (n, p.set_requires_grad(true))).collect();
-        let d = cfg.head_dim();
-        let inv = Tensor::arange_start_step(0, d, 2, (Kind::Float, dev)).divide_scalar(d as f64).multiply_scalar(-ROPE_BASE.ln()).exp();
-        let f = Tensor::arange(cfg.seq_len, (Kind::Float, dev)).outer(&inv);
+        let (cos, sin) = rope_tables(cfg.head_dim(), cfg.seq_len, dev);
         let lap = lap.map(|l| l.to(dev)).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)));
         let inv_temp = Tensor::full([cfg.n_layer, h], 1.0 / tau_temp, (Kind::Float, dev));
-        Model { cos: f.cos(), sin: f.sin(), cfg, params, lap, tau, inv_temp, cdt, tau_chunk: 0 }
+        Model { cos, sin, cfg, params, lap, tau, inv_temp, cdt, tau_chunk: 0 }
     }
 
     fn p(&self, name: &str) -> &Tensor {
@@ -993,7 +999,7 @@ impl Model {
     fn forward(&self, idx: &Tensor, mut cache: Option<&mut Cache>, mut lams: Option<&mut Vec<Tensor>>) -> Tensor {
         let (b, t, c) = (idx.size()[0], idx.size()[1], self.cfg.n_embd);
         let pos = cache.as_ref().map_or(0, |c| c.len());
-        assert!(pos + t <= self.cfg.seq_len, "sequence longer than the RoPE table");
+        assert!(pos + t <= self.cos.size()[0], "sequence longer than the RoPE table");
         let mut x = self.embed(idx);
         for l in 0..self.cfg.n_layer {
             let (q, k, v) = self.qkv(l, &rms(&x).to_kind(self.cdt), pos);
@@ -2641,13 +2647,16 @@ fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
     let dev = pick_device(&a.device)?;
     let mut rows = vec![];
     for path in &a.checkpoint {
-        let m = load_checkpoint(path, dev)?;
+        let mut m = load_checkpoint(path, dev)?;
         for &b in &a.batch_sizes {
             for &p in &a.prompt_lens {
                 for &g in &a.gen_lens {
-                    if p + g > m.cfg.seq_len || p < 1 || g < 1 || b < 1 {
-                        eprintln!("skip: prompt {p} + gen {g} exceeds the context {} (or a size < 1)", m.cfg.seq_len);
-                        continue;
+                    if p < 1 || g < 1 || b < 1 {
+                        return Err(format!("sizes must be ≥ 1 (batch {b}, prompt {p}, gen {g})"));
+                    }
+                    // Past the trained context the tokens are meaningless but the cost is real: longer RoPE tables.
+                    if p + g > m.cos.size()[0] {
+                        (m.cos, m.sin) = rope_tables(m.cfg.head_dim(), p + g, dev);
                     }
                     tch::manual_seed(0);
                     let prompt = Tensor::randint(GPT2_VOCAB.min(m.cfg.vocab_size), [b, p], (Kind::Int64, dev));
@@ -2658,6 +2667,7 @@ fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
                     let marks: Vec<usize> = (0..8).map(|i| i * (g as usize - 1) / 7).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
                     let per_pos: Vec<Value> = marks.iter().map(|&i| json!([p + i as i64, round4(runs.iter().map(|r| r.1[i]).sum::<f64>() / runs.len() as f64)])).collect();
                     let row = json!({"attn": m.cfg.attn, "device": format!("{dev:?}"), "gpu": gpu_name(dev), "batch": b, "prompt_len": p, "gen_len": g,
+                        "beyond_trained_context": p + g > m.cfg.seq_len,
                         "tokens_per_s": round4(tps[tps.len() / 2]), "prefill_ms": round4(runs.iter().map(|r| r.0).sum::<f64>() / runs.len() as f64),
                         "ms_per_token_at_position": per_pos, "cache_bytes": runs[0].2, "cache_bytes_formula": cache_bytes_formula(&m.cfg, m.cdt, b, p + g),
                         "checkpoint": path.display().to_string()});
