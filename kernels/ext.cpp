@@ -10,6 +10,12 @@ extern "C" void tg_memory_peaks(int device, int64_t* peak_allocated, int64_t* pe
   *peak_reserved = s.reserved_bytes[AGG].peak;
 }
 
+// Bytes the caching allocator holds allocated right now (torch.cuda.memory_allocated).
+extern "C" int64_t tg_memory_allocated(int device) {
+  auto s = at::accelerator::getDeviceStats(static_cast<c10::DeviceIndex>(device));
+  return s.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
+}
+
 extern "C" void tg_reset_memory_peaks(int device) {
   at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
 }

@@ -205,6 +205,7 @@ fn bench_decode_measures_cache_and_speed_for_both_variants() {
     assert_eq!(rows.len(), 8, "2 checkpoints × 2 batch sizes × 2 prompt lengths");
     for r in &rows {
         assert_eq!(r["cache_bytes"], r["cache_bytes_formula"], "{r}");
+        assert!(r["cache_bytes_allocated"].is_null(), "no allocator statistics on the CPU: {r}");
         // 40 + 6 tokens run past the trained context of 32 (a longer RoPE table) and say so
         assert_eq!(r["beyond_trained_context"].as_bool(), Some(r["prompt_len"] == 40), "{r}");
         assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
