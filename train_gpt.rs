@@ -15,7 +15,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
 
 const SOURCE: &str = include_str!("train_gpt.rs");
-const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp"))];
+const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp")), ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu"))];
 const SHARD_MAGIC: i32 = 20240520; // modded-nanogpt / llm.c token shard
 const SHARD_VERSION: i32 = 1;
 const HEADER_INTS: usize = 256;
@@ -28,6 +28,7 @@ const ROPE_BASE: f64 = 10000.0;
 const SOFTCAP: f64 = 15.0;
 const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315); // Muon's quintic Newton–Schulz
 const H100_BF16_PEAK: f64 = 989e12; // dense bf16 FLOP/s of H100/H200 SXM (llm.c's table); MFU denominator
+const FUSED_HEAD_DIMS: [i64; 3] = [32, 64, 128]; // the head dims kernels/tau_attn.cu is instantiated for
 
 // ----------------------------------------------------------------------------------------------------------------
 // Command line
@@ -99,6 +100,15 @@ enum Attn {
     Tau,
     /// topological attention with a learned per-head inverse temperature (log-parameterised)
     TauLt,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Kernels {
+    /// tau attention through libtorch ops (all T×T scores, or --tau-chunk rows of them at a time)
+    Plain,
+    /// tau attention through the CUDA kernels of kernels/tau_attn.cu: scores made on the fly, never stored (CUDA only)
+    Fused,
 }
 
 #[derive(clap::Args, Clone, Serialize, Debug)]
@@ -204,6 +214,9 @@ struct TrainArgs {
     /// tau: attention this many query rows at a time, scores recomputed in the backward (0: all T×T scores at once)
     #[arg(long, default_value_t = 0)]
     tau_chunk: i64,
+    /// tau: how attention runs (fused: CUDA only, not with --tau-chunk)
+    #[arg(long, value_enum, default_value = "plain")]
+    kernels: Kernels,
     /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once)
     #[arg(long, default_value_t = 0)]
     head_chunk: i64,
@@ -847,6 +860,7 @@ struct Model {
     inv_temp: Tensor, // tau: [n_layer, H] fixed inverse temperature; tau-lt: unused
     cdt: Kind,        // compute dtype (bf16 on CUDA)
     tau_chunk: i64,   // tau: query rows a chunk in `tau_attention_chunked` (0: the plain path)
+    kernels: Kernels, // tau: fused runs `tau_attention_fused` (then tau_chunk is 0)
 }
 
 fn rms(x: &Tensor) -> Tensor {
@@ -874,9 +888,24 @@ fn taumode(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
 // The same attention, `chunk` query rows at a time with the backward recomputing the scores (kernels/ext.cpp), so
 // that at most chunk×T scores exist at once instead of T×T.
 fn tau_attention_chunked(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor, chunk: i64) -> Tensor {
-    let p = |t: &Tensor| t.as_ptr() as *mut std::os::raw::c_void;
-    let (out, err) = ffi(|e, n| unsafe { ext::tg_tau_attention(p(lq), p(lk), p(v), p(inv_temp), chunk, e, n) });
-    assert!(!out.is_null(), "tau attention (chunked): {err}");
+    ext_tensor("tau attention (chunked)", ffi(|e, n| unsafe { ext::tg_tau_attention(handle(lq), handle(lk), handle(v), handle(inv_temp), chunk, e, n) }))
+}
+
+// The same attention through the CUDA kernels of kernels/tau_attn.cu: the scores are made tile by tile in shared
+// memory and never stored; the backward recomputes them from λq, λk and each row's log-sum-exp. Memory O(B·H·T)
+// beyond the inputs. λ and inv_temp fp32, V bf16 or fp32, head dim in FUSED_HEAD_DIMS.
+fn tau_attention_fused(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Tensor {
+    ext_tensor("tau attention (fused)", ffi(|e, n| unsafe { ext::tg_tau_flash(handle(lq), handle(lk), handle(v), handle(inv_temp), e, n) }))
+}
+
+// tch's handle of a tensor is the at::Tensor* that kernels/ext.cpp takes.
+fn handle(t: &Tensor) -> *mut std::os::raw::c_void {
+    t.as_ptr() as *mut _
+}
+
+// A tensor returned by kernels/ext.cpp: an at::Tensor* we now own, or null and the error it wrote.
+fn ext_tensor(what: &str, (out, err): (*mut std::os::raw::c_void, String)) -> Tensor {
+    assert!(!out.is_null(), "{what}: {err}");
     unsafe { Tensor::from_ptr(out as *mut _) }
 }
 
@@ -949,7 +978,7 @@ impl Model {
         let f = Tensor::arange(cfg.seq_len, (Kind::Float, dev)).outer(&inv);
         let lap = lap.map(|l| l.to(dev)).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)));
         let inv_temp = Tensor::full([cfg.n_layer, h], 1.0 / tau_temp, (Kind::Float, dev));
-        Model { cos: f.cos(), sin: f.sin(), cfg, params, lap, tau, inv_temp, cdt, tau_chunk: 0 }
+        Model { cos: f.cos(), sin: f.sin(), cfg, params, lap, tau, inv_temp, cdt, tau_chunk: 0, kernels: Kernels::Plain }
     }
 
     fn p(&self, name: &str) -> &Tensor {
@@ -1006,10 +1035,13 @@ impl Model {
                 let (lk, v) = match cache.as_deref_mut() { Some(c) => c.append(l, lk, v), None => (lk, v) };
                 let group = self.cfg.n_head / self.cfg.kv_heads(); // query heads a key/value head serves
                 let (lk, v) = if group > 1 { (lk.repeat_interleave_self_int(group, 1, None), v.repeat_interleave_self_int(group, 1, None)) } else { (lk, v) };
-                if self.tau_chunk > 0 {
-                    tau_attention_chunked(&lq, &lk, &v, &self.layer_inv_temp(l), self.tau_chunk)
+                let it = self.layer_inv_temp(l);
+                if self.kernels == Kernels::Fused {
+                    tau_attention_fused(&lq, &lk, &v, &it)
+                } else if self.tau_chunk > 0 {
+                    tau_attention_chunked(&lq, &lk, &v, &it, self.tau_chunk)
                 } else {
-                    tau_attention(&lq, &lk, &v, &self.layer_inv_temp(l))
+                    tau_attention(&lq, &lk, &v, &it)
                 }
             } else {
                 let (k, v) = match cache.as_deref_mut() { Some(c) => c.append(l, k, v), None => (k, v) };
@@ -1354,6 +1386,7 @@ mod ext {
         pub fn tg_reset_memory_peaks(device: i32);
         // at::Tensor* in and out: tch's handles
         pub fn tg_tau_attention(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, chunk: i64, err: *mut c_char, errlen: usize) -> *mut c_void;
+        pub fn tg_tau_flash(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
     }
 }
 
@@ -1558,6 +1591,24 @@ fn compute_kind(spec: &str, dev: Device) -> Res<Kind> {
     }
 }
 
+// --kernels fused: one way of running tau attention at a time, on CUDA, at a head dim the kernels are built for.
+fn check_kernels(a: &TrainArgs, dev: Device) -> Res<()> {
+    if a.kernels == Kernels::Plain {
+        return Ok(());
+    }
+    if a.tau_chunk > 0 {
+        return Err("--kernels fused and --tau-chunk are two ways to run tau attention; pass one of them".into());
+    }
+    if !dev.is_cuda() {
+        return Err(format!("--kernels fused needs CUDA (the device is {dev:?}); pass --kernels plain"));
+    }
+    let d = a.n_embd / a.n_head;
+    if !FUSED_HEAD_DIMS.contains(&d) {
+        return Err(format!("--kernels fused: head dim {d} (--n-embd / --n-head) is not one of {FUSED_HEAD_DIMS:?}; pass --kernels plain"));
+    }
+    Ok(())
+}
+
 fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let de = dist_env(|k| std::env::var(k).ok())?;
     let (rank, world_size) = de.as_ref().map_or((0, 1), |e| (e.rank, e.world));
@@ -1579,6 +1630,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             return Err(format!("{what}; see train_gpt train --help"));
         }
     }
+    check_kernels(&a, dev)?;
     let data = load_data(&a.data, a.vocab_size)?;
     if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 || data.val.len() as i64 <= a.seq_len + 1 {
         return Err(format!("{}: {} train / {} val tokens is too few for batch {}×{}; lower --batch-size/--seq-len", a.data.display(), data.train.len(), data.val.len(), a.batch_size, a.seq_len));
@@ -1627,6 +1679,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     };
     let mut model = Model::new(cfg.clone(), dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
     model.tau_chunk = a.tau_chunk;
+    model.kernels = a.kernels;
     if cfg.is_tau() {
         model.tau = match a.tau {
             Some(t) => t,
@@ -1715,6 +1768,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     let dev = pick_device(&b.train.device)?;
     let mut a = b.train.clone();
     apply_preset(&mut a, m, dev.is_cuda());
+    check_kernels(&a, dev)?;
     let cdt = compute_kind(&a.dtype, dev)?;
     let gpu = gpu_name(dev);
     let mut rows = vec![];
@@ -1725,6 +1779,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         let lap = cfg.is_tau().then(|| chain_laplacian(cfg.head_dim()));
         let mut model = Model::new(cfg, dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
         model.tau_chunk = a.tau_chunk;
+        model.kernels = a.kernels;
         let mut opt = Optim::new(&model);
         let x = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
         let y = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
@@ -2930,8 +2985,9 @@ mod tests {
 
     #[test]
     fn the_embedded_source_has_no_log_separator_lines() {
-        // a log splits at its first 100-'=' line and at 40-'-' lines: the harness's own source must hold neither
-        assert!(!SOURCE.lines().any(|l| l.trim_end() == "=".repeat(100) || l.trim_end() == "-".repeat(40)));
+        // a log splits at its first 100-'=' line and at 40-'-' lines: the harness's own source and kernels must hold neither
+        let lines = SOURCE.lines().chain(KERNEL_FILES.iter().flat_map(|(_, text)| text.lines()));
+        assert!(!lines.map(str::trim_end).any(|l| l == "=".repeat(100) || l == "-".repeat(40)));
     }
 
     #[test]
