@@ -3552,8 +3552,10 @@ mod gpu_tests {
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn decoding_cache_matches_full_forward_on_gpu() {
-        for (attn, kv) in [("causal", 0), ("tau", 0), ("causal", 1), ("tau", 1)] {
-            let (_, g) = twins(attn, kv);
+        use Kernels::{Fused, Plain};
+        for (attn, kv, kernels) in [("causal", 0, Plain), ("tau", 0, Plain), ("causal", 1, Plain), ("tau", 1, Plain), ("tau", 0, Fused), ("tau", 1, Fused)] {
+            let (_, mut g) = twins(attn, kv);
+            g.kernels = kernels; // fused: queries after a cached prefix (Tq < Tk) over views of the cache
             let idx = Tensor::randint(1024, [2, 40], (Kind::Int64, g.lap.device()));
             let full = tch::no_grad(|| g.hidden(&idx, None));
             let mut cache = Cache::new(g.cfg.n_layer, 40);
@@ -3574,6 +3576,71 @@ mod gpu_tests {
         let (v, it) = (Tensor::randn([2, 3, 100, 16], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[1.0f32, 5.0, 20.0]));
         let (a, b) = (tau_attention(&lq, &lk, &v, &it), tau_attention(&lq.to(dev), &lk.to(dev), &v.to(dev), &it.to(dev)));
         assert!(rel(&a, &b) < 1e-5);
+    }
+
+    // The output and the gradients (λq, λk, V, inv_temp) of one tau attention for the loss Σ output·probe.
+    fn attention_and_grads(f: fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor, lq: &Tensor, lk: &Tensor, v: &Tensor, it: &Tensor, probe: &Tensor) -> Vec<Tensor> {
+        let x: Vec<Tensor> = [lq, lk, v, it].iter().map(|t| t.detach().copy().set_requires_grad(true)).collect();
+        let y = f(&x[0], &x[1], &x[2], &x[3]);
+        (y.to_kind(Kind::Float) * probe).sum(Kind::Float).backward();
+        std::iter::once(y.detach()).chain(x.iter().map(Tensor::grad)).collect()
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn fused_tau_attention_matches_the_plain_path() {
+        let dev = cuda();
+        let f32 = (Kind::Float, dev);
+        let names = ["output", "dλq", "dλk", "dV", "dinv_temp"];
+        // (B, H, Tq, Tk, D): one tile; ragged tiles; decoding after a prefix (Tq < Tk); D 32 and 128; a speedrun layer
+        for (b, h, tq, tk, d) in [(2, 3, 64, 64, 64), (1, 2, 1000, 1000, 64), (2, 2, 77, 77, 64), (2, 3, 1, 300, 64), (1, 1, 5, 300, 64),
+                                  (2, 2, 130, 130, 32), (1, 2, 200, 200, 128), (4, 6, 1024, 1024, 64)] {
+            let shape = format!("B {b} H {h} Tq {tq} Tk {tk} D {d}");
+            let (lq, lk) = (Tensor::rand([b, h, tq], f32), Tensor::rand([b, h, tk], f32));
+            let it = Tensor::from_slice(&[1.0f32, 20.0, 5.0, 60.0, 2.0, 10.0][..h as usize]).to(dev);
+            let (v, probe) = (Tensor::randn([b, h, tk, d], f32), Tensor::randn([b, h, tq, d], f32));
+            let plain = attention_and_grads(tau_attention, &lq, &lk, &v, &it, &probe);
+            let fused = attention_and_grads(tau_attention_fused, &lq, &lk, &v, &it, &probe);
+            for (name, (p, f)) in names.iter().zip(plain.iter().zip(&fused)) {
+                assert!(rel(p, f) < 1e-4, "fp32, {shape}: {name} differs by {}", rel(p, f));
+            }
+            // bf16 V: both paths against fp32 arithmetic on the same rounded inputs; the fused one is no worse than bf16 allows
+            let (vb, pb) = (v.to_kind(Kind::BFloat16), probe.to_kind(Kind::BFloat16).to_kind(Kind::Float));
+            let exact = attention_and_grads(tau_attention, &lq, &lk, &vb.to_kind(Kind::Float), &it, &pb);
+            let plain = attention_and_grads(tau_attention, &lq, &lk, &vb, &it, &pb);
+            let fused = attention_and_grads(tau_attention_fused, &lq, &lk, &vb, &it, &pb);
+            for (name, ((e, p), f)) in names.iter().zip(exact.iter().zip(&plain).zip(&fused)) {
+                let (ep, ef) = (rel(e, p), rel(e, f));
+                assert!(ef < (2.0 * ep).max(1e-2), "bf16, {shape}: {name} off by {ef} (the plain path by {ep})");
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn a_model_with_fused_tau_attention_is_the_same_model_on_gpu() {
+        for (attn, kv) in [("tau", 0), ("tau-lt", 0), ("tau", 2)] {
+            let (_, mut g) = twins(attn, kv);
+            let dev = g.lap.device();
+            let (x, y) = (Tensor::randint(1024, [3, 50], (Kind::Int64, dev)), Tensor::randint(1024, [3, 50], (Kind::Int64, dev))); // 50: a ragged tile
+            for (cdt, loss_tol, grad_tol) in [(Kind::Float, 1e-5, 1e-3), (Kind::BFloat16, 2e-3, 5e-2)] {
+                g.cdt = cdt;
+                let mut run = |kernels: Kernels| {
+                    g.kernels = kernels;
+                    for (_, p) in g.params.iter_mut() {
+                        p.zero_grad();
+                    }
+                    let l = g.loss_backward(&x, &y, 0, 1.0).double_value(&[]);
+                    (l, g.params.iter().map(|(_, p)| p.grad().copy()).collect::<Vec<_>>())
+                };
+                let (l0, g0) = run(Kernels::Plain);
+                let (l1, g1) = run(Kernels::Fused);
+                assert!((l0 - l1).abs() < loss_tol * l0, "{attn}/{kv} {cdt:?}: loss {l0} vs {l1}");
+                for ((n, _), (a, b)) in g.params.iter().zip(g0.iter().zip(&g1)) {
+                    assert!(rel(a, b) < grad_tol, "{attn}/{kv} {cdt:?}: {n} grad differs by {}", rel(a, b));
+                }
+            }
+        }
     }
 
     #[test]
