@@ -2,7 +2,7 @@
 # One entry point. `./run.sh` sets up (once) and runs the main job: on a CPU box a small model on the
 # embedded tiny corpus, on a CUDA box the linux-c speedrun; extra arguments go to `train_gpt train`.
 # `./run.sh test` sets up and runs every CPU test. `./run.sh setup` only installs: a local venv with
-# torch==2.11.0 (the libtorch that tch 0.24.0 links) and the CUDA headers c10d needs, and a release build.
+# torch==2.11.0 (the libtorch that tch 0.24.0 links), the CUDA headers c10d needs and nvcc, and a release build.
 set -euo pipefail
 cd "$(dirname "$0")"
 TORCH_VERSION=2.11.0
@@ -10,8 +10,9 @@ BIN=target/release/train_gpt
 
 setup() {
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  # torch's CUDA wheels carry the runtime; crt and CCCL add the headers that c10d's NCCL group is compiled against
-  .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" "nvidia-cuda-crt==13.0.88" "cuda-toolkit[cccl]==13.0.2"
+  # torch's CUDA wheels carry the runtime; crt and CCCL add the headers that c10d's NCCL group is compiled against, nvcc
+  # builds kernels/tau_attn.cu (nvvm pinned to 13.0: pip's newest writes PTX that the 13.0 ptxas rejects)
+  .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" "nvidia-cuda-crt==13.0.88" "cuda-toolkit[nvcc,cccl]==13.0.2" "nvidia-nvvm==13.0.88"
   ln -sfn "$(.venv/bin/python -c 'import torch,os;print(os.path.dirname(torch.__file__))')" .venv/torch
   cargo build --release --quiet
 }

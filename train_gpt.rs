@@ -15,7 +15,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
 
 const SOURCE: &str = include_str!("train_gpt.rs");
-const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp"))];
+const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp")), ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu"))];
 const SHARD_MAGIC: i32 = 20240520; // modded-nanogpt / llm.c token shard
 const SHARD_VERSION: i32 = 1;
 const HEADER_INTS: usize = 256;
@@ -28,6 +28,7 @@ const ROPE_BASE: f64 = 10000.0;
 const SOFTCAP: f64 = 15.0;
 const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315); // Muon's quintic Newton–Schulz
 const H100_BF16_PEAK: f64 = 989e12; // dense bf16 FLOP/s of H100/H200 SXM (llm.c's table); MFU denominator
+const FUSED_HEAD_DIMS: [i64; 3] = [32, 64, 128]; // the head dims kernels/tau_attn.cu is instantiated for
 
 // ----------------------------------------------------------------------------------------------------------------
 // Command line
@@ -99,6 +100,15 @@ enum Attn {
     Tau,
     /// topological attention with a learned per-head inverse temperature (log-parameterised)
     TauLt,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Kernels {
+    /// tau attention through libtorch ops (all T×T scores, or --tau-chunk rows of them at a time)
+    Plain,
+    /// tau attention through the CUDA kernels of kernels/tau_attn.cu: scores made on the fly, never stored (CUDA only)
+    Fused,
 }
 
 #[derive(clap::Args, Clone, Serialize, Debug)]
@@ -204,6 +214,9 @@ struct TrainArgs {
     /// tau: attention this many query rows at a time, scores recomputed in the backward (0: all T×T scores at once)
     #[arg(long, default_value_t = 0)]
     tau_chunk: i64,
+    /// tau: how attention runs (fused: CUDA only, not with --tau-chunk)
+    #[arg(long, value_enum, default_value = "plain")]
+    kernels: Kernels,
     /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once)
     #[arg(long, default_value_t = 0)]
     head_chunk: i64,
@@ -848,6 +861,7 @@ struct Model {
     inv_temp: Tensor, // tau: [n_layer, H] fixed inverse temperature; tau-lt: unused
     cdt: Kind,        // compute dtype (bf16 on CUDA)
     tau_chunk: i64,   // tau: query rows a chunk in `tau_attention_chunked` (0: the plain path)
+    kernels: Kernels, // tau: fused runs `tau_attention_fused` (then tau_chunk is 0)
 }
 
 fn rms(x: &Tensor) -> Tensor {
@@ -882,9 +896,24 @@ fn taumode(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
 // The same attention, `chunk` query rows at a time with the backward recomputing the scores (kernels/ext.cpp), so
 // that at most chunk×T scores exist at once instead of T×T.
 fn tau_attention_chunked(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor, chunk: i64) -> Tensor {
-    let p = |t: &Tensor| t.as_ptr() as *mut std::os::raw::c_void;
-    let (out, err) = ffi(|e, n| unsafe { ext::tg_tau_attention(p(lq), p(lk), p(v), p(inv_temp), chunk, e, n) });
-    assert!(!out.is_null(), "tau attention (chunked): {err}");
+    ext_tensor("tau attention (chunked)", ffi(|e, n| unsafe { ext::tg_tau_attention(handle(lq), handle(lk), handle(v), handle(inv_temp), chunk, e, n) }))
+}
+
+// The same attention through the CUDA kernels of kernels/tau_attn.cu: the scores are made tile by tile in shared
+// memory and never stored; the backward recomputes them from λq, λk and each row's log-sum-exp. Memory O(B·H·T)
+// beyond the inputs. λ and inv_temp fp32, V bf16 or fp32, head dim in FUSED_HEAD_DIMS.
+fn tau_attention_fused(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Tensor {
+    ext_tensor("tau attention (fused)", ffi(|e, n| unsafe { ext::tg_tau_flash(handle(lq), handle(lk), handle(v), handle(inv_temp), e, n) }))
+}
+
+// tch's handle of a tensor is the at::Tensor* that kernels/ext.cpp takes.
+fn handle(t: &Tensor) -> *mut std::os::raw::c_void {
+    t.as_ptr() as *mut _
+}
+
+// A tensor returned by kernels/ext.cpp: an at::Tensor* we now own, or null and the error it wrote.
+fn ext_tensor(what: &str, (out, err): (*mut std::os::raw::c_void, String)) -> Tensor {
+    assert!(!out.is_null(), "{what}: {err}");
     unsafe { Tensor::from_ptr(out as *mut _) }
 }
 
@@ -955,7 +984,7 @@ impl Model {
         let (cos, sin) = rope_tables(cfg.head_dim(), cfg.seq_len, dev);
         let lap = lap.map(|l| l.to(dev)).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)));
         let inv_temp = Tensor::full([cfg.n_layer, h], 1.0 / tau_temp, (Kind::Float, dev));
-        Model { cos, sin, cfg, params, lap, tau, inv_temp, cdt, tau_chunk: 0 }
+        Model { cos, sin, cfg, params, lap, tau, inv_temp, cdt, tau_chunk: 0, kernels: Kernels::Plain }
     }
 
     fn p(&self, name: &str) -> &Tensor {
@@ -1012,10 +1041,13 @@ impl Model {
                 let (lk, v) = match cache.as_deref_mut() { Some(c) => c.append(l, lk, v), None => (lk, v) };
                 let group = self.cfg.n_head / self.cfg.kv_heads(); // query heads a key/value head serves
                 let (lk, v) = if group > 1 { (lk.repeat_interleave_self_int(group, 1, None), v.repeat_interleave_self_int(group, 1, None)) } else { (lk, v) };
-                if self.tau_chunk > 0 {
-                    tau_attention_chunked(&lq, &lk, &v, &self.layer_inv_temp(l), self.tau_chunk)
+                let it = self.layer_inv_temp(l);
+                if self.kernels == Kernels::Fused {
+                    tau_attention_fused(&lq, &lk, &v, &it)
+                } else if self.tau_chunk > 0 {
+                    tau_attention_chunked(&lq, &lk, &v, &it, self.tau_chunk)
                 } else {
-                    tau_attention(&lq, &lk, &v, &self.layer_inv_temp(l))
+                    tau_attention(&lq, &lk, &v, &it)
                 }
             } else {
                 let (k, v) = match cache.as_deref_mut() { Some(c) => c.append(l, k, v), None => (k, v) };
@@ -1362,6 +1394,7 @@ mod ext {
         pub fn tg_memory_allocated(device: i32) -> i64;
         // at::Tensor* in and out: tch's handles
         pub fn tg_tau_attention(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, chunk: i64, err: *mut c_char, errlen: usize) -> *mut c_void;
+        pub fn tg_tau_flash(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
     }
 }
 
@@ -1566,6 +1599,24 @@ fn compute_kind(spec: &str, dev: Device) -> Res<Kind> {
     }
 }
 
+// --kernels fused: one way of running tau attention at a time, on CUDA, at a head dim the kernels are built for.
+fn check_kernels(a: &TrainArgs, dev: Device) -> Res<()> {
+    if a.kernels == Kernels::Plain {
+        return Ok(());
+    }
+    if a.tau_chunk > 0 {
+        return Err("--kernels fused and --tau-chunk are two ways to run tau attention; pass one of them".into());
+    }
+    if !dev.is_cuda() {
+        return Err(format!("--kernels fused needs CUDA (the device is {dev:?}); pass --kernels plain"));
+    }
+    let d = a.n_embd / a.n_head;
+    if !FUSED_HEAD_DIMS.contains(&d) {
+        return Err(format!("--kernels fused: head dim {d} (--n-embd / --n-head) is not one of {FUSED_HEAD_DIMS:?}; pass --kernels plain"));
+    }
+    Ok(())
+}
+
 fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let de = dist_env(|k| std::env::var(k).ok())?;
     let (rank, world_size) = de.as_ref().map_or((0, 1), |e| (e.rank, e.world));
@@ -1587,6 +1638,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             return Err(format!("{what}; see train_gpt train --help"));
         }
     }
+    check_kernels(&a, dev)?;
     let data = load_data(&a.data, a.vocab_size)?;
     if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 || data.val.len() as i64 <= a.seq_len + 1 {
         return Err(format!("{}: {} train / {} val tokens is too few for batch {}×{}; lower --batch-size/--seq-len", a.data.display(), data.train.len(), data.val.len(), a.batch_size, a.seq_len));
@@ -1635,6 +1687,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     };
     let mut model = Model::new(cfg.clone(), dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
     model.tau_chunk = a.tau_chunk;
+    model.kernels = a.kernels;
     if cfg.is_tau() {
         model.tau = match a.tau {
             Some(t) => t,
@@ -1723,6 +1776,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     let dev = pick_device(&b.train.device)?;
     let mut a = b.train.clone();
     apply_preset(&mut a, m, dev.is_cuda());
+    check_kernels(&a, dev)?;
     let cdt = compute_kind(&a.dtype, dev)?;
     let gpu = gpu_name(dev);
     let mut rows = vec![];
@@ -1733,6 +1787,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         let lap = cfg.is_tau().then(|| chain_laplacian(cfg.head_dim()));
         let mut model = Model::new(cfg, dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
         model.tau_chunk = a.tau_chunk;
+        model.kernels = a.kernels;
         let mut opt = Optim::new(&model);
         let x = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
         let y = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
@@ -2953,8 +3008,9 @@ mod tests {
 
     #[test]
     fn the_embedded_source_has_no_log_separator_lines() {
-        // a log splits at its first 100-'=' line and at 40-'-' lines: the harness's own source must hold neither
-        assert!(!SOURCE.lines().any(|l| l.trim_end() == "=".repeat(100) || l.trim_end() == "-".repeat(40)));
+        // a log splits at its first 100-'=' line and at 40-'-' lines: the harness's own source and kernels must hold neither
+        let lines = SOURCE.lines().chain(KERNEL_FILES.iter().flat_map(|(_, text)| text.lines()));
+        assert!(!lines.map(str::trim_end).any(|l| l == "=".repeat(100) || l == "-".repeat(40)));
     }
 
     #[test]
@@ -3519,8 +3575,10 @@ mod gpu_tests {
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn decoding_cache_matches_full_forward_on_gpu() {
-        for (attn, kv) in [("causal", 0), ("tau", 0), ("causal", 1), ("tau", 1)] {
-            let (_, g) = twins(attn, kv);
+        use Kernels::{Fused, Plain};
+        for (attn, kv, kernels) in [("causal", 0, Plain), ("tau", 0, Plain), ("causal", 1, Plain), ("tau", 1, Plain), ("tau", 0, Fused), ("tau", 1, Fused)] {
+            let (_, mut g) = twins(attn, kv);
+            g.kernels = kernels; // fused: queries after a cached prefix (Tq < Tk) over views of the cache
             let idx = Tensor::randint(1024, [2, 40], (Kind::Int64, g.lap.device()));
             let full = tch::no_grad(|| g.hidden(&idx, None));
             let mut cache = Cache::new(g.cfg.n_layer, 40);
@@ -3541,6 +3599,71 @@ mod gpu_tests {
         let (v, it) = (Tensor::randn([2, 3, 100, 16], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[1.0f32, 5.0, 20.0]));
         let (a, b) = (tau_attention(&lq, &lk, &v, &it), tau_attention(&lq.to(dev), &lk.to(dev), &v.to(dev), &it.to(dev)));
         assert!(rel(&a, &b) < 1e-5);
+    }
+
+    // The output and the gradients (λq, λk, V, inv_temp) of one tau attention for the loss Σ output·probe.
+    fn attention_and_grads(f: fn(&Tensor, &Tensor, &Tensor, &Tensor) -> Tensor, lq: &Tensor, lk: &Tensor, v: &Tensor, it: &Tensor, probe: &Tensor) -> Vec<Tensor> {
+        let x: Vec<Tensor> = [lq, lk, v, it].iter().map(|t| t.detach().copy().set_requires_grad(true)).collect();
+        let y = f(&x[0], &x[1], &x[2], &x[3]);
+        (y.to_kind(Kind::Float) * probe).sum(Kind::Float).backward();
+        std::iter::once(y.detach()).chain(x.iter().map(Tensor::grad)).collect()
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn fused_tau_attention_matches_the_plain_path() {
+        let dev = cuda();
+        let f32 = (Kind::Float, dev);
+        let names = ["output", "dλq", "dλk", "dV", "dinv_temp"];
+        // (B, H, Tq, Tk, D): one tile; ragged tiles; decoding after a prefix (Tq < Tk); D 32 and 128; a speedrun layer
+        for (b, h, tq, tk, d) in [(2, 3, 64, 64, 64), (1, 2, 1000, 1000, 64), (2, 2, 77, 77, 64), (2, 3, 1, 300, 64), (1, 1, 5, 300, 64),
+                                  (2, 2, 130, 130, 32), (1, 2, 200, 200, 128), (4, 6, 1024, 1024, 64)] {
+            let shape = format!("B {b} H {h} Tq {tq} Tk {tk} D {d}");
+            let (lq, lk) = (Tensor::rand([b, h, tq], f32), Tensor::rand([b, h, tk], f32));
+            let it = Tensor::from_slice(&[1.0f32, 20.0, 5.0, 60.0, 2.0, 10.0][..h as usize]).to(dev);
+            let (v, probe) = (Tensor::randn([b, h, tk, d], f32), Tensor::randn([b, h, tq, d], f32));
+            let plain = attention_and_grads(tau_attention, &lq, &lk, &v, &it, &probe);
+            let fused = attention_and_grads(tau_attention_fused, &lq, &lk, &v, &it, &probe);
+            for (name, (p, f)) in names.iter().zip(plain.iter().zip(&fused)) {
+                assert!(rel(p, f) < 1e-4, "fp32, {shape}: {name} differs by {}", rel(p, f));
+            }
+            // bf16 V: both paths against fp32 arithmetic on the same rounded inputs; the fused one is no worse than bf16 allows
+            let (vb, pb) = (v.to_kind(Kind::BFloat16), probe.to_kind(Kind::BFloat16).to_kind(Kind::Float));
+            let exact = attention_and_grads(tau_attention, &lq, &lk, &vb.to_kind(Kind::Float), &it, &pb);
+            let plain = attention_and_grads(tau_attention, &lq, &lk, &vb, &it, &pb);
+            let fused = attention_and_grads(tau_attention_fused, &lq, &lk, &vb, &it, &pb);
+            for (name, ((e, p), f)) in names.iter().zip(exact.iter().zip(&plain).zip(&fused)) {
+                let (ep, ef) = (rel(e, p), rel(e, f));
+                assert!(ef < (2.0 * ep).max(1e-2), "bf16, {shape}: {name} off by {ef} (the plain path by {ep})");
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn a_model_with_fused_tau_attention_is_the_same_model_on_gpu() {
+        for (attn, kv) in [("tau", 0), ("tau-lt", 0), ("tau", 2)] {
+            let (_, mut g) = twins(attn, kv);
+            let dev = g.lap.device();
+            let (x, y) = (Tensor::randint(1024, [3, 50], (Kind::Int64, dev)), Tensor::randint(1024, [3, 50], (Kind::Int64, dev))); // 50: a ragged tile
+            for (cdt, loss_tol, grad_tol) in [(Kind::Float, 1e-5, 1e-3), (Kind::BFloat16, 2e-3, 5e-2)] {
+                g.cdt = cdt;
+                let mut run = |kernels: Kernels| {
+                    g.kernels = kernels;
+                    for (_, p) in g.params.iter_mut() {
+                        p.zero_grad();
+                    }
+                    let l = g.loss_backward(&x, &y, 0, 1.0).double_value(&[]);
+                    (l, g.params.iter().map(|(_, p)| p.grad().copy()).collect::<Vec<_>>())
+                };
+                let (l0, g0) = run(Kernels::Plain);
+                let (l1, g1) = run(Kernels::Fused);
+                assert!((l0 - l1).abs() < loss_tol * l0, "{attn}/{kv} {cdt:?}: loss {l0} vs {l1}");
+                for ((n, _), (a, b)) in g.params.iter().zip(g0.iter().zip(&g1)) {
+                    assert!(rel(a, b) < grad_tol, "{attn}/{kv} {cdt:?}: {n} grad differs by {}", rel(a, b));
+                }
+            }
+        }
     }
 
     #[test]

@@ -177,3 +177,80 @@ extern "C" at::Tensor* tg_tau_attention(at::Tensor* lq, at::Tensor* lk, at::Tens
     return nullptr;
   }
 }
+
+// ---- Tau attention through the fused CUDA kernels of kernels/tau_attn.cu: scores made on the fly in shared memory,
+// never stored; the forward keeps the output and each row's log-sum-exp, the backward recomputes the probabilities.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+extern "C" {
+int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const float* inv_temp, void* out, float* lse,
+                         int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream);
+int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const float* inv_temp, const void* out,
+                          const void* dout, const float* lse, float* delta, float* dlq, float* dlk, void* dv, float* dinv_temp,
+                          int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream);
+}
+
+namespace {
+// Contiguous and 16-byte aligned, as the kernels read and write rows in 16-byte vectors (a contiguous view may
+// start mid-allocation).
+at::Tensor dense(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 ? c.clone() : c;
+}
+
+void cuda_ok(int err, const char* what) {
+  TORCH_CHECK(err == 0, "tau attention (fused) ", what, ": ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+struct TauFlash : public torch::autograd::Function<TauFlash> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& lq_in, const at::Tensor& lk_in, const at::Tensor& v_in, const at::Tensor& it_in) {
+    TORCH_CHECK(lq_in.dim() == 3 && lk_in.dim() == 3 && v_in.dim() == 4 && it_in.dim() == 1,
+                "tau attention (fused): want λq [B,H,Tq], λk [B,H,Tk], V [B,H,Tk,D], inv_temp [H]; got ", lq_in.sizes(), " ", lk_in.sizes(), " ", v_in.sizes(), " ", it_in.sizes());
+    const int64_t b = lq_in.size(0), h = lq_in.size(1), tq = lq_in.size(2), tk = lk_in.size(2), d = v_in.size(3);
+    TORCH_CHECK(lk_in.size(0) == b && lk_in.size(1) == h && v_in.size(0) == b && v_in.size(1) == h && v_in.size(2) == tk && it_in.size(0) == h,
+                "tau attention (fused): shapes disagree: λq ", lq_in.sizes(), ", λk ", lk_in.sizes(), ", V ", v_in.sizes(), ", inv_temp ", it_in.sizes());
+    TORCH_CHECK(1 <= tq && tq <= tk && tk <= INT32_MAX && b * h <= INT32_MAX, "tau attention (fused): need 1 ≤ Tq ≤ Tk and Tk, B·H < 2³¹ (the queries are the last Tq of Tk positions); got Tq ", tq, ", Tk ", tk, ", B·H ", b * h);
+    TORCH_CHECK(d == 32 || d == 64 || d == 128, "tau attention (fused): head dim ", d, " unsupported; the kernels are built for 32, 64 and 128 (or use --kernels plain)");
+    TORCH_CHECK(lq_in.is_cuda() && lk_in.device() == lq_in.device() && v_in.device() == lq_in.device() && it_in.device() == lq_in.device(),
+                "tau attention (fused): λq, λk, V and inv_temp must be on one CUDA device (got ", lq_in.device(), ", ", lk_in.device(), ", ", v_in.device(), ", ", it_in.device(), "); use --kernels plain off the GPU");
+    TORCH_CHECK(lq_in.scalar_type() == at::kFloat && lk_in.scalar_type() == at::kFloat && it_in.scalar_type() == at::kFloat,
+                "tau attention (fused): λq, λk and inv_temp must be fp32; got ", lq_in.scalar_type(), ", ", lk_in.scalar_type(), ", ", it_in.scalar_type());
+    TORCH_CHECK(v_in.scalar_type() == at::kBFloat16 || v_in.scalar_type() == at::kFloat, "tau attention (fused): V must be bf16 or fp32; got ", v_in.scalar_type());
+    c10::cuda::CUDAGuard guard(v_in.device());
+    auto lq = dense(lq_in), lk = dense(lk_in), v = dense(v_in), it = dense(it_in);
+    auto out = at::empty({b, h, tq, d}, v.options());
+    auto lse = at::empty({b, h, tq}, lq.options());
+    cuda_ok(tg_tau_flash_forward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out.data_ptr(), lse.data_ptr<float>(),
+                                 b * h, h, tq, tk, d, v.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+            "forward");
+    ctx->save_for_backward({lq, lk, v, it, out, lse});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto &lq = s[0], &lk = s[1], &v = s[2], &it = s[3], &out = s[4], &lse = s[5];
+    const int64_t b = lq.size(0), h = lq.size(1), tq = lq.size(2), tk = lk.size(2), d = v.size(3);
+    c10::cuda::CUDAGuard guard(v.device());
+    auto dout = dense(grads[0]);
+    auto dlq = at::zeros_like(lq), dlk = at::empty_like(lk), dv = at::empty_like(v), dit = at::zeros_like(it), delta = at::empty_like(lse);
+    cuda_ok(tg_tau_flash_backward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out.data_ptr(), dout.data_ptr(),
+                                  lse.data_ptr<float>(), delta.data_ptr<float>(), dlq.data_ptr<float>(), dlk.data_ptr<float>(), dv.data_ptr(),
+                                  dit.data_ptr<float>(), b * h, h, tq, tk, d, v.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+            "backward");
+    return {dlq, dlk, dv, ctx->needs_input_grad(3) ? dit : at::Tensor()};
+  }
+};
+}  // namespace
+
+// out = tau attention of (λq [B,H,Tq], λk [B,H,Tk], V [B,H,Tk,D], inv_temp [H]) on the GPU, differentiable, O(B·H·T)
+// memory beyond the inputs; null + err on failure.
+extern "C" at::Tensor* tg_tau_flash(at::Tensor* lq, at::Tensor* lk, at::Tensor* v, at::Tensor* it, char* err, size_t errlen) {
+  try {
+    return new at::Tensor(TauFlash::apply(*lq, *lk, *v, *it));
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return nullptr;
+  }
+}
