@@ -922,8 +922,9 @@ fn ext_tensor(what: &str, (out, err): (*mut std::os::raw::c_void, String)) -> Te
 fn tau_attention(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Tensor {
     let (tq, tk) = (lq.size()[2], lk.size()[2]);
     let att = -(lq.unsqueeze(-1) - lk.unsqueeze(-2)).abs() * inv_temp.view([1, -1, 1, 1]);
-    let future = Tensor::ones([tq, tk], (Kind::Bool, lq.device())).tril(tk - tq).logical_not();
-    att.masked_fill(&future, f64::NEG_INFINITY).softmax(-1, att.kind()).to_kind(v.kind()).matmul(v)
+    // one decoding query sees every key: no mask to build
+    let att = if tq == 1 { att } else { att.masked_fill(&Tensor::ones([tq, tk], (Kind::Bool, lq.device())).tril(tk - tq).logical_not(), f64::NEG_INFINITY) };
+    att.softmax(-1, att.kind()).to_kind(v.kind()).matmul(v)
 }
 
 // Decoding cache, per layer (keys, values) along time, allocated once for `cap` tokens: causal holds K [B,Hkv,T,D];
@@ -1232,15 +1233,42 @@ impl Optim {
         o
     }
 
-    fn step(&mut self, a: &TrainArgs, lr_mult: f64, cdt: Kind) {
-        self.t += 1;
-        tch::no_grad(|| {
-            for (p, buf) in self.muon.iter_mut() {
+    // With several ranks (the gradients already averaged) each rank orthogonalises only its share of the matrices,
+    // i % world == rank, as modded-nanogpt does; one all-reduce of the flat update buffer gives every rank all of them.
+    // Only the owner's momentum buffer is ever read, so the others' stay untouched.
+    // This rank's Muon updates, scaled, in one flat fp32 buffer of every matrix (zeros where another rank owns it).
+    fn muon_updates(&mut self, a: &TrainArgs, lr_mult: f64, cdt: Kind, rank: i64, world: i64) -> Tensor {
+        let total: i64 = self.muon.iter().map(|(p, _)| p.numel() as i64).sum();
+        let flat = Tensor::zeros([total], (Kind::Float, self.muon.first().map_or(Device::Cpu, |(p, _)| p.device())));
+        let mut off = 0;
+        for (i, (p, buf)) in self.muon.iter_mut().enumerate() {
+            let n = p.numel() as i64;
+            if i as i64 % world == rank {
                 let g = p.grad();
                 let _ = buf.lerp_(&g, 1.0 - a.muon_momentum);
                 let u = newton_schulz(&g.lerp(buf, a.muon_momentum), a.ns_steps, cdt); // Nesterov
                 let (rows, cols) = (p.size()[0] as f64, p.size()[1] as f64);
-                let _ = p.g_add_(&(u * (-a.lr_muon * lr_mult * (rows / cols).max(1.0).sqrt())));
+                // scaled in u's dtype, as before sharding: one GPU gives the same bits
+                let _ = flat.narrow(0, off, n).copy_(&(u * (-a.lr_muon * lr_mult * (rows / cols).max(1.0).sqrt())).reshape([-1]));
+            }
+            off += n;
+        }
+        flat
+    }
+
+    fn step(&mut self, a: &TrainArgs, lr_mult: f64, cdt: Kind, dist: Option<&Dist>) -> Res<()> {
+        self.t += 1;
+        let (rank, world) = dist.map_or((0, 1), |d| (d.rank, d.world));
+        tch::no_grad(|| {
+            let flat = self.muon_updates(a, lr_mult, cdt, rank, world);
+            if let Some(d) = dist {
+                d.all_reduce(std::slice::from_ref(&flat), false)?; // a sum: every slice has one owner, the rest add zeros
+            }
+            let mut off = 0;
+            for (p, _) in self.muon.iter_mut() {
+                let n = p.numel() as i64;
+                let _ = p.g_add_(&flat.narrow(0, off, n).view(p.size().as_slice()));
+                off += n;
             }
             let (b1, b2) = (a.adam_beta1, a.adam_beta2);
             let (bc1, bc2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
@@ -1251,7 +1279,8 @@ impl Optim {
                 let denom = m2.sqrt() / bc2.sqrt() + a.adam_eps;
                 let _ = p.g_add_(&(&*m1 / denom * (-a.lr_adam * lr_mult / bc1)));
             }
-        });
+            Ok(())
+        })
     }
 }
 
@@ -1264,7 +1293,7 @@ fn train_step(m: &mut Model, opt: &mut Optim, x: &Tensor, y: &Tensor, a: &TrainA
         ts.push(loss.shallow_clone());
         d.all_reduce(&ts, true)?;
     }
-    opt.step(a, lr_mult, m.cdt);
+    opt.step(a, lr_mult, m.cdt, dist)?;
     for (_, p) in m.params.iter_mut() {
         p.zero_grad();
     }
@@ -1472,7 +1501,8 @@ impl Dist {
         }
         Ok(Dist { ptr, rank: e.rank, world: e.world, failed: false.into() })
     }
-    // In place over the ranks: average (avg) or sum. A rank that died or hangs surfaces here as an error after the timeout.
+    // In place over the ranks: average (avg) or sum, ordered on the current stream (the CPU runs on: no stall before the
+    // optimizer). A rank that died or hangs ends the others through NCCL's watchdog once --dist-timeout has passed.
     fn all_reduce(&self, ts: &[Tensor], avg: bool) -> Res<()> {
         let ptrs: Vec<*mut std::os::raw::c_void> = ts.iter().map(|t| t.as_ptr() as *mut _).collect(); // tch's handle is the at::Tensor*
         let (rc, err) = ffi(|b, n| unsafe { dist_ffi::tg_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, avg as i32, b, n) });
@@ -2712,23 +2742,24 @@ fn cache_bytes_formula(cfg: &ModelCfg, cdt: Kind, b: i64, t: i64) -> i64 {
 
 fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
     let dev = pick_device(&a.device)?;
-    let mut rows = vec![];
-    for path in &a.checkpoint {
-        let mut m = load_checkpoint(path, dev)?;
-        for &b in &a.batch_sizes {
-            for &p in &a.prompt_lens {
-                for &g in &a.gen_lens {
-                    if p < 1 || g < 1 || b < 1 {
-                        return Err(format!("sizes must be ≥ 1 (batch {b}, prompt {p}, gen {g})"));
-                    }
+    let mut models = a.checkpoint.iter().map(|p| load_checkpoint(p, dev)).collect::<Res<Vec<_>>>()?;
+    let (mut rows, t0) = (vec![], Instant::now());
+    // Each shape for every checkpoint in turn, so that a cut-short bench still compares the variants.
+    for &b in &a.batch_sizes {
+        for &p in &a.prompt_lens {
+            for &g in &a.gen_lens {
+                if p < 1 || g < 1 || b < 1 {
+                    return Err(format!("sizes must be ≥ 1 (batch {b}, prompt {p}, gen {g})"));
+                }
+                for (m, path) in models.iter_mut().zip(&a.checkpoint) {
                     // Past the trained context the tokens are meaningless but the cost is real: longer RoPE tables.
                     if p + g > m.cos.size()[0] {
                         (m.cos, m.sin) = rope_tables(m.cfg.head_dim(), p + g, dev);
                     }
                     tch::manual_seed(0);
                     let prompt = Tensor::randint(GPT2_VOCAB.min(m.cfg.vocab_size), [b, p], (Kind::Int64, dev));
-                    let _ = decode_timed(&m, &prompt, g.min(64)); // warm-up: allocator, cuBLAS/SDPA kernel choice
-                    let runs: Vec<(f64, Vec<f64>, i64, Option<i64>)> = (0..a.repeats.max(1)).map(|_| decode_timed(&m, &prompt, g)).collect();
+                    let _ = decode_timed(m, &prompt, g.min(64)); // warm-up: allocator, cuBLAS/SDPA kernel choice
+                    let runs: Vec<(f64, Vec<f64>, i64, Option<i64>)> = (0..a.repeats.max(1)).map(|_| decode_timed(m, &prompt, g)).collect();
                     // Medians over the runs, so that one disturbed run does not move the figures.
                     let median = |mut v: Vec<f64>| { v.sort_by(f64::total_cmp); v[v.len() / 2] };
                     let tps = median(runs.iter().map(|r| (b * g) as f64 / (r.1.iter().sum::<f64>() / 1e3)).collect());
@@ -2738,7 +2769,7 @@ fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
                         "beyond_trained_context": p + g > m.cfg.seq_len,
                         "tokens_per_s": round4(tps), "prefill_ms": round4(median(runs.iter().map(|r| r.0).collect())),
                         "ms_per_token_at_position": per_pos, "cache_bytes": runs[0].2, "cache_bytes_allocated": runs[0].3, "cache_bytes_formula": cache_bytes_formula(&m.cfg, m.cdt, b, p + g),
-                        "checkpoint": path.display().to_string()});
+                        "checkpoint": path.display().to_string(), "bench_elapsed_s": round4(t0.elapsed().as_secs_f64())});
                     println!("{row}");
                     rows.push(row);
                 }
@@ -2785,10 +2816,6 @@ fn main() {
     // modded-nanogpt's allocator setting: fewer fragmentation OOMs at no cost.
     if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
         std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
-    }
-    // A timed-out NCCL collective raises in the waiting rank (one clear error) instead of aborting the process.
-    if std::env::var_os("TORCH_NCCL_BLOCKING_WAIT").is_none() {
-        std::env::set_var("TORCH_NCCL_BLOCKING_WAIT", "1");
     }
     // libtorch's C++ warnings come with stack traces; errors reach the user as one line of ours instead.
     if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
@@ -3057,6 +3084,23 @@ mod tests {
             let last = m.loss(&x, &y, Reduction::Mean).double_value(&[]);
             assert!(last < first - 1.0, "{attn}: loss {first} -> {last}");
         }
+    }
+
+    #[test]
+    fn muon_shards_over_ranks_add_up_to_the_whole_update() {
+        let m = small("causal", 512);
+        let (x, y) = (Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu)));
+        m.loss(&x, &y, Reduction::Mean).backward();
+        let a = args(&[]);
+        let whole = Optim::new(&m).muon_updates(&a, 1.0, Kind::Float, 0, 1);
+        let world = 3;
+        let shards: Vec<Tensor> = (0..world).map(|r| Optim::new(&m).muon_updates(&a, 1.0, Kind::Float, r, world)).collect();
+        // every element is owned by exactly one rank; the sum is the single-rank update
+        let owners = shards.iter().map(|s| s.ne(0.0).to_kind(Kind::Int64)).fold(Tensor::zeros_like(&whole).to_kind(Kind::Int64), |acc, o| acc + o);
+        assert_eq!(owners.max().int64_value(&[]), 1);
+        assert!(shards.iter().all(|s| s.ne(0.0).any().int64_value(&[]) == 1), "each of the {world} ranks owns some matrices");
+        let sum = shards.iter().fold(Tensor::zeros_like(&whole), |acc, s| acc + s);
+        assert_eq!(sum.eq_tensor(&whole).all().int64_value(&[]), 1);
     }
 
     #[test]
