@@ -1501,8 +1501,7 @@ impl Dist {
         }
         Ok(Dist { ptr, rank: e.rank, world: e.world, failed: false.into() })
     }
-    // In place over the ranks: average (avg) or sum, ordered on the current stream (the CPU runs on: no stall before the
-    // optimizer). A rank that died or hangs ends the others through NCCL's watchdog once --dist-timeout has passed.
+    // In place over the ranks: average (avg) or sum. A rank that died or hangs surfaces here as an error after the timeout.
     fn all_reduce(&self, ts: &[Tensor], avg: bool) -> Res<()> {
         let ptrs: Vec<*mut std::os::raw::c_void> = ts.iter().map(|t| t.as_ptr() as *mut _).collect(); // tch's handle is the at::Tensor*
         let (rc, err) = ffi(|b, n| unsafe { dist_ffi::tg_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, avg as i32, b, n) });
@@ -2817,6 +2816,12 @@ fn main() {
     if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
         std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
     }
+    // A timed-out NCCL collective raises in the waiting rank (one clear error) instead of a watchdog abort. Measured on
+    // 2×H200: the survivor of a SIGKILLed rank stopped 31 s after it (--dist-timeout 30) with one line. Stream-ordered
+    // waits let the CPU run ahead, but their watchdog took 90 s and a page of C++ traces to end the survivor.
+    if std::env::var_os("TORCH_NCCL_BLOCKING_WAIT").is_none() {
+        std::env::set_var("TORCH_NCCL_BLOCKING_WAIT", "1");
+    }
     // libtorch's C++ warnings come with stack traces; errors reach the user as one line of ours instead.
     if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
         std::env::set_var("TORCH_CPP_LOG_LEVEL", "ERROR");
@@ -3587,8 +3592,11 @@ mod gpu_tests {
             let lc = c.loss_backward(&x, &y, 0, 1.0).double_value(&[]);
             let lg = g.loss_backward(&x.to(g.lap.device()), &y.to(g.lap.device()), 0, 1.0).double_value(&[]);
             assert!((lc - lg).abs() < 2e-2 * lc, "{attn}/{kv}: loss {lc} vs {lg}");
+            // tau-lt starts at inverse temperature 20: bf16 rounding of q and k (2⁻⁸ relative) moves its logits by up to
+            // ~20·2⁻⁸ ≈ 0.08, so its gradients legitimately differ more (0.075 measured on the H200 for qkv of layer 0)
+            let tol = if attn == "tau-lt" { 0.12 } else { 5e-2 };
             for ((n, pc), (_, pg)) in c.params.iter().zip(&g.params) {
-                assert!(rel(&pc.grad(), &pg.grad()) < 5e-2, "{attn}/{kv}: {n} grad differs by {}", rel(&pc.grad(), &pg.grad()));
+                assert!(rel(&pc.grad(), &pg.grad()) < tol, "{attn}/{kv}: {n} grad differs by {}", rel(&pc.grad(), &pg.grad()));
             }
         }
     }

@@ -61,8 +61,8 @@ extern "C" void* tg_dist_init(const char* host, int port, int rank, int world, i
   }
 }
 
-// In-place all-reduce of each tensor (op 0: sum, 1: average); the current stream waits for it, the CPU does not (unless
-// TORCH_NCCL_BLOCKING_WAIT=1). 0 on success.
+// In-place all-reduce of each tensor (op 0: sum, 1: average), waiting for completion (TORCH_NCCL_BLOCKING_WAIT=1, set by
+// main: a timeout raises here). 0 on success.
 extern "C" int tg_all_reduce(void* dist, at::Tensor** tensors, int n, int op, char* err, size_t errlen) {
   try {
     auto d = static_cast<TgDist*>(dist);
@@ -74,7 +74,7 @@ extern "C" int tg_all_reduce(void* dist, at::Tensor** tensors, int n, int op, ch
       std::vector<at::Tensor> one{*tensors[i]};
       works.push_back(d->pg->allreduce(one, o));  // queued on NCCL's stream; the buckets overlap each other
     }
-    for (auto& w : works) w->wait();  // stream-ordered; NCCL's watchdog enforces the timeout
+    for (auto& w : works) w->wait();
     return 0;
   } catch (const std::exception& e) {
     tg_err(err, errlen, e);
