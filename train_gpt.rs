@@ -1837,7 +1837,8 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
 
         let row = json!({"impl": "rust", "attn": variant, "optimizer": "muon+adam", "batch": a.batch_size, "seq": a.seq_len,
             "ms_per_step": round4(ms), "tokens_per_s": tok_s.round(), "mfu": gpu.is_some().then(|| mfu(&model, tok_s)),
-            "peak_mem_mib": memory_peaks(dev).map(|p| p.0.round()), "device": format!("{dev:?}"), "gpu": gpu, "compute_dtype": format!("{cdt:?}")});
+            "peak_mem_mib": memory_peaks(dev).map(|p| p.0.round()), "device": format!("{dev:?}"), "gpu": gpu, "compute_dtype": format!("{cdt:?}"),
+            "kernels": a.kernels, "tau_chunk": a.tau_chunk, "head_chunk": a.head_chunk});
         println!("{row}");
         rows.push(row);
     }

@@ -200,7 +200,7 @@ fn bench_reports_each_variant_as_json() {
     let attns: Vec<&str> = rows.iter().map(|r| r["attn"].as_str().unwrap()).collect();
     assert_eq!(attns, ["causal", "tau", "tau-lt"]);
     for r in &rows {
-        assert_eq!((r["impl"].as_str(), r["batch"].as_i64(), r["seq"].as_i64()), (Some("rust"), Some(2), Some(32)));
+        assert_eq!((r["impl"].as_str(), r["batch"].as_i64(), r["seq"].as_i64(), r["kernels"].as_str()), (Some("rust"), Some(2), Some(32), Some("plain")));
         assert!(r["ms_per_step"].as_f64().unwrap() > 0.0 && r["tokens_per_s"].as_f64().unwrap() > 0.0);
     }
 }
