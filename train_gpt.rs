@@ -2873,6 +2873,19 @@ fn main() {
 // ----------------------------------------------------------------------------------------------------------------
 // Tests (CPU). Command-line tests live in tests/cli.rs.
 
+// Tests: the mean loss over (x, y) and every parameter's gradient, from zeroed gradients, through the training
+// path (`micro` rows at a time, the head `head_chunk` rows at a time; 0: all at once).
+#[cfg(test)]
+impl Model {
+    fn loss_and_grads(&mut self, x: &Tensor, y: &Tensor, micro: i64, head_chunk: i64) -> (f64, Vec<Tensor>) {
+        for (_, p) in self.params.iter_mut() {
+            p.zero_grad();
+        }
+        let loss = backward_micro_batches(self, x, y, micro, head_chunk).double_value(&[]);
+        (loss, self.params.iter().map(|(_, p)| p.grad().copy()).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2893,11 +2906,7 @@ mod tests {
             let (x, y) = (Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu)));
             let mut run = |chunk: i64| {
                 m.tau_chunk = chunk;
-                for (_, p) in m.params.iter_mut() {
-                    p.zero_grad();
-                }
-                let l = m.loss_backward(&x, &y, 0, 1.0).double_value(&[]);
-                (l, m.params.iter().map(|(_, p)| p.grad().copy()).collect::<Vec<_>>())
+                m.loss_and_grads(&x, &y, 0, 0)
             };
             let (l0, g0) = run(0);
             let (l1, g1) = run(5);
@@ -3116,18 +3125,11 @@ mod tests {
             // large logits, so that the soft cap's slope (1 − t²) is far from 1 and must be right
             tch::no_grad(|| { let w = &mut m.params[0].1; let big = &*w * 50.0; w.copy_(&big) });
             let (x, y) = (Tensor::randint(512, [3, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [3, 16], (Kind::Int64, Device::Cpu)));
-            let mut grads = |chunk: i64| {
-                for (_, p) in m.params.iter_mut() {
-                    p.zero_grad();
-                }
-                let loss = m.loss_backward(&x, &y, chunk, 1.0);
-                (loss.double_value(&[]), m.params.iter().map(|(n, p)| (n.clone(), p.grad().copy())).collect::<Vec<_>>())
-            };
-            let (l0, g0) = grads(0);
+            let (l0, g0) = m.loss_and_grads(&x, &y, 0, 0);
             for chunk in [7, 48, 1000] {
-                let (l1, g1) = grads(chunk);
+                let (l1, g1) = m.loss_and_grads(&x, &y, 0, chunk);
                 assert!((l0 - l1).abs() < 1e-5, "{attn} chunk {chunk}: loss {l0} vs {l1}");
-                for ((n, a), (_, b)) in g0.iter().zip(&g1) {
+                for ((n, _), (a, b)) in m.params.iter().zip(g0.iter().zip(&g1)) {
                     let err = (a - b).abs().max().double_value(&[]) / (a.abs().max().double_value(&[]) + 1e-12);
                     assert!(err < 1e-4, "{attn} chunk {chunk}: {n} differs by {err} (relative)");
                 }
@@ -3168,16 +3170,9 @@ mod tests {
     fn micro_batches_accumulate_the_same_gradient() {
         let mut m = small("tau-lt", 512);
         let (x, y) = (Tensor::randint(512, [8, 16], (Kind::Int64, Device::Cpu)), Tensor::randint(512, [8, 16], (Kind::Int64, Device::Cpu)));
-        let mut grads = |micro: i64, chunk: i64| {
-            for (_, p) in m.params.iter_mut() {
-                p.zero_grad();
-            }
-            let loss = backward_micro_batches(&m, &x, &y, micro, chunk).double_value(&[]);
-            (loss, m.params.iter().map(|(_, p)| p.grad().copy()).collect::<Vec<_>>())
-        };
-        let (l0, g0) = grads(0, 0);
+        let (l0, g0) = m.loss_and_grads(&x, &y, 0, 0);
         for (micro, chunk) in [(2, 0), (4, 0), (1, 5)] {
-            let (l1, g1) = grads(micro, chunk);
+            let (l1, g1) = m.loss_and_grads(&x, &y, micro, chunk);
             assert!((l0 - l1).abs() < 1e-5, "micro {micro}: loss {l0} vs {l1}");
             for (a, b) in g0.iter().zip(&g1) {
                 assert!((a - b).abs().max().double_value(&[]) <= 1e-5 * (1.0 + a.abs().max().double_value(&[])), "micro {micro} chunk {chunk}");
@@ -3608,16 +3603,9 @@ mod gpu_tests {
         let (_, mut g) = twins("causal", 0);
         let dev = g.lap.device();
         let (x, y) = (Tensor::randint(1024, [4, 64], (Kind::Int64, dev)), Tensor::randint(1024, [4, 64], (Kind::Int64, dev)));
-        let mut run = |chunk: i64| {
-            for (_, p) in g.params.iter_mut() {
-                p.zero_grad();
-            }
-            let l = g.loss_backward(&x, &y, chunk, 1.0).double_value(&[]);
-            (l, g.params.iter().map(|(_, p)| p.grad().copy()).collect::<Vec<_>>())
-        };
-        let (l0, g0) = run(0);
+        let (l0, g0) = g.loss_and_grads(&x, &y, 0, 0);
         for chunk in [100, 256] {
-            let (l1, g1) = run(chunk);
+            let (l1, g1) = g.loss_and_grads(&x, &y, 0, chunk);
             assert!((l0 - l1).abs() < 1e-3 * l0, "chunk {chunk}: {l0} vs {l1}");
             for (a, b) in g0.iter().zip(&g1) {
                 assert!(rel(a, b) < 2e-2, "chunk {chunk}: {}", rel(a, b));
@@ -3703,11 +3691,7 @@ mod gpu_tests {
                 g.cdt = cdt;
                 let mut run = |kernels: Kernels| {
                     g.kernels = kernels;
-                    for (_, p) in g.params.iter_mut() {
-                        p.zero_grad();
-                    }
-                    let l = g.loss_backward(&x, &y, 0, 1.0).double_value(&[]);
-                    (l, g.params.iter().map(|(_, p)| p.grad().copy()).collect::<Vec<_>>())
+                    g.loss_and_grads(&x, &y, 0, 0)
                 };
                 let (l0, g0) = run(Kernels::Plain);
                 let (l1, g1) = run(Kernels::Fused);
