@@ -1287,17 +1287,29 @@ impl Optim {
 // One optimizer step on this rank's rows (x, y): micro-batches of --micro-batch rows accumulate the gradient of the
 // mean loss, the ranks average it, then the update. Returns the mean loss, not yet read back (reading syncs the GPU).
 fn train_step(m: &mut Model, opt: &mut Optim, x: &Tensor, y: &Tensor, a: &TrainArgs, lr_mult: f64, dist: Option<&Dist>) -> Res<Tensor> {
+    let loss = gradients(m, x, y, a, dist)?;
+    update(m, opt, a, lr_mult, dist)?;
+    Ok(loss)
+}
+
+// The step's first half: this rank's gradients, then averaged over the ranks (with the loss).
+fn gradients(m: &Model, x: &Tensor, y: &Tensor, a: &TrainArgs, dist: Option<&Dist>) -> Res<Tensor> {
     let loss = backward_micro_batches(m, x, y, a.micro_batch, a.head_chunk);
     if let Some(d) = dist {
         let mut ts: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
         ts.push(loss.shallow_clone());
         d.all_reduce(&ts, true)?;
     }
+    Ok(loss)
+}
+
+// The step's second half: the optimizer, then the gradients cleared.
+fn update(m: &mut Model, opt: &mut Optim, a: &TrainArgs, lr_mult: f64, dist: Option<&Dist>) -> Res<()> {
     opt.step(a, lr_mult, m.cdt, dist)?;
     for (_, p) in m.params.iter_mut() {
         p.zero_grad();
     }
-    Ok(loss)
+    Ok(())
 }
 
 // The gradient of the mean loss over the rows of (x, y), accumulated `micro` rows at a time (0: all at once).
@@ -1834,9 +1846,22 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         sync(dev);
         let ms = t0.elapsed().as_secs_f64() * 1e3 / b.bench_steps as f64;
         let tok_s = (a.batch_size * a.seq_len) as f64 / (ms / 1e3);
+        // Where the step goes: the same steps again, synchronised after each half. The syncs cost the overlap of the
+        // two halves, so the parts add up to a little more than ms_per_step.
+        let (mut grad_ms, mut update_ms) = (0.0, 0.0);
+        for _ in 0..b.bench_steps {
+            let t = Instant::now();
+            let _ = gradients(&model, &x, &y, &a, None)?;
+            sync(dev);
+            let mid = Instant::now();
+            update(&mut model, &mut opt, &a, 1.0, None)?;
+            sync(dev);
+            (grad_ms, update_ms) = (grad_ms + (mid - t).as_secs_f64() * 1e3, update_ms + mid.elapsed().as_secs_f64() * 1e3);
+        }
 
         let row = json!({"impl": "rust", "attn": variant, "optimizer": "muon+adam", "batch": a.batch_size, "seq": a.seq_len,
             "ms_per_step": round4(ms), "tokens_per_s": tok_s.round(), "mfu": gpu.is_some().then(|| mfu(&model, tok_s)),
+            "forward_backward_ms": round4(grad_ms / b.bench_steps as f64), "optimizer_ms": round4(update_ms / b.bench_steps as f64),
             "peak_mem_mib": memory_peaks(dev).map(|p| p.0.round()), "device": format!("{dev:?}"), "gpu": gpu, "compute_dtype": format!("{cdt:?}"),
             "kernels": a.kernels, "tau_chunk": a.tau_chunk, "head_chunk": a.head_chunk});
         println!("{row}");

@@ -202,6 +202,7 @@ fn bench_reports_each_variant_as_json() {
     for r in &rows {
         assert_eq!((r["impl"].as_str(), r["batch"].as_i64(), r["seq"].as_i64(), r["kernels"].as_str()), (Some("rust"), Some(2), Some(32), Some("plain")));
         assert!(r["ms_per_step"].as_f64().unwrap() > 0.0 && r["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(r["forward_backward_ms"].as_f64().unwrap() > 0.0 && r["optimizer_ms"].as_f64().unwrap() > 0.0, "{r}");
     }
 }
 
