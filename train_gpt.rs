@@ -1235,8 +1235,8 @@ impl Optim {
         o
     }
 
-    // With several ranks (the gradients already averaged) each rank orthogonalises only its share of the matrices,
-    // i % world == rank, as modded-nanogpt does; one all-reduce of the flat update buffer gives every rank all of them.
+    // With several ranks (the gradients already averaged) each rank orthogonalises only its share of the matrices
+    // (of each shape, every world-th one), as modded-nanogpt does; one all-reduce of the flat update buffer gives every rank all of them.
     // Only the owner's momentum buffer is ever read, so the others' stay untouched.
     // This rank's Muon updates, scaled, in one flat fp32 buffer of every matrix (zeros where another rank owns it).
     // Same-shaped matrices go through Newton–Schulz together (one batched pass a shape: 4 shapes, not 24 matrices,
@@ -1246,10 +1246,15 @@ impl Optim {
         let flat = Tensor::zeros([total], (Kind::Float, self.muon.first().map_or(Device::Cpu, |(p, _)| p.device())));
         let offsets: Vec<i64> = self.muon.iter().scan(0, |off, (p, _)| { *off += p.numel() as i64; Some(*off - p.numel() as i64) }).collect();
         let mut groups: std::collections::BTreeMap<Vec<i64>, Vec<usize>> = Default::default();
-        for i in (0..self.muon.len()).filter(|&i| i as i64 % world == rank) {
+        for i in 0..self.muon.len() {
             groups.entry(self.muon[i].0.size()).or_default().push(i);
         }
-        for (shape, idx) in groups {
+        for (shape, all) in groups {
+            // the k-th matrix of each shape goes to rank k mod world: every rank gets its share of every shape
+            let idx: Vec<usize> = all.into_iter().enumerate().filter(|(k, _)| *k as i64 % world == rank).map(|(_, i)| i).collect();
+            if idx.is_empty() {
+                continue;
+            }
             let nesterov: Vec<Tensor> = idx.iter().map(|&i| {
                 let (p, buf) = &mut self.muon[i];
                 let g = p.grad();
@@ -3144,14 +3149,16 @@ mod tests {
         m.loss(&x, &y, Reduction::Mean).backward();
         let a = args(&[]);
         let whole = Optim::new(&m).muon_updates(&a, 1.0, Kind::Float, 0, 1);
-        let world = 3;
-        let shards: Vec<Tensor> = (0..world).map(|r| Optim::new(&m).muon_updates(&a, 1.0, Kind::Float, r, world)).collect();
-        // every element is owned by exactly one rank; the sum is the single-rank update
-        let owners = shards.iter().map(|s| s.ne(0.0).to_kind(Kind::Int64)).fold(Tensor::zeros_like(&whole).to_kind(Kind::Int64), |acc, o| acc + o);
-        assert_eq!(owners.max().int64_value(&[]), 1);
-        assert!(shards.iter().all(|s| s.ne(0.0).any().int64_value(&[]) == 1), "each of the {world} ranks owns some matrices");
-        let sum = shards.iter().fold(Tensor::zeros_like(&whole), |acc, s| acc + s);
-        assert_eq!(sum.eq_tensor(&whole).all().int64_value(&[]), 1);
+        // 2 layers: two matrices of each of the 4 shapes. 2 ranks get one of each; a third rank gets none.
+        for (world, idle) in [(2, 0), (3, 1)] {
+            let shards: Vec<Tensor> = (0..world).map(|r| Optim::new(&m).muon_updates(&a, 1.0, Kind::Float, r, world)).collect();
+            // every element is owned by exactly one rank; the sum is the single-rank update
+            let owners = shards.iter().map(|s| s.ne(0.0).to_kind(Kind::Int64)).fold(Tensor::zeros_like(&whole).to_kind(Kind::Int64), |acc, o| acc + o);
+            assert_eq!(owners.max().int64_value(&[]), 1);
+            assert_eq!(shards.iter().filter(|s| Tensor::ne(s, 0.0).any().int64_value(&[]) == 0).count(), idle, "world {world}");
+            let sum = shards.iter().fold(Tensor::zeros_like(&whole), |acc, s| acc + s);
+            assert!((sum - &whole).abs().max().double_value(&[]) < 1e-6, "world {world}");
+        }
     }
 
     #[test]
