@@ -15,7 +15,8 @@ use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
 
 const SOURCE: &str = include_str!("train_gpt.rs");
-const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp")), ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu"))];
+const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp")), ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu")),
+                                         ("kernels/softcap_ce.cu", include_str!("kernels/softcap_ce.cu"))];
 const SHARD_MAGIC: i32 = 20240520; // modded-nanogpt / llm.c token shard
 const SHARD_VERSION: i32 = 1;
 const HEADER_INTS: usize = 256;
