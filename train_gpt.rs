@@ -30,6 +30,9 @@ const SOFTCAP: f64 = 15.0;
 const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315); // Muon's quintic Newton–Schulz
 const H100_BF16_PEAK: f64 = 989e12; // dense bf16 FLOP/s of H100/H200 SXM (llm.c's table); MFU denominator
 const FUSED_HEAD_DIMS: [i64; 3] = [32, 64, 128]; // the head dims kernels/tau_attn.cu is instantiated for
+// --kernels fused with --head-chunk 0: rows of B·T a cross-entropy kernel call takes. Bounds the bf16 logits to 1.6 GB
+// at V 50304 (6.6 GB for all 64×1024 rows at once) while each of the 4 matmuls of a step stays large.
+const FUSED_LOGIT_ROWS: i64 = 16384;
 
 // ----------------------------------------------------------------------------------------------------------------
 // Command line
@@ -106,9 +109,10 @@ enum Attn {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Kernels {
-    /// tau attention through libtorch ops (all T×T scores, or --tau-chunk rows of them at a time)
+    /// tau attention and the head's cross-entropy through libtorch ops
     Plain,
-    /// tau attention through the CUDA kernels of kernels/tau_attn.cu: scores made on the fly, never stored (CUDA only)
+    /// CUDA kernels (CUDA only): tau attention through kernels/tau_attn.cu (scores made on the fly, never stored) and
+    /// the soft-capped cross-entropy and its gradient through kernels/softcap_ce.cu (over the bf16 logits, in place)
     Fused,
 }
 
@@ -215,10 +219,11 @@ struct TrainArgs {
     /// tau: attention this many query rows at a time, scores recomputed in the backward (0: all T×T scores at once)
     #[arg(long, default_value_t = 0)]
     tau_chunk: i64,
-    /// tau: how attention runs (fused: CUDA only, not with --tau-chunk)
+    /// How tau attention and the head's cross-entropy run (fused: CUDA kernels for both; CUDA only, not with --tau-chunk)
     #[arg(long, value_enum, default_value = "plain")]
     kernels: Kernels,
-    /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once)
+    /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once; under
+    /// --kernels fused a fixed chunk that bounds the bf16 logits)
     #[arg(long, default_value_t = 0)]
     head_chunk: i64,
     /// Write the final weights as safetensors (names in the README)
@@ -862,7 +867,7 @@ struct Model {
     inv_temp: Tensor, // tau: [n_layer, H] fixed inverse temperature; tau-lt: unused
     cdt: Kind,        // compute dtype (bf16 on CUDA)
     tau_chunk: i64,   // tau: query rows a chunk in `tau_attention_chunked` (0: the plain path)
-    kernels: Kernels, // tau: fused runs `tau_attention_fused` (then tau_chunk is 0)
+    kernels: Kernels, // fused: tau runs `tau_attention_fused` (then tau_chunk is 0), the head `softcap_ce_fused`
 }
 
 fn rms(x: &Tensor) -> Tensor {
@@ -905,6 +910,13 @@ fn tau_attention_chunked(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor
 // beyond the inputs. λ and inv_temp fp32, V bf16 or fp32, head dim in FUSED_HEAD_DIMS.
 fn tau_attention_fused(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Tensor {
     ext_tensor("tau attention (fused)", ffi(|e, n| unsafe { ext::tg_tau_flash(handle(lq), handle(lk), handle(v), handle(inv_temp), e, n) }))
+}
+
+// Per-row losses (fp32 [N]) of the soft-capped logits SOFTCAP·tanh(z/SOFTCAP) against y [N] through the CUDA kernel of
+// kernels/softcap_ce.cu; with grad, z [N,V] (bf16 or fp32, no graph) is overwritten with d(scale·Σ loss)/dz. A target
+// outside [0, V) gives its row a NaN loss and gradient.
+fn softcap_ce_fused(z: &mut Tensor, y: &Tensor, scale: f64, grad: bool) -> Tensor {
+    ext_tensor("cross-entropy (fused)", ffi(|e, n| unsafe { ext::tg_softcap_ce(handle(z), handle(y), SOFTCAP, scale, grad as i32, e, n) }))
 }
 
 // tch's handle of a tensor is the at::Tensor* that kernels/ext.cpp takes.
@@ -1081,8 +1093,9 @@ impl Model {
         z.view([-1, self.cfg.vocab_size]).cross_entropy_loss(&tgt.view([-1]), None::<Tensor>, red, -100, 0.0)
     }
 
-    // The tied head over rows of hidden states h [N,C] (no graph), `rows` at a time, so that only one chunk of fp32
+    // The tied head over rows of hidden states h [N,C] (no graph), `rows` at a time, so that only one chunk of
     // logits exists at once: the summed loss and, when asked, its gradients by hand, d/dh [N,C] and d/dwte [V,C].
+    // Plain: ATen ops over fp32 logits; fused: `softcap_ce_fused` over the compute-dtype logits, which become their gradient.
     fn head_chunked(&self, h: &Tensor, y: &Tensor, rows: i64, grad: bool) -> (Tensor, Option<(Tensor, Tensor)>) {
         let (n, dev, w) = (h.size()[0], h.device(), self.w("wte").detach());
         let (mut total, mut dh, mut dw) = (Tensor::zeros([], (Kind::Float, dev)), vec![], Tensor::zeros([0], (Kind::Float, dev)));
@@ -1091,15 +1104,24 @@ impl Model {
         }
         tch::no_grad(|| {
             for r0 in (0..n).step_by(rows as usize) {
-                let (hc, yc) = (h.narrow(0, r0, rows.min(n - r0)), y.narrow(0, r0, rows.min(n - r0)).unsqueeze(1));
-                let t = (hc.matmul(&w.tr()).to_kind(Kind::Float) / SOFTCAP).tanh(); // logits = SOFTCAP·t
-                let z = &t * SOFTCAP;
-                let lse = z.logsumexp([1i64], true);
-                total += (&lse - z.gather(1, &yc, false)).sum(Kind::Float);
-                if grad {
+                let (hc, yc) = (h.narrow(0, r0, rows.min(n - r0)), y.narrow(0, r0, rows.min(n - r0)));
+                let gz = if self.kernels == Kernels::Fused {
+                    let mut z = hc.matmul(&w.tr());
+                    total += softcap_ce_fused(&mut z, &yc, 1.0, grad).sum(Kind::Float);
+                    grad.then_some(z)
+                } else {
+                    let yc = yc.unsqueeze(1);
+                    let t = (hc.matmul(&w.tr()).to_kind(Kind::Float) / SOFTCAP).tanh(); // logits = SOFTCAP·t
+                    let z = &t * SOFTCAP;
+                    let lse = z.logsumexp([1i64], true);
+                    total += (&lse - z.gather(1, &yc, false)).sum(Kind::Float);
                     // d(summed CE)/d(capped logit) = softmax − onehot; through the cap: × (1 − t²)
-                    let g = (z - lse).exp().scatter_add(1, &yc, &Tensor::full([yc.size()[0], 1], -1.0, (Kind::Float, dev)));
-                    let gz = (g * (t.square().neg() + 1.0)).to_kind(self.cdt);
+                    grad.then(|| {
+                        let g = (z - lse).exp().scatter_add(1, &yc, &Tensor::full([yc.size()[0], 1], -1.0, (Kind::Float, dev)));
+                        (g * (t.square().neg() + 1.0)).to_kind(self.cdt)
+                    })
+                };
+                if let Some(gz) = gz {
                     dh.push(gz.matmul(&w));
                     dw += gz.tr().matmul(&hc).to_kind(Kind::Float);
                 }
@@ -1108,18 +1130,24 @@ impl Model {
         (total, grad.then(|| (Tensor::cat(&dh, 0), dw)))
     }
 
-    // Accumulates the gradient of scale × (mean training loss) and returns the loss. head_chunk > 0 runs the head
-    // through `head_chunked` (autograd on `loss` keeps several B·T·V copies of the logits).
+    // Rows a chunk of `head_chunked`, or None for plain autograd over `loss` (which keeps several B·T·V copies of the
+    // logits): --head-chunk when set, FUSED_LOGIT_ROWS under --kernels fused.
+    fn head_rows(&self, head_chunk: i64) -> Option<i64> {
+        if head_chunk > 0 { Some(head_chunk) } else { (self.kernels == Kernels::Fused).then_some(FUSED_LOGIT_ROWS) }
+    }
+
+    // Accumulates the gradient of scale × (mean training loss) and returns the loss; the head by autograd or by hand
+    // (`head_rows`).
     fn loss_backward(&self, idx: &Tensor, tgt: &Tensor, head_chunk: i64, scale: f64) -> Tensor {
-        if head_chunk == 0 {
+        let Some(rows) = self.head_rows(head_chunk) else {
             let loss = self.loss(idx, tgt, Reduction::Mean);
             (&loss * scale).backward();
             return loss.detach();
-        }
+        };
         let x = self.hidden(idx, None);
         let c = self.cfg.n_embd;
         let n = x.numel() as i64 / c;
-        let (total, grads) = self.head_chunked(&x.detach().to_kind(self.cdt).view([-1, c]), &tgt.view([-1]), head_chunk, true);
+        let (total, grads) = self.head_chunked(&x.detach().to_kind(self.cdt).view([-1, c]), &tgt.view([-1]), rows, true);
         let (dh, dw) = grads.unwrap();
         // Back through the trunk: ∂/∂x of Σ x·dh is dh. The head's own share of the tied weight's gradient goes in by hand.
         (x.view([-1, c]) * dh.to_kind(x.kind())).sum(Kind::Float).multiply_scalar(scale / n as f64).backward();
@@ -1152,10 +1180,9 @@ fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64, head_chunk: i64, dist: O
             let nb = b.min(first + mine - s);
             let lo = (s * t) as usize;
             let (x, y) = window(&val[lo..lo + (nb * t) as usize + 1], nb, t, dev);
-            total += if head_chunk > 0 {
-                m.head_chunked(&m.hidden(&x, None).to_kind(m.cdt).view([-1, m.cfg.n_embd]), &y.view([-1]), head_chunk, false).0
-            } else {
-                m.loss(&x, &y, Reduction::Sum)
+            total += match m.head_rows(head_chunk) {
+                Some(rows) => m.head_chunked(&m.hidden(&x, None).to_kind(m.cdt).view([-1, m.cfg.n_embd]), &y.view([-1]), rows, false).0,
+                None => m.loss(&x, &y, Reduction::Sum),
             };
         }
         total
@@ -1425,6 +1452,7 @@ mod ext {
         // at::Tensor* in and out: tch's handles
         pub fn tg_tau_attention(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, chunk: i64, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_tau_flash(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
+        pub fn tg_softcap_ce(z: *mut c_void, y: *mut c_void, softcap: f64, scale: f64, grad: i32, err: *mut c_char, errlen: usize) -> *mut c_void;
     }
 }
 
