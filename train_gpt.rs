@@ -3167,6 +3167,12 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "cross-entropy (fused): z and y must be on one CUDA device")]
+    fn fused_cross_entropy_refuses_cpu_tensors() {
+        let _ = softcap_ce_fused(&mut Tensor::zeros([2, 5], (Kind::Float, Device::Cpu)), &Tensor::zeros([2], (Kind::Int64, Device::Cpu)), 1.0, true);
+    }
+
+    #[test]
     fn ranks_split_the_batch_and_the_val_set_without_gaps() {
         for (n, world) in [(64, 1), (64, 2), (64, 8), (869, 2), (869, 3)] {
             let blocks: Vec<(i64, i64)> = (0..world).map(|r| rank_rows(n, r, world)).collect();
@@ -3709,24 +3715,88 @@ mod gpu_tests {
         }
     }
 
+    // A bare head [V, 128] on the GPU with weights × 50: logits of σ ≈ 11 for unit hidden states, so that the soft cap's
+    // slope (1 − t²) is far from 1 and must be right.
+    fn big_head(v: i64, cdt: Kind) -> Model {
+        let cfg = ModelCfg { n_layer: 1, n_head: 2, n_kv_head: 0, n_embd: 128, seq_len: 8, vocab_size: v, attn: "causal".into() };
+        let mut m = Model::new(cfg, cuda(), cdt, None, 1.0, 1.0, 1.0);
+        tch::no_grad(|| { let w = &mut m.params[0].1; let big = &*w * 50.0; w.copy_(&big) });
+        m
+    }
+
     #[test]
     #[ignore = "needs a CUDA GPU"]
-    fn a_model_with_fused_tau_attention_is_the_same_model_on_gpu() {
-        for (attn, kv) in [("tau", 0), ("tau-lt", 0), ("tau", 2)] {
+    fn fused_head_matches_the_plain_chunked_head() {
+        // V: a multiple of the 16-byte vector, and two rows that start off it (bf16 and fp32); N: one row, a few, and
+        // 300 = two chunks of 128 and a ragged one
+        for v in [1000, 50304, 50257] {
+            for (cdt, grad_tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 2e-2)] {
+                let mut m = big_head(v, cdt);
+                let dev = m.lap.device();
+                for n in [1, 7, 300] {
+                    let shape = format!("V {v} N {n} {cdt:?}");
+                    let h = Tensor::randn([n, 128], (cdt, dev));
+                    let y = Tensor::randint(v, [n], (Kind::Int64, dev));
+                    let _ = y.get(n - 1).fill_(v - 1); // the last column: a row's scalar tail
+                    let _ = y.get(0).fill_(0);
+                    let mut head = |kernels: Kernels, grad: bool| {
+                        m.kernels = kernels;
+                        m.head_chunked(&h, &y, 128, grad)
+                    };
+                    let (l0, g0) = head(Kernels::Plain, true);
+                    let (l1, g1) = head(Kernels::Fused, true);
+                    let (l2, _) = head(Kernels::Fused, false);
+                    let (l0, l1, l2) = (l0.double_value(&[]), l1.double_value(&[]), l2.double_value(&[]));
+                    // the same logits (one matmul) in both paths and fp32 arithmetic after it: the loss agrees to fp32 rounding
+                    assert!((l0 - l1).abs() < 1e-5 * l0 && l1 == l2, "{shape}: loss {l0} (plain) vs {l1} (fused) and {l2} (fused, no gradient)");
+                    let ((dh0, dw0), (dh1, dw1)) = (g0.unwrap(), g1.unwrap());
+                    for (name, a, b) in [("dh", &dh0, &dh1), ("dwte", &dw0, &dw1)] {
+                        assert!(rel(a, b) < grad_tol, "{shape}: {name} differs by {}", rel(a, b));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn fused_cross_entropy_scales_its_gradient_and_marks_bad_targets() {
+        let dev = cuda();
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let z = (Tensor::randn([5, 1003], (Kind::Float, dev)) * 20.0).to_kind(kind);
+            let y = Tensor::from_slice(&[0i64, 1002, -1, 1003, 7]).to(dev); // rows 2 and 3: outside [0, V)
+            let bad = Tensor::from_slice(&[false, false, true, true, false]).to(dev);
+            let good = Tensor::from_slice(&[0i64, 1, 4]).to(dev);
+            let (mut g1, mut g2, mut kept) = (z.copy(), z.copy(), z.copy());
+            let (l1, l2, l0) = (softcap_ce_fused(&mut g1, &y, 1.0, true), softcap_ce_fused(&mut g2, &y, 0.5, true), softcap_ce_fused(&mut kept, &y, 1.0, false));
+            assert!(l1.isnan().equal(&bad) && g1.isnan().all_dim(1, false).equal(&bad), "{kind:?}: NaN rows");
+            assert!(l1.index_select(0, &good).equal(&l2.index_select(0, &good)) && l1.index_select(0, &good).equal(&l0.index_select(0, &good)), "{kind:?}: losses");
+            // × 0.5 is exact, before and after rounding to bf16
+            assert!((g1.index_select(0, &good) * 0.5).equal(&g2.index_select(0, &good)), "{kind:?}: scale");
+            assert!(kept.equal(&z), "{kind:?}: without the gradient z stays");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn a_model_with_fused_kernels_is_the_same_model_on_gpu() {
+        // causal: the fused head alone; tau: attention and head
+        for (attn, kv) in [("causal", 0), ("tau", 0), ("tau-lt", 0), ("tau", 2)] {
             let (_, mut g) = twins(attn, kv);
             let dev = g.lap.device();
             let (x, y) = (Tensor::randint(1024, [3, 50], (Kind::Int64, dev)), Tensor::randint(1024, [3, 50], (Kind::Int64, dev))); // 50: a ragged tile
             for (cdt, loss_tol, grad_tol) in [(Kind::Float, 1e-5, 1e-3), (Kind::BFloat16, 2e-3, 5e-2)] {
                 g.cdt = cdt;
-                let mut run = |kernels: Kernels| {
-                    g.kernels = kernels;
-                    g.loss_and_grads(&x, &y, 0, 0)
-                };
-                let (l0, g0) = run(Kernels::Plain);
-                let (l1, g1) = run(Kernels::Fused);
-                assert!((l0 - l1).abs() < loss_tol * l0, "{attn}/{kv} {cdt:?}: loss {l0} vs {l1}");
-                for ((n, _), (a, b)) in g.params.iter().zip(g0.iter().zip(&g1)) {
-                    assert!(rel(a, b) < grad_tol, "{attn}/{kv} {cdt:?}: {n} grad differs by {}", rel(a, b));
+                g.kernels = Kernels::Plain;
+                let (l0, g0) = g.loss_and_grads(&x, &y, 0, 0);
+                g.kernels = Kernels::Fused;
+                // head_chunk 0: all 150 rows in one kernel call; 64: two chunks and a ragged one
+                for head_chunk in [0, 64] {
+                    let (l1, g1) = g.loss_and_grads(&x, &y, 0, head_chunk);
+                    assert!((l0 - l1).abs() < loss_tol * l0, "{attn}/{kv} {cdt:?} head chunk {head_chunk}: loss {l0} vs {l1}");
+                    for ((n, _), (a, b)) in g.params.iter().zip(g0.iter().zip(&g1)) {
+                        assert!(rel(a, b) < grad_tol, "{attn}/{kv} {cdt:?} head chunk {head_chunk}: {n} grad differs by {}", rel(a, b));
+                    }
                 }
             }
         }
