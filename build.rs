@@ -1,20 +1,25 @@
-// Builds kernels/ext.cpp against the venv's libtorch headers and kernels/tau_attn.cu with the venv's nvcc (into one
-// archive), and embeds an rpath to torch/lib and the CUDA runtime beside it, so that `cargo run`/`cargo test` need no
+// Builds kernels/ext.cpp against the venv's libtorch headers and the CUDA kernels (KERNELS) with the venv's nvcc (into
+// one archive), and embeds an rpath to torch/lib and the CUDA runtime beside it, so that `cargo run`/`cargo test` need no
 // LD_LIBRARY_PATH. The tag is RUNPATH: LD_LIBRARY_PATH still wins on the GPU box. No GPU is needed to build.
 use std::path::{Path, PathBuf};
+
+const KERNELS: [&str; 2] = ["kernels/tau_attn.cu", "kernels/softcap_ce.cu"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels/ext.cpp");
-    println!("cargo:rerun-if-changed=kernels/tau_attn.cu");
+    for k in KERNELS {
+        println!("cargo:rerun-if-changed={k}");
+    }
     println!("cargo:rerun-if-changed=Cargo.lock");
     let torch = std::env::var("LIBTORCH").expect("LIBTORCH unset: run ./run.sh setup (it makes .venv/torch)");
     let torch = std::fs::canonicalize(&torch).expect("LIBTORCH points nowhere: run ./run.sh setup");
     // c10d's NCCL group needs the CUDA runtime, CCCL and NCCL headers: PyPI's nvidia-* wheels beside torch.
     let cu = torch.join("../nvidia/cu13/include");
     let cudart = torch.join("../nvidia/cu13/lib");
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .std("c++17")
         .warnings(false)
@@ -26,9 +31,11 @@ fn main() {
         .include(torch.join("../nvidia/nccl/include"))
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_NCCL", None)
-        .file("kernels/ext.cpp")
-        .object(nvcc(&torch, "kernels/tau_attn.cu"))
-        .compile("train_gpt_ext");
+        .file("kernels/ext.cpp");
+    for k in KERNELS {
+        build.object(nvcc(&torch, k));
+    }
+    build.compile("train_gpt_ext");
     println!("cargo:rustc-link-search=native={}", torch.join("lib").display());
     println!("cargo:rustc-link-search=native={}", cudart.display());
     for lib in ["torch_cuda", "torch_cpu", "c10_cuda", "c10"] {

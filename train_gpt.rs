@@ -15,7 +15,8 @@ use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
 
 const SOURCE: &str = include_str!("train_gpt.rs");
-const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp")), ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu"))];
+const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp")), ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu")),
+                                         ("kernels/softcap_ce.cu", include_str!("kernels/softcap_ce.cu"))];
 const SHARD_MAGIC: i32 = 20240520; // modded-nanogpt / llm.c token shard
 const SHARD_VERSION: i32 = 1;
 const HEADER_INTS: usize = 256;
@@ -29,6 +30,9 @@ const SOFTCAP: f64 = 15.0;
 const NS_COEFFS: (f64, f64, f64) = (3.4445, -4.7750, 2.0315); // Muon's quintic Newton–Schulz
 const H100_BF16_PEAK: f64 = 989e12; // dense bf16 FLOP/s of H100/H200 SXM (llm.c's table); MFU denominator
 const FUSED_HEAD_DIMS: [i64; 3] = [32, 64, 128]; // the head dims kernels/tau_attn.cu is instantiated for
+// --kernels fused with --head-chunk 0: rows of B·T a cross-entropy kernel call takes. Bounds the bf16 logits to 1.6 GB
+// at V 50304 (6.6 GB for all 64×1024 rows at once) while each of the 4 matmuls of a step stays large.
+const FUSED_LOGIT_ROWS: i64 = 16384;
 
 // ----------------------------------------------------------------------------------------------------------------
 // Command line
@@ -105,9 +109,10 @@ enum Attn {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Kernels {
-    /// tau attention through libtorch ops (all T×T scores, or --tau-chunk rows of them at a time)
+    /// tau attention and the head's cross-entropy through libtorch ops
     Plain,
-    /// tau attention through the CUDA kernels of kernels/tau_attn.cu: scores made on the fly, never stored (CUDA only)
+    /// CUDA kernels (CUDA only): tau attention through kernels/tau_attn.cu (scores made on the fly, never stored) and
+    /// the soft-capped cross-entropy and its gradient through kernels/softcap_ce.cu (over the bf16 logits, in place)
     Fused,
 }
 
@@ -214,10 +219,11 @@ struct TrainArgs {
     /// tau: attention this many query rows at a time, scores recomputed in the backward (0: all T×T scores at once)
     #[arg(long, default_value_t = 0)]
     tau_chunk: i64,
-    /// tau: how attention runs (fused: CUDA only, not with --tau-chunk)
+    /// How tau attention and the head's cross-entropy run (fused: CUDA kernels for both; CUDA only, not with --tau-chunk)
     #[arg(long, value_enum, default_value = "plain")]
     kernels: Kernels,
-    /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once)
+    /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once; under
+    /// --kernels fused a fixed chunk that bounds the bf16 logits)
     #[arg(long, default_value_t = 0)]
     head_chunk: i64,
     /// Write the final weights as safetensors (names in the README)
@@ -861,7 +867,7 @@ struct Model {
     inv_temp: Tensor, // tau: [n_layer, H] fixed inverse temperature; tau-lt: unused
     cdt: Kind,        // compute dtype (bf16 on CUDA)
     tau_chunk: i64,   // tau: query rows a chunk in `tau_attention_chunked` (0: the plain path)
-    kernels: Kernels, // tau: fused runs `tau_attention_fused` (then tau_chunk is 0)
+    kernels: Kernels, // fused: tau runs `tau_attention_fused` (then tau_chunk is 0), the head `softcap_ce_fused`
 }
 
 fn rms(x: &Tensor) -> Tensor {
@@ -904,6 +910,13 @@ fn tau_attention_chunked(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor
 // beyond the inputs. λ and inv_temp fp32, V bf16 or fp32, head dim in FUSED_HEAD_DIMS.
 fn tau_attention_fused(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Tensor {
     ext_tensor("tau attention (fused)", ffi(|e, n| unsafe { ext::tg_tau_flash(handle(lq), handle(lk), handle(v), handle(inv_temp), e, n) }))
+}
+
+// Per-row losses (fp32 [N]) of the soft-capped logits SOFTCAP·tanh(z/SOFTCAP) against y [N] through the CUDA kernel of
+// kernels/softcap_ce.cu; with grad, z [N,V] (bf16 or fp32, no graph) is overwritten with d(scale·Σ loss)/dz. A target
+// outside [0, V) gives its row a NaN loss and gradient.
+fn softcap_ce_fused(z: &mut Tensor, y: &Tensor, scale: f64, grad: bool) -> Tensor {
+    ext_tensor("cross-entropy (fused)", ffi(|e, n| unsafe { ext::tg_softcap_ce(handle(z), handle(y), SOFTCAP, scale, grad as i32, e, n) }))
 }
 
 // tch's handle of a tensor is the at::Tensor* that kernels/ext.cpp takes.
@@ -1080,8 +1093,9 @@ impl Model {
         z.view([-1, self.cfg.vocab_size]).cross_entropy_loss(&tgt.view([-1]), None::<Tensor>, red, -100, 0.0)
     }
 
-    // The tied head over rows of hidden states h [N,C] (no graph), `rows` at a time, so that only one chunk of fp32
+    // The tied head over rows of hidden states h [N,C] (no graph), `rows` at a time, so that only one chunk of
     // logits exists at once: the summed loss and, when asked, its gradients by hand, d/dh [N,C] and d/dwte [V,C].
+    // Plain: ATen ops over fp32 logits; fused: `softcap_ce_fused` over the compute-dtype logits, which become their gradient.
     fn head_chunked(&self, h: &Tensor, y: &Tensor, rows: i64, grad: bool) -> (Tensor, Option<(Tensor, Tensor)>) {
         let (n, dev, w) = (h.size()[0], h.device(), self.w("wte").detach());
         let (mut total, mut dh, mut dw) = (Tensor::zeros([], (Kind::Float, dev)), vec![], Tensor::zeros([0], (Kind::Float, dev)));
@@ -1090,15 +1104,24 @@ impl Model {
         }
         tch::no_grad(|| {
             for r0 in (0..n).step_by(rows as usize) {
-                let (hc, yc) = (h.narrow(0, r0, rows.min(n - r0)), y.narrow(0, r0, rows.min(n - r0)).unsqueeze(1));
-                let t = (hc.matmul(&w.tr()).to_kind(Kind::Float) / SOFTCAP).tanh(); // logits = SOFTCAP·t
-                let z = &t * SOFTCAP;
-                let lse = z.logsumexp([1i64], true);
-                total += (&lse - z.gather(1, &yc, false)).sum(Kind::Float);
-                if grad {
+                let (hc, yc) = (h.narrow(0, r0, rows.min(n - r0)), y.narrow(0, r0, rows.min(n - r0)));
+                let gz = if self.kernels == Kernels::Fused {
+                    let mut z = hc.matmul(&w.tr());
+                    total += softcap_ce_fused(&mut z, &yc, 1.0, grad).sum(Kind::Float);
+                    grad.then_some(z)
+                } else {
+                    let yc = yc.unsqueeze(1);
+                    let t = (hc.matmul(&w.tr()).to_kind(Kind::Float) / SOFTCAP).tanh(); // logits = SOFTCAP·t
+                    let z = &t * SOFTCAP;
+                    let lse = z.logsumexp([1i64], true);
+                    total += (&lse - z.gather(1, &yc, false)).sum(Kind::Float);
                     // d(summed CE)/d(capped logit) = softmax − onehot; through the cap: × (1 − t²)
-                    let g = (z - lse).exp().scatter_add(1, &yc, &Tensor::full([yc.size()[0], 1], -1.0, (Kind::Float, dev)));
-                    let gz = (g * (t.square().neg() + 1.0)).to_kind(self.cdt);
+                    grad.then(|| {
+                        let g = (z - lse).exp().scatter_add(1, &yc, &Tensor::full([yc.size()[0], 1], -1.0, (Kind::Float, dev)));
+                        (g * (t.square().neg() + 1.0)).to_kind(self.cdt)
+                    })
+                };
+                if let Some(gz) = gz {
                     dh.push(gz.matmul(&w));
                     dw += gz.tr().matmul(&hc).to_kind(Kind::Float);
                 }
@@ -1107,18 +1130,24 @@ impl Model {
         (total, grad.then(|| (Tensor::cat(&dh, 0), dw)))
     }
 
-    // Accumulates the gradient of scale × (mean training loss) and returns the loss. head_chunk > 0 runs the head
-    // through `head_chunked` (autograd on `loss` keeps several B·T·V copies of the logits).
+    // Rows a chunk of `head_chunked`, or None for plain autograd over `loss` (which keeps several B·T·V copies of the
+    // logits): --head-chunk when set, FUSED_LOGIT_ROWS under --kernels fused.
+    fn head_rows(&self, head_chunk: i64) -> Option<i64> {
+        if head_chunk > 0 { Some(head_chunk) } else { (self.kernels == Kernels::Fused).then_some(FUSED_LOGIT_ROWS) }
+    }
+
+    // Accumulates the gradient of scale × (mean training loss) and returns the loss; the head by autograd or by hand
+    // (`head_rows`).
     fn loss_backward(&self, idx: &Tensor, tgt: &Tensor, head_chunk: i64, scale: f64) -> Tensor {
-        if head_chunk == 0 {
+        let Some(rows) = self.head_rows(head_chunk) else {
             let loss = self.loss(idx, tgt, Reduction::Mean);
             (&loss * scale).backward();
             return loss.detach();
-        }
+        };
         let x = self.hidden(idx, None);
         let c = self.cfg.n_embd;
         let n = x.numel() as i64 / c;
-        let (total, grads) = self.head_chunked(&x.detach().to_kind(self.cdt).view([-1, c]), &tgt.view([-1]), head_chunk, true);
+        let (total, grads) = self.head_chunked(&x.detach().to_kind(self.cdt).view([-1, c]), &tgt.view([-1]), rows, true);
         let (dh, dw) = grads.unwrap();
         // Back through the trunk: ∂/∂x of Σ x·dh is dh. The head's own share of the tied weight's gradient goes in by hand.
         (x.view([-1, c]) * dh.to_kind(x.kind())).sum(Kind::Float).multiply_scalar(scale / n as f64).backward();
@@ -1151,10 +1180,9 @@ fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64, head_chunk: i64, dist: O
             let nb = b.min(first + mine - s);
             let lo = (s * t) as usize;
             let (x, y) = window(&val[lo..lo + (nb * t) as usize + 1], nb, t, dev);
-            total += if head_chunk > 0 {
-                m.head_chunked(&m.hidden(&x, None).to_kind(m.cdt).view([-1, m.cfg.n_embd]), &y.view([-1]), head_chunk, false).0
-            } else {
-                m.loss(&x, &y, Reduction::Sum)
+            total += match m.head_rows(head_chunk) {
+                Some(rows) => m.head_chunked(&m.hidden(&x, None).to_kind(m.cdt).view([-1, m.cfg.n_embd]), &y.view([-1]), rows, false).0,
+                None => m.loss(&x, &y, Reduction::Sum),
             };
         }
         total
@@ -1452,6 +1480,7 @@ mod ext {
         // at::Tensor* in and out: tch's handles
         pub fn tg_tau_attention(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, chunk: i64, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_tau_flash(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
+        pub fn tg_softcap_ce(z: *mut c_void, y: *mut c_void, softcap: f64, scale: f64, grad: i32, err: *mut c_char, errlen: usize) -> *mut c_void;
     }
 }
 
@@ -3181,6 +3210,12 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "cross-entropy (fused): z and y must be on one CUDA device")]
+    fn fused_cross_entropy_refuses_cpu_tensors() {
+        let _ = softcap_ce_fused(&mut Tensor::zeros([2, 5], (Kind::Float, Device::Cpu)), &Tensor::zeros([2], (Kind::Int64, Device::Cpu)), 1.0, true);
+    }
+
+    #[test]
     fn ranks_split_the_batch_and_the_val_set_without_gaps() {
         for (n, world) in [(64, 1), (64, 2), (64, 8), (869, 2), (869, 3)] {
             let blocks: Vec<(i64, i64)> = (0..world).map(|r| rank_rows(n, r, world)).collect();
@@ -3729,24 +3764,88 @@ mod gpu_tests {
         }
     }
 
+    // A bare head [V, 128] on the GPU with weights × 50: logits of σ ≈ 11 for unit hidden states, so that the soft cap's
+    // slope (1 − t²) is far from 1 and must be right.
+    fn big_head(v: i64, cdt: Kind) -> Model {
+        let cfg = ModelCfg { n_layer: 1, n_head: 2, n_kv_head: 0, n_embd: 128, seq_len: 8, vocab_size: v, attn: "causal".into() };
+        let mut m = Model::new(cfg, cuda(), cdt, None, 1.0, 1.0, 1.0);
+        tch::no_grad(|| { let w = &mut m.params[0].1; let big = &*w * 50.0; w.copy_(&big) });
+        m
+    }
+
     #[test]
     #[ignore = "needs a CUDA GPU"]
-    fn a_model_with_fused_tau_attention_is_the_same_model_on_gpu() {
-        for (attn, kv) in [("tau", 0), ("tau-lt", 0), ("tau", 2)] {
+    fn fused_head_matches_the_plain_chunked_head() {
+        // V: a multiple of the 16-byte vector, and two rows that start off it (bf16 and fp32); N: one row, a few, and
+        // 300 = two chunks of 128 and a ragged one
+        for v in [1000, 50304, 50257] {
+            for (cdt, grad_tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 2e-2)] {
+                let mut m = big_head(v, cdt);
+                let dev = m.lap.device();
+                for n in [1, 7, 300] {
+                    let shape = format!("V {v} N {n} {cdt:?}");
+                    let h = Tensor::randn([n, 128], (cdt, dev));
+                    let y = Tensor::randint(v, [n], (Kind::Int64, dev));
+                    let _ = y.get(n - 1).fill_(v - 1); // the last column: a row's scalar tail
+                    let _ = y.get(0).fill_(0);
+                    let mut head = |kernels: Kernels, grad: bool| {
+                        m.kernels = kernels;
+                        m.head_chunked(&h, &y, 128, grad)
+                    };
+                    let (l0, g0) = head(Kernels::Plain, true);
+                    let (l1, g1) = head(Kernels::Fused, true);
+                    let (l2, _) = head(Kernels::Fused, false);
+                    let (l0, l1, l2) = (l0.double_value(&[]), l1.double_value(&[]), l2.double_value(&[]));
+                    // the same logits (one matmul) in both paths and fp32 arithmetic after it: the loss agrees to fp32 rounding
+                    assert!((l0 - l1).abs() < 1e-5 * l0 && l1 == l2, "{shape}: loss {l0} (plain) vs {l1} (fused) and {l2} (fused, no gradient)");
+                    let ((dh0, dw0), (dh1, dw1)) = (g0.unwrap(), g1.unwrap());
+                    for (name, a, b) in [("dh", &dh0, &dh1), ("dwte", &dw0, &dw1)] {
+                        assert!(rel(a, b) < grad_tol, "{shape}: {name} differs by {}", rel(a, b));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn fused_cross_entropy_scales_its_gradient_and_marks_bad_targets() {
+        let dev = cuda();
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let z = (Tensor::randn([5, 1003], (Kind::Float, dev)) * 20.0).to_kind(kind);
+            let y = Tensor::from_slice(&[0i64, 1002, -1, 1003, 7]).to(dev); // rows 2 and 3: outside [0, V)
+            let bad = Tensor::from_slice(&[false, false, true, true, false]).to(dev);
+            let good = Tensor::from_slice(&[0i64, 1, 4]).to(dev);
+            let (mut g1, mut g2, mut kept) = (z.copy(), z.copy(), z.copy());
+            let (l1, l2, l0) = (softcap_ce_fused(&mut g1, &y, 1.0, true), softcap_ce_fused(&mut g2, &y, 0.5, true), softcap_ce_fused(&mut kept, &y, 1.0, false));
+            assert!(l1.isnan().equal(&bad) && g1.isnan().all_dim(1, false).equal(&bad), "{kind:?}: NaN rows");
+            assert!(l1.index_select(0, &good).equal(&l2.index_select(0, &good)) && l1.index_select(0, &good).equal(&l0.index_select(0, &good)), "{kind:?}: losses");
+            // × 0.5 is exact, before and after rounding to bf16
+            assert!((g1.index_select(0, &good) * 0.5).equal(&g2.index_select(0, &good)), "{kind:?}: scale");
+            assert!(kept.equal(&z), "{kind:?}: without the gradient z stays");
+        }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn a_model_with_fused_kernels_is_the_same_model_on_gpu() {
+        // causal: the fused head alone; tau: attention and head
+        for (attn, kv) in [("causal", 0), ("tau", 0), ("tau-lt", 0), ("tau", 2)] {
             let (_, mut g) = twins(attn, kv);
             let dev = g.lap.device();
             let (x, y) = (Tensor::randint(1024, [3, 50], (Kind::Int64, dev)), Tensor::randint(1024, [3, 50], (Kind::Int64, dev))); // 50: a ragged tile
             for (cdt, loss_tol, grad_tol) in [(Kind::Float, 1e-5, 1e-3), (Kind::BFloat16, 2e-3, 5e-2)] {
                 g.cdt = cdt;
-                let mut run = |kernels: Kernels| {
-                    g.kernels = kernels;
-                    g.loss_and_grads(&x, &y, 0, 0)
-                };
-                let (l0, g0) = run(Kernels::Plain);
-                let (l1, g1) = run(Kernels::Fused);
-                assert!((l0 - l1).abs() < loss_tol * l0, "{attn}/{kv} {cdt:?}: loss {l0} vs {l1}");
-                for ((n, _), (a, b)) in g.params.iter().zip(g0.iter().zip(&g1)) {
-                    assert!(rel(a, b) < grad_tol, "{attn}/{kv} {cdt:?}: {n} grad differs by {}", rel(a, b));
+                g.kernels = Kernels::Plain;
+                let (l0, g0) = g.loss_and_grads(&x, &y, 0, 0);
+                g.kernels = Kernels::Fused;
+                // head_chunk 0: all 150 rows in one kernel call; 64: two chunks and a ragged one
+                for head_chunk in [0, 64] {
+                    let (l1, g1) = g.loss_and_grads(&x, &y, 0, head_chunk);
+                    assert!((l0 - l1).abs() < loss_tol * l0, "{attn}/{kv} {cdt:?} head chunk {head_chunk}: loss {l0} vs {l1}");
+                    for ((n, _), (a, b)) in g.params.iter().zip(g0.iter().zip(&g1)) {
+                        assert!(rel(a, b) < grad_tol, "{attn}/{kv} {cdt:?} head chunk {head_chunk}: {n} grad differs by {}", rel(a, b));
+                    }
                 }
             }
         }

@@ -201,7 +201,7 @@ at::Tensor dense(const at::Tensor& t) {
 }
 
 void cuda_ok(int err, const char* what) {
-  TORCH_CHECK(err == 0, "tau attention (fused) ", what, ": ", cudaGetErrorString(static_cast<cudaError_t>(err)));
+  TORCH_CHECK(err == 0, what, ": ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
 struct TauFlash : public torch::autograd::Function<TauFlash> {
@@ -224,7 +224,7 @@ struct TauFlash : public torch::autograd::Function<TauFlash> {
     auto lse = at::empty({b, h, tq}, lq.options());
     cuda_ok(tg_tau_flash_forward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out.data_ptr(), lse.data_ptr<float>(),
                                  b * h, h, tq, tk, d, v.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
-            "forward");
+            "tau attention (fused) forward");
     ctx->save_for_backward({lq, lk, v, it, out, lse});
     return out;
   }
@@ -239,7 +239,7 @@ struct TauFlash : public torch::autograd::Function<TauFlash> {
     cuda_ok(tg_tau_flash_backward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out.data_ptr(), dout.data_ptr(),
                                   lse.data_ptr<float>(), delta.data_ptr<float>(), dlq.data_ptr<float>(), dlk.data_ptr<float>(), dv.data_ptr(),
                                   dit.data_ptr<float>(), b * h, h, tq, tk, d, v.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
-            "backward");
+            "tau attention (fused) backward");
     return {dlq, dlk, dv, ctx->needs_input_grad(3) ? dit : at::Tensor()};
   }
 };
@@ -250,6 +250,39 @@ struct TauFlash : public torch::autograd::Function<TauFlash> {
 extern "C" at::Tensor* tg_tau_flash(at::Tensor* lq, at::Tensor* lk, at::Tensor* v, at::Tensor* it, char* err, size_t errlen) {
   try {
     return new at::Tensor(TauFlash::apply(*lq, *lk, *v, *it));
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return nullptr;
+  }
+}
+
+// ---- Soft-capped cross-entropy through the fused kernel of kernels/softcap_ce.cu: the logits are read twice (loss, then
+// gradient) and the gradient overwrites them, so the head needs no fp32 [N, V] tensor.
+extern "C" int tg_softcap_ce_launch(void* z, const int64_t* y, float* loss, int n, int v, float cap, float scale, int grad, int is_bf16,
+                                    cudaStream_t stream);
+
+// Per-row losses (fp32 [N]) of soft-capped logits cap·tanh(z/cap), z [N, V] bf16 or fp32, against targets y [N] (int64);
+// with grad != 0, z is overwritten with d(scale·Σ loss)/dz. A target outside [0, V) gives its row a NaN loss and
+// gradient (checking here would read y back and sync the stream). Null + err on failure.
+extern "C" at::Tensor* tg_softcap_ce(at::Tensor* z, at::Tensor* y, double softcap, double scale, int grad, char* err, size_t errlen) {
+  try {
+    TORCH_CHECK(z->dim() == 2 && y->dim() == 1 && y->size(0) == z->size(0), "cross-entropy (fused): want z [N, V] and y [N]; got ", z->sizes(), " and ", y->sizes());
+    const int64_t n = z->size(0), v = z->size(1);
+    TORCH_CHECK(1 <= v && v <= INT32_MAX && n <= INT32_MAX, "cross-entropy (fused): need 1 ≤ V and N, V < 2³¹; got N ", n, ", V ", v);
+    TORCH_CHECK(z->is_cuda() && y->device() == z->device(), "cross-entropy (fused): z and y must be on one CUDA device (got ", z->device(), ", ", y->device(), "); use --kernels plain off the GPU");
+    TORCH_CHECK(z->scalar_type() == at::kBFloat16 || z->scalar_type() == at::kFloat, "cross-entropy (fused): z must be bf16 or fp32; got ", z->scalar_type());
+    TORCH_CHECK(y->scalar_type() == at::kLong, "cross-entropy (fused): y must be int64; got ", y->scalar_type());
+    TORCH_CHECK(z->is_contiguous(), "cross-entropy (fused): z must be contiguous (the gradient is written in place)");
+    TORCH_CHECK(!grad || !z->requires_grad(), "cross-entropy (fused): z requires grad, and the gradient would overwrite it behind autograd's back");
+    TORCH_CHECK(softcap > 0, "cross-entropy (fused): softcap must be > 0; got ", softcap);
+    c10::cuda::CUDAGuard guard(z->device());
+    auto yc = y->contiguous();
+    auto loss = at::empty({n}, z->options().dtype(at::kFloat));
+    if (n > 0)
+      cuda_ok(tg_softcap_ce_launch(z->data_ptr(), yc.data_ptr<int64_t>(), loss.data_ptr<float>(), n, v, static_cast<float>(softcap), static_cast<float>(scale),
+                                   grad, z->scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+              "cross-entropy (fused)");
+    return new at::Tensor(loss);
   } catch (const std::exception& e) {
     tg_err(err, errlen, e);
     return nullptr;
