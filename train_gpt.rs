@@ -279,6 +279,9 @@ struct BenchDecodeArgs {
     repeats: usize,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// fused: tau attention of the decoding steps through kernels/tau_attn.cu (CUDA only)
+    #[arg(long, value_enum, default_value_t = Kernels::Plain)]
+    kernels: Kernels,
     /// Also write the JSON list here
     #[arg(long)]
     out: Option<PathBuf>,
@@ -314,6 +317,9 @@ struct SampleArgs {
     /// Re-run the whole context for every token instead of caching keys (K or λk) and values
     #[arg(long)]
     no_cache: bool,
+    /// fused: tau attention through kernels/tau_attn.cu (CUDA only)
+    #[arg(long, value_enum, default_value_t = Kernels::Plain)]
+    kernels: Kernels,
 }
 
 // The tiny preset: what a 2-core CPU trains in about two minutes. Explicit flags still win.
@@ -1686,17 +1692,16 @@ fn compute_kind(spec: &str, dev: Device) -> Res<Kind> {
 }
 
 // --kernels fused: one way of running tau attention at a time, on CUDA, at a head dim the kernels are built for.
-fn check_kernels(a: &TrainArgs, dev: Device) -> Res<()> {
-    if a.kernels == Kernels::Plain {
+fn check_kernels(kernels: Kernels, tau_chunk: i64, dev: Device, d: i64) -> Res<()> {
+    if kernels == Kernels::Plain {
         return Ok(());
     }
-    if a.tau_chunk > 0 {
+    if tau_chunk > 0 {
         return Err("--kernels fused and --tau-chunk are two ways to run tau attention; pass one of them".into());
     }
     if !dev.is_cuda() {
         return Err(format!("--kernels fused needs CUDA (the device is {dev:?}); pass --kernels plain"));
     }
-    let d = a.n_embd / a.n_head;
     if !FUSED_HEAD_DIMS.contains(&d) {
         return Err(format!("--kernels fused: head dim {d} (--n-embd / --n-head) is not one of {FUSED_HEAD_DIMS:?}; pass --kernels plain"));
     }
@@ -1724,7 +1729,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             return Err(format!("{what}; see train_gpt train --help"));
         }
     }
-    check_kernels(&a, dev)?;
+    check_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     let data = load_data(&a.data, a.vocab_size)?;
     if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 || data.val.len() as i64 <= a.seq_len + 1 {
         return Err(format!("{}: {} train / {} val tokens is too few for batch {}×{}; lower --batch-size/--seq-len", a.data.display(), data.train.len(), data.val.len(), a.batch_size, a.seq_len));
@@ -1862,7 +1867,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     let dev = pick_device(&b.train.device)?;
     let mut a = b.train.clone();
     apply_preset(&mut a, m, dev.is_cuda());
-    check_kernels(&a, dev)?;
+    check_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     let cdt = compute_kind(&a.dtype, dev)?;
     let gpu = gpu_name(dev);
     let mut rows = vec![];
@@ -2813,6 +2818,10 @@ fn cache_bytes_formula(cfg: &ModelCfg, cdt: Kind, b: i64, t: i64) -> i64 {
 fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
     let dev = pick_device(&a.device)?;
     let mut models = a.checkpoint.iter().map(|p| load_checkpoint(p, dev)).collect::<Res<Vec<_>>>()?;
+    for m in models.iter_mut() {
+        check_kernels(a.kernels, 0, dev, m.cfg.head_dim())?;
+        m.kernels = a.kernels;
+    }
     let (mut rows, t0) = (vec![], Instant::now());
     // Each shape for every checkpoint in turn, so that a cut-short bench still compares the variants.
     for &b in &a.batch_sizes {
@@ -2839,7 +2848,7 @@ fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
                         "beyond_trained_context": p + g > m.cfg.seq_len,
                         "tokens_per_s": round4(tps), "prefill_ms": round4(median(runs.iter().map(|r| r.0).collect())),
                         "ms_per_token_at_position": per_pos, "cache_bytes": runs[0].2, "cache_bytes_allocated": runs[0].3, "cache_bytes_formula": cache_bytes_formula(&m.cfg, m.cdt, b, p + g),
-                        "checkpoint": path.display().to_string(), "bench_elapsed_s": round4(t0.elapsed().as_secs_f64())});
+                        "checkpoint": path.display().to_string(), "kernels": m.kernels, "bench_elapsed_s": round4(t0.elapsed().as_secs_f64())});
                     println!("{row}");
                     rows.push(row);
                 }
@@ -2854,7 +2863,9 @@ fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
 
 fn cmd_sample(a: &SampleArgs) -> Res<()> {
     let dev = pick_device(&a.device)?;
-    let m = load_checkpoint(&a.checkpoint, dev)?;
+    let mut m = load_checkpoint(&a.checkpoint, dev)?;
+    check_kernels(a.kernels, 0, dev, m.cfg.head_dim())?;
+    m.kernels = a.kernels;
     let prompt: Vec<i64> = tokenizer().encode_ordinary(&a.prompt).into_iter().map(|x| x as i64).collect();
     if prompt.is_empty() {
         return Err("--prompt is empty after tokenization; pass some text".into());

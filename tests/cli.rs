@@ -221,6 +221,7 @@ fn bench_decode_measures_cache_and_speed_for_both_variants() {
     for r in &rows {
         assert_eq!(r["cache_bytes"], r["cache_bytes_formula"], "{r}");
         assert!(r["cache_bytes_allocated"].is_null(), "no allocator statistics on the CPU: {r}");
+        assert_eq!(r["kernels"], "plain");
         // 40 + 6 tokens run past the trained context of 32 (a longer RoPE table) and say so
         assert_eq!(r["beyond_trained_context"].as_bool(), Some(r["prompt_len"] == 40), "{r}");
         assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -229,6 +230,9 @@ fn bench_decode_measures_cache_and_speed_for_both_variants() {
     let bytes = |attn: &str, b: i64| rows.iter().find(|r| r["attn"] == attn && r["batch"] == b && r["prompt_len"] == 4).unwrap()["cache_bytes"].as_i64().unwrap();
     // f32 on CPU, head dim 16: V plus one λ per head is (16·4+4)/(2·16·4) = 53% of K plus V
     assert_eq!(bytes("tau", 3) * 128, bytes("causal", 3) * 68);
+    // the fused kernels are CUDA only, for decoding too
+    let o = run(&["bench-decode", "--checkpoint", t.to_str().unwrap(), "--device", "cpu", "--kernels", "fused"]);
+    assert_one_line_error(&o, 1, "--kernels fused needs CUDA");
 }
 
 #[test]
