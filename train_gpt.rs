@@ -1269,16 +1269,18 @@ impl Optim {
         o
     }
 
-    // With several ranks (the gradients already averaged) each rank orthogonalises only its share of the matrices
-    // (of each shape, every world-th one), as modded-nanogpt does; one all-reduce of the flat update buffer gives every rank all of them.
-    // Only the owner's momentum buffer is ever read, so the others' stay untouched.
+    // Where each Muon matrix starts in the flat update buffer, and the buffer's length.
+    fn muon_offsets(&self) -> (Vec<i64>, i64) {
+        let offsets: Vec<i64> = self.muon.iter().scan(0, |off, (p, _)| { *off += p.numel() as i64; Some(*off - p.numel() as i64) }).collect();
+        (offsets, self.muon.iter().map(|(p, _)| p.numel() as i64).sum())
+    }
+
     // This rank's Muon updates, scaled, in one flat fp32 buffer of every matrix (zeros where another rank owns it).
     // Same-shaped matrices go through Newton–Schulz together (one batched pass a shape: 4 shapes, not 24 matrices,
     // in the speedrun model): the step is launch-bound, not FLOP-bound.
     fn muon_updates(&mut self, a: &TrainArgs, lr_mult: f64, cdt: Kind, rank: i64, world: i64) -> Tensor {
-        let total: i64 = self.muon.iter().map(|(p, _)| p.numel() as i64).sum();
+        let (offsets, total) = self.muon_offsets();
         let flat = Tensor::zeros([total], (Kind::Float, self.muon.first().map_or(Device::Cpu, |(p, _)| p.device())));
-        let offsets: Vec<i64> = self.muon.iter().scan(0, |off, (p, _)| { *off += p.numel() as i64; Some(*off - p.numel() as i64) }).collect();
         let mut groups: std::collections::BTreeMap<Vec<i64>, Vec<usize>> = Default::default();
         for i in 0..self.muon.len() {
             groups.entry(self.muon[i].0.size()).or_default().push(i);
@@ -1306,6 +1308,9 @@ impl Optim {
         flat
     }
 
+    // With several ranks (the gradients already averaged) each rank orthogonalises only its share of the matrices
+    // (of each shape, every world-th one), as modded-nanogpt does; one all-reduce of the flat update buffer gives
+    // every rank all of them. Only the owner's momentum buffer is ever read, so the others' stay untouched.
     fn step(&mut self, a: &TrainArgs, lr_mult: f64, cdt: Kind, dist: Option<&Dist>) -> Res<()> {
         self.t += 1;
         let (rank, world) = dist.map_or((0, 1), |d| (d.rank, d.world));
@@ -1314,11 +1319,9 @@ impl Optim {
             if let Some(d) = dist {
                 d.all_reduce(std::slice::from_ref(&flat), false)?; // a sum: every slice has one owner, the rest add zeros
             }
-            let mut off = 0;
-            for (p, _) in self.muon.iter_mut() {
-                let n = p.numel() as i64;
-                let _ = p.g_add_(&flat.narrow(0, off, n).view(p.size().as_slice()));
-                off += n;
+            let offsets = self.muon_offsets().0;
+            for ((p, _), off) in self.muon.iter_mut().zip(offsets) {
+                let _ = p.g_add_(&flat.narrow(0, off, p.numel() as i64).view(p.size().as_slice()));
             }
             let (b1, b2) = (a.adam_beta1, a.adam_beta2);
             let (bc1, bc2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
