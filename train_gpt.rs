@@ -1501,6 +1501,20 @@ fn memory_peaks(dev: Device) -> Option<(f64, f64)> {
     Some((a as f64 / 1048576.0, r as f64 / 1048576.0))
 }
 
+// Starts the peaks of `memory_peaks` afresh (torch.cuda.reset_peak_memory_stats); nothing to do on the CPU.
+fn reset_memory_peaks(dev: Device) {
+    if let Device::Cuda(i) = dev {
+        unsafe { ext::tg_reset_memory_peaks(i as i32) };
+    }
+}
+
+// Bytes allocated on a CUDA device now (None on the CPU: no allocator statistics there).
+fn memory_allocated(dev: Device) -> Option<i64> {
+    let Device::Cuda(i) = dev else { return None };
+    sync(dev);
+    Some(unsafe { ext::tg_memory_allocated(i as i32) })
+}
+
 // ----------------------------------------------------------------------------------------------------------------
 // Several GPUs: one process per GPU, libtorch's c10d (TCPStore rendezvous, ProcessGroupNCCL), torchrun's variables
 
@@ -1761,10 +1775,10 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
 
     // The timed region starts here: a tau run pays for its Laplacian and its τ calibration, but nobody for the CUDA
     // context, which the first device operation would otherwise create inside the clock.
-    if let Device::Cuda(i) = dev {
+    if dev.is_cuda() {
         let _ = Tensor::zeros([1], (Kind::Float, dev));
         sync(dev);
-        unsafe { ext::tg_reset_memory_peaks(i as i32) };
+        reset_memory_peaks(dev);
     }
     let mut train_ms = 0.0;
     let t0 = Instant::now();
@@ -1885,9 +1899,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         let mut opt = Optim::new(&model);
         let x = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
         let y = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
-        if let Device::Cuda(i) = dev {
-            unsafe { ext::tg_reset_memory_peaks(i as i32) };
-        }
+        reset_memory_peaks(dev);
         let mut t0 = Instant::now();
         for i in 0..b.bench_warmup + b.bench_steps {
             if i == b.bench_warmup {
@@ -2780,13 +2792,6 @@ fn decode_ids(ids: &[i64]) -> Res<String> {
     tokenizer().decode(&ids.iter().map(|&x| x as u32).collect::<Vec<_>>()).map_err(|e| format!("decode failed: {e}"))
 }
 
-// Bytes allocated on a CUDA device now (None on the CPU: no allocator statistics there).
-fn memory_allocated(dev: Device) -> Option<i64> {
-    let Device::Cuda(i) = dev else { return None };
-    sync(dev);
-    Some(unsafe { ext::tg_memory_allocated(i as i32) })
-}
-
 // Cached greedy decoding of a [B,P] prompt for g tokens: (prefill ms, per-token ms, cache bytes at the end by its
 // buffers, cache bytes the CUDA allocator gives back when it is dropped).
 fn decode_timed(m: &Model, prompt: &Tensor, g: i64) -> (f64, Vec<f64>, i64, Option<i64>) {
@@ -2826,6 +2831,8 @@ fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
         m.kernels = a.kernels;
     }
     let (mut rows, t0) = (vec![], Instant::now());
+    // Medians over the runs, so that one disturbed run does not move the figures.
+    let median = |mut v: Vec<f64>| { v.sort_by(f64::total_cmp); v[v.len() / 2] };
     // Each shape for every checkpoint in turn, so that a cut-short bench still compares the variants.
     for &b in &a.batch_sizes {
         for &p in &a.prompt_lens {
@@ -2842,8 +2849,6 @@ fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
                     let prompt = Tensor::randint(GPT2_VOCAB.min(m.cfg.vocab_size), [b, p], (Kind::Int64, dev));
                     let _ = decode_timed(m, &prompt, g.min(64)); // warm-up: allocator, cuBLAS/SDPA kernel choice
                     let runs: Vec<(f64, Vec<f64>, i64, Option<i64>)> = (0..a.repeats.max(1)).map(|_| decode_timed(m, &prompt, g)).collect();
-                    // Medians over the runs, so that one disturbed run does not move the figures.
-                    let median = |mut v: Vec<f64>| { v.sort_by(f64::total_cmp); v[v.len() / 2] };
                     let tps = median(runs.iter().map(|r| (b * g) as f64 / (r.1.iter().sum::<f64>() / 1e3)).collect());
                     let marks: Vec<usize> = (0..8).map(|i| i * (g as usize - 1) / 7).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
                     let per_pos: Vec<Value> = marks.iter().map(|&i| json!([p + i as i64, round4(median(runs.iter().map(|r| r.1[i]).collect()))])).collect();
@@ -3904,7 +3909,7 @@ mod gpu_tests {
     #[ignore = "needs a CUDA GPU"]
     fn memory_peaks_see_an_allocation() {
         let dev = cuda();
-        unsafe { ext::tg_reset_memory_peaks(0) };
+        reset_memory_peaks(dev);
         let t = Tensor::zeros([256, 1024, 1024], (Kind::Float, dev)); // 1 GiB
         let (alloc, reserved) = memory_peaks(dev).unwrap();
         assert!(alloc >= 1024.0 && reserved >= alloc, "{alloc} {reserved}");
