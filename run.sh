@@ -11,7 +11,7 @@ BIN=target/release/train_gpt
 setup() {
   [ -x .venv/bin/python ] || python3 -m venv .venv
   # torch's CUDA wheels carry the runtime; crt and CCCL add the headers that c10d's NCCL group is compiled against, nvcc
-  # builds kernels/tau_attn.cu (nvvm pinned to 13.0: pip's newest writes PTX that the 13.0 ptxas rejects)
+  # builds kernels/*.cu (nvvm pinned to 13.0: pip's newest writes PTX that the 13.0 ptxas rejects)
   .venv/bin/pip install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" "nvidia-cuda-crt==13.0.88" "cuda-toolkit[nvcc,cccl]==13.0.2" "nvidia-nvvm==13.0.88"
   ln -sfn "$(.venv/bin/python -c 'import torch,os;print(os.path.dirname(torch.__file__))')" .venv/torch
   cargo build --release --quiet
