@@ -989,17 +989,32 @@ impl Model {
         let (c, v, h) = (cfg.n_embd, cfg.vocab_size, cfg.n_head);
         assert!(c % h == 0 && cfg.head_dim() % 2 == 0, "n_embd must split into heads of even size (RoPE)");
         assert!(h % cfg.kv_heads() == 0, "query heads must split evenly over key/value heads");
-        let uniform = |o: i64, i: i64| Tensor::empty([o, i], (Kind::Float, dev)).uniform_(-1.0 / (i as f64).sqrt(), 1.0 / (i as f64).sqrt());
-        let mut params = vec![("wte".to_string(), Tensor::randn([v, c], (Kind::Float, dev)) * 0.02)];
+        // The weights are drawn on the CPU with the calls, in the order, of the reference's module constructors
+        // (nn.Embedding's N(0,1); per block, nn.Linear's kaiming-uniform for qkv, o, fc, proj, the two output projections
+        // then zeroed; wte redrawn at std 0.02), so that after tch::manual_seed(S) they are bit for bit those of
+        // torch.manual_seed(S) in ref_train.py, on any device: a seed means the same run in both.
+        let linear = |o: i64, i: i64| {
+            let gain = (2.0 / (1.0 + 5f64.sqrt().powi(2))).sqrt(); // kaiming_uniform_(a=√5)
+            let std = gain / (i as f64).sqrt();
+            let bound = 3f64.sqrt() * std; // torch's own order of operations, to the last bit
+            Tensor::empty([o, i], (Kind::Float, Device::Cpu)).uniform_(-bound, bound)
+        };
+        let mut wte = Tensor::empty([v, c], (Kind::Float, Device::Cpu));
+        let _ = wte.normal_(0.0, 1.0);
+        let mut params = vec![];
         for l in 0..cfg.n_layer {
-            params.push((format!("blocks.{l}.attn.qkv"), uniform(c + 2 * cfg.kv_heads() * cfg.head_dim(), c)));
-            params.push((format!("blocks.{l}.attn.o"), Tensor::zeros([c, c], (Kind::Float, dev)))); // zero-init output projections
-            params.push((format!("blocks.{l}.mlp.fc"), uniform(4 * c, c)));
+            params.push((format!("blocks.{l}.attn.qkv"), linear(c + 2 * cfg.kv_heads() * cfg.head_dim(), c).to(dev)));
+            let _ = linear(c, c); // drawn, then zero-initialised: the output projections
+            params.push((format!("blocks.{l}.attn.o"), Tensor::zeros([c, c], (Kind::Float, dev))));
+            params.push((format!("blocks.{l}.mlp.fc"), linear(4 * c, c).to(dev)));
+            let _ = linear(c, 4 * c);
             params.push((format!("blocks.{l}.mlp.proj"), Tensor::zeros([c, 4 * c], (Kind::Float, dev))));
             if cfg.attn == "tau-lt" {
                 params.push((format!("blocks.{l}.attn.log_inv_temp"), Tensor::full([h], inv_temp_init.ln(), (Kind::Float, dev))));
             }
         }
+        let _ = wte.normal_(0.0, 0.02);
+        params.insert(0, ("wte".to_string(), wte.to(dev)));
         let params = params.into_iter().map(|(n, p)| (n, p.set_requires_grad(true))).collect();
         let (cos, sin) = rope_tables(cfg.head_dim(), cfg.seq_len, dev);
         let lap = lap.map(|l| l.to(dev)).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)));

@@ -1,4 +1,5 @@
-# The reference recipe from the harness's initial weights, fp32 on CPU, printing the harness's step-line format.
+# The reference recipe from the harness's initial weights (checked equal to the reference's own seed-0 init), fp32 on
+# CPU, printing the harness's step-line format.
 # usage: parity.py INIT.safetensors SHARD.bin n_layer n_head n_embd seq_len batch steps lr_muon lr_adam [causal|tau|tau-lt]
 import json, os, struct, sys, types
 import torch
@@ -28,6 +29,7 @@ def load_safetensors(path):  # f32 tensors only, as --save-checkpoint writes the
     return out
 
 w = load_safetensors(init)
+torch.manual_seed(0)  # the harness's default --seed: its initial weights must be the reference's, bit for bit
 m = R.GPT("causal" if variant == "causal" else "tau", variant == "tau-lt")
 sd = {"wte.weight": w["wte"]}
 for i in range(R.L):
@@ -37,6 +39,9 @@ for i in range(R.L):
     sd[f"blocks.{i}.pr.weight"] = w[f"blocks.{i}.mlp.proj"]
     if variant == "tau-lt":
         sd[f"blocks.{i}.a.log_inv_temp"] = w[f"blocks.{i}.attn.log_inv_temp"].view(R.H, 1, 1)
+own = m.state_dict()
+differ = [k for k, v in sd.items() if not torch.equal(own[k], v)]
+assert not differ, f"the harness's initial weights differ from torch.manual_seed(0)'s: {differ}"
 missing = [k for k in m.load_state_dict(sd, strict=False).missing_keys if "log_inv_temp" not in k]
 assert not missing, missing
 
