@@ -3702,15 +3702,20 @@ mod gpu_tests {
     fn bf16_gpu_loss_and_gradients_match_f32_cpu() {
         for (attn, kv) in [("causal", 0), ("tau", 0), ("tau-lt", 0), ("causal", 2), ("tau", 2)] {
             let (c, g) = twins(attn, kv);
+            // the same model in bf16 on the CPU: how far bf16 itself takes each gradient from fp32
+            let mut c16 = Model::new(c.cfg.clone(), Device::Cpu, Kind::BFloat16, (attn != "causal").then(|| c.lap.copy()), c.tau, 0.5, 20.0);
+            tch::no_grad(|| c16.params.iter_mut().zip(&c.params).for_each(|((_, a), (_, b))| { a.copy_(b); }));
             let (x, y) = (Tensor::randint(1024, [4, 64], (Kind::Int64, Device::Cpu)), Tensor::randint(1024, [4, 64], (Kind::Int64, Device::Cpu)));
             let lc = c.loss_backward(&x, &y, 0, 1.0).double_value(&[]);
+            let _ = c16.loss_backward(&x, &y, 0, 1.0);
             let lg = g.loss_backward(&x.to(g.lap.device()), &y.to(g.lap.device()), 0, 1.0).double_value(&[]);
             assert!((lc - lg).abs() < 2e-2 * lc, "{attn}/{kv}: loss {lc} vs {lg}");
-            // tau-lt starts at inverse temperature 20: bf16 rounding of q and k (2⁻⁸ relative) moves its logits by up to
-            // ~20·2⁻⁸ ≈ 0.08, so its gradients legitimately differ more (0.075 measured on the H200 for qkv of layer 0)
-            let tol = if attn == "tau-lt" { 0.12 } else { 5e-2 };
-            for ((n, pc), (_, pg)) in c.params.iter().zip(&g.params) {
-                assert!(rel(&pc.grad(), &pg.grad()) < tol, "{attn}/{kv}: {n} grad differs by {}", rel(&pc.grad(), &pg.grad()));
+            // tau's |λq − λk| is not smooth: at inverse temperature 20 (tau-lt), bf16 rounding of q and k flips the sign of
+            // near ties, so its gradients legitimately move far (0.07–0.16 for qkv, by the draw). The GPU may be twice as far
+            // from fp32 as bf16 on the CPU is, and 5% in any case.
+            for (((n, pc), (_, pg)), (_, ph)) in c.params.iter().zip(&g.params).zip(&c16.params) {
+                let (gpu, cpu16) = (rel(&pc.grad(), &pg.grad()), rel(&pc.grad(), &ph.grad()));
+                assert!(gpu < (2.0 * cpu16).max(5e-2), "{attn}/{kv}: {n} grad differs by {gpu} (bf16 on the CPU by {cpu16})");
             }
         }
     }

@@ -180,14 +180,15 @@ extern "C" at::Tensor* tg_tau_attention(at::Tensor* lq, at::Tensor* lk, at::Tens
 }
 
 // ---- Tau attention through the fused CUDA kernels of kernels/tau_attn.cu: scores made on the fly in shared memory,
-// never stored; the forward keeps the output and each row's log-sum-exp, the backward recomputes the probabilities.
+// never stored; the forward keeps the output (also in fp32 when V is bf16) and each row's log-sum-exp, the backward
+// recomputes the probabilities.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
 extern "C" {
-int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const float* inv_temp, void* out, float* lse,
+int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const float* inv_temp, void* out, float* out32, float* lse,
                          int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream);
-int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const float* inv_temp, const void* out,
+int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const float* inv_temp, const float* out32,
                           const void* dout, const float* lse, float* delta, float* dlq, float* dlk, void* dv, float* dinv_temp,
                           int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream);
 }
@@ -220,23 +221,26 @@ struct TauFlash : public torch::autograd::Function<TauFlash> {
     TORCH_CHECK(v_in.scalar_type() == at::kBFloat16 || v_in.scalar_type() == at::kFloat, "tau attention (fused): V must be bf16 or fp32; got ", v_in.scalar_type());
     c10::cuda::CUDAGuard guard(v_in.device());
     auto lq = dense(lq_in), lk = dense(lk_in), v = dense(v_in), it = dense(it_in);
+    const bool bf16 = v.scalar_type() == at::kBFloat16;
     auto out = at::empty({b, h, tq, d}, v.options());
+    auto out32 = bf16 ? at::empty({b, h, tq, d}, lq.options()) : out;  // the backward's Δ wants the unrounded output
     auto lse = at::empty({b, h, tq}, lq.options());
-    cuda_ok(tg_tau_flash_forward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out.data_ptr(), lse.data_ptr<float>(),
-                                 b * h, h, tq, tk, d, v.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+    cuda_ok(tg_tau_flash_forward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out.data_ptr(),
+                                 bf16 ? out32.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
+                                 b * h, h, tq, tk, d, bf16, c10::cuda::getCurrentCUDAStream()),
             "tau attention (fused) forward");
-    ctx->save_for_backward({lq, lk, v, it, out, lse});
+    ctx->save_for_backward({lq, lk, v, it, out32, lse});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
-    auto &lq = s[0], &lk = s[1], &v = s[2], &it = s[3], &out = s[4], &lse = s[5];
+    auto &lq = s[0], &lk = s[1], &v = s[2], &it = s[3], &out32 = s[4], &lse = s[5];
     const int64_t b = lq.size(0), h = lq.size(1), tq = lq.size(2), tk = lk.size(2), d = v.size(3);
     c10::cuda::CUDAGuard guard(v.device());
     auto dout = dense(grads[0]);
     auto dlq = at::zeros_like(lq), dlk = at::empty_like(lk), dv = at::empty_like(v), dit = at::zeros_like(it), delta = at::empty_like(lse);
-    cuda_ok(tg_tau_flash_backward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out.data_ptr(), dout.data_ptr(),
+    cuda_ok(tg_tau_flash_backward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out32.data_ptr<float>(), dout.data_ptr(),
                                   lse.data_ptr<float>(), delta.data_ptr<float>(), dlq.data_ptr<float>(), dlk.data_ptr<float>(), dv.data_ptr(),
                                   dit.data_ptr<float>(), b * h, h, tq, tk, d, v.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
             "tau attention (fused) backward");

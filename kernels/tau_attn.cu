@@ -157,8 +157,8 @@ template <typename T, int D> struct FwdSmem {
 // One block: TILE query rows of one (batch, head). Grid (B·H, ⌈Tq/TILE⌉).
 template <typename T, int D>
 __global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, const float* __restrict__ lk, const T* __restrict__ v,
-                                                  const float* __restrict__ inv_temp, T* __restrict__ out, float* __restrict__ lse,
-                                                  int heads, int tq, int tk) {
+                                                  const float* __restrict__ inv_temp, T* __restrict__ out, float* __restrict__ out32,
+                                                  float* __restrict__ lse, int heads, int tq, int tk) {
   using S = FwdSmem<T, D>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* sv = reinterpret_cast<T*>(smem + S::v);
@@ -171,6 +171,7 @@ __global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, 
   const int off = tk - tq, warp = threadIdx.x / 32;
   const float it = inv_temp[bh % heads];
   lq += bh * tq, lse += bh * tq, lk += bh * tk, v += bh * tk * D, out += bh * tq * D;
+  if (out32) out32 += bh * tq * D;
 
   {  // Each row's max and log-sum-exp over its visible keys: two passes over λk, no V.
     const int r = threadIdx.x / SPLIT, part = threadIdx.x % SPLIT, i = q0 + r, last = i < tq ? i + off : -1;
@@ -208,15 +209,17 @@ __global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, 
   acc.store(so + warp * 16 * (D + FPAD), D + FPAD);
   __syncthreads();
   store_tile<T, D>(out, so, q0, tq);
+  if (out32) store_tile<float, D>(out32, so, q0, tq);
 }
 
-// Δ_i = dout_i · out_i (= Σ_j p_ij dP_ij), one warp a row.
+// Δ_i = dout_i · out_i (= Σ_j p_ij dP_ij), one warp a row, from the fp32 output: with bf16's rounded one, Δ's error
+// reaches every dS_ij of the row, and dinv_temp (a sum over all pairs, mostly cancelling) was off by 1.6% on the H200.
 template <typename T, int D>
-__global__ void __launch_bounds__(NT) tau_delta(const T* __restrict__ dout, const T* __restrict__ out, float* __restrict__ delta, int64_t rows) {
+__global__ void __launch_bounds__(NT) tau_delta(const T* __restrict__ dout, const float* __restrict__ out, float* __restrict__ delta, int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * WARPS + threadIdx.x / 32;
   if (row >= rows) return;  // a whole warp leaves together
   float s = 0.f;
-  for (int d = threadIdx.x % 32; d < D; d += 32) s += to_f(dout[row * D + d]) * to_f(out[row * D + d]);
+  for (int d = threadIdx.x % 32; d < D; d += 32) s += to_f(dout[row * D + d]) * out[row * D + d];
   s = warp_sum(s);
   if (threadIdx.x % 32 == 0) delta[row] = s;
 }
@@ -346,29 +349,31 @@ template <typename F> cudaError_t dispatch(int is_bf16, int d, F f) {
 constexpr int n_tiles(int n) { return (n + TILE - 1) / TILE; }
 }  // namespace
 
-// out [BH, Tq, D] and lse [BH, Tq] from lq [BH, Tq], lk [BH, Tk], v [BH, Tk, D], inv_temp [heads] (head = bh % heads).
-// All contiguous on the current device, v and out 16-byte aligned, 1 ≤ Tq ≤ Tk. Returns a cudaError_t.
-extern "C" int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const float* inv_temp, void* out, float* lse,
+// out [BH, Tq, D] and lse [BH, Tq] from lq [BH, Tq], lk [BH, Tk], v [BH, Tk, D], inv_temp [heads] (head = bh % heads);
+// out32, when not null, gets the same output in fp32 (for the backward's Δ when V is bf16). All contiguous on the
+// current device, v, out and out32 16-byte aligned, 1 ≤ Tq ≤ Tk. Returns a cudaError_t.
+extern "C" int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const float* inv_temp, void* out, float* out32, float* lse,
                                     int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream) {
   return dispatch(is_bf16, d, [&](auto t, auto dim) -> cudaError_t {
     using T = typename decltype(t)::type;
     constexpr int D = decltype(dim)::value, smem = FwdSmem<T, D>::bytes;
     if (cudaError_t e = cudaFuncSetAttribute(tau_forward<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) return e;
-    tau_forward<T, D><<<dim3(bh, n_tiles(tq)), NT, smem, stream>>>(lq, lk, static_cast<const T*>(v), inv_temp, static_cast<T*>(out), lse, heads, tq, tk);
+    tau_forward<T, D><<<dim3(bh, n_tiles(tq)), NT, smem, stream>>>(lq, lk, static_cast<const T*>(v), inv_temp, static_cast<T*>(out), out32, lse, heads, tq, tk);
     return cudaGetLastError();
   });
 }
 
 // Gradients of the forward above for dout [BH, Tq, D] (contiguous, 16-byte aligned): dlq, dlk [BH, T], dv [BH, Tk, D],
-// dinv_temp [heads]. dlq and dinv_temp must be zeros (atomics add into them); delta [BH, Tq] is scratch.
-extern "C" int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const float* inv_temp, const void* out,
+// dinv_temp [heads], given the forward's output in fp32. dlq and dinv_temp must be zeros (atomics add into them); delta
+// [BH, Tq] is scratch.
+extern "C" int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const float* inv_temp, const float* out32,
                                      const void* dout, const float* lse, float* delta, float* dlq, float* dlk, void* dv, float* dinv_temp,
                                      int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream) {
   return dispatch(is_bf16, d, [&](auto t, auto dim) -> cudaError_t {
     using T = typename decltype(t)::type;
     constexpr int D = decltype(dim)::value, smem = BwdSmem<T, D>::bytes;
     const int64_t rows = static_cast<int64_t>(bh) * tq;
-    tau_delta<T, D><<<static_cast<unsigned>((rows + WARPS - 1) / WARPS), NT, 0, stream>>>(static_cast<const T*>(dout), static_cast<const T*>(out), delta, rows);
+    tau_delta<T, D><<<static_cast<unsigned>((rows + WARPS - 1) / WARPS), NT, 0, stream>>>(static_cast<const T*>(dout), out32, delta, rows);
     if (cudaError_t e = cudaFuncSetAttribute(tau_backward<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) return e;
     tau_backward<T, D><<<dim3(bh, n_tiles(tk)), NT, smem, stream>>>(lq, lk, static_cast<const T*>(v), inv_temp, static_cast<const T*>(dout), lse, delta,
                                                                    dlq, dlk, static_cast<T*>(dv), dinv_temp, heads, tq, tk);
