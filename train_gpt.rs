@@ -1210,6 +1210,7 @@ fn evaluate(m: &Model, val: &[u16], b: i64, limit: i64, head_chunk: i64, dist: O
     });
     if let Some(d) = dist {
         d.all_reduce(std::slice::from_ref(&total), false)?;
+        d.sync()?;
     }
     Ok(total.double_value(&[]) / (n_seq * t) as f64)
 }
@@ -1538,6 +1539,7 @@ mod dist_ffi {
     extern "C" {
         pub fn tg_dist_init(host: *const c_char, port: c_int, rank: c_int, world: c_int, timeout_ms: c_int, nccl: c_int, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_all_reduce(dist: *mut c_void, tensors: *const *mut c_void, n: c_int, op: c_int, err: *mut c_char, errlen: usize) -> c_int; // at::Tensor*[]
+        pub fn tg_dist_sync(dist: *mut c_void, err: *mut c_char, errlen: usize) -> c_int;
         pub fn tg_store_add(dist: *mut c_void, key: *const c_char, delta: c_longlong, wait_for: c_longlong, err: *mut c_char, errlen: usize) -> c_longlong;
         pub fn tg_dist_free(dist: *mut c_void);
     }
@@ -1596,10 +1598,20 @@ impl Dist {
         }
         Ok(Dist { ptr, rank: e.rank, world: e.world, failed: false.into() })
     }
-    // In place over the ranks: average (avg) or sum. A rank that died or hangs surfaces here as an error after the timeout.
+    // In place over the ranks: average (avg) or sum, stream-ordered (the GPU waits, the CPU runs on). Read a result on
+    // the host only after `sync`.
     fn all_reduce(&self, ts: &[Tensor], avg: bool) -> Res<()> {
         let ptrs: Vec<*mut std::os::raw::c_void> = ts.iter().map(|t| t.as_ptr() as *mut _).collect(); // tch's handle is the at::Tensor*
         let (rc, err) = ffi(|b, n| unsafe { dist_ffi::tg_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, avg as i32, b, n) });
+        if rc != 0 {
+            self.failed.set(true);
+            return Err(format!("rank {}: all-reduce failed ({err}); another rank died or hung, see its error", self.rank));
+        }
+        Ok(())
+    }
+    // Until every all-reduce queued so far is done, or --dist-timeout: a rank that died or hangs surfaces here.
+    fn sync(&self) -> Res<()> {
+        let (rc, err) = ffi(|b, n| unsafe { dist_ffi::tg_dist_sync(self.ptr, b, n) });
         if rc != 0 {
             self.failed.set(true);
             return Err(format!("rank {}: all-reduce failed ({err}); another rank died or hung, see its error", self.rank));
@@ -1849,7 +1861,11 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         }
         let t = Instant::now();
         let (x, y) = train_batch(&data.train, step, a.batch_size, a.seq_len, dev, rank, world_size);
-        let lv = train_step(&mut model, &mut opt, &x, &y, &a, lr_mult(&a, step), dist.as_ref())?.double_value(&[]); // also the step's sync point
+        let loss = train_step(&mut model, &mut opt, &x, &y, &a, lr_mult(&a, step), dist.as_ref())?;
+        if let Some(d) = &dist {
+            d.sync()?; // the step's all-reduces, bounded by --dist-timeout, before the CUDA sync of reading the loss
+        }
+        let lv = loss.double_value(&[]); // the step's sync point
         train_ms += t.elapsed().as_secs_f64() * 1e3;
         if !lv.is_finite() {
             return Err(format!("step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or check the data", step + 1));
@@ -1868,6 +1884,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let _ = per_rank.get(rank).fill_(tokens_per_s * rank_rows(a.batch_size, rank, world_size).1 as f64 / a.batch_size as f64);
     if let Some(d) = &dist {
         d.all_reduce(std::slice::from_ref(&per_rank), false)?;
+        d.sync()?;
     }
     if rank > 0 {
         return Ok(()); // rank 0 writes the log, the sample and the checkpoint
@@ -2921,12 +2938,6 @@ fn main() {
     if std::env::var_os("PYTORCH_CUDA_ALLOC_CONF").is_none() {
         std::env::set_var("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True");
     }
-    // A timed-out NCCL collective raises in the waiting rank (one clear error) instead of a watchdog abort. Measured on
-    // 2×H200: the survivor of a SIGKILLed rank stopped 31 s after it (--dist-timeout 30) with one line. Stream-ordered
-    // waits let the CPU run ahead, but their watchdog took 90 s and a page of C++ traces to end the survivor.
-    if std::env::var_os("TORCH_NCCL_BLOCKING_WAIT").is_none() {
-        std::env::set_var("TORCH_NCCL_BLOCKING_WAIT", "1");
-    }
     // libtorch's C++ warnings come with stack traces; errors reach the user as one line of ours instead.
     if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
         std::env::set_var("TORCH_CPP_LOG_LEVEL", "ERROR");
@@ -3961,6 +3972,7 @@ mod gpu_tests {
         let t = Tensor::from_slice(&[1.5f32, -2.0]).to(dev);
         d.all_reduce(std::slice::from_ref(&t), true).unwrap();
         d.all_reduce(std::slice::from_ref(&t), false).unwrap();
+        d.sync().unwrap();
         assert_eq!(Vec::<f32>::try_from(t.to(Device::Cpu)).unwrap(), vec![1.5, -2.0]);
     }
 }

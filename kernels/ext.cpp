@@ -29,6 +29,8 @@ extern "C" void tg_reset_memory_peaks(int device) {
 struct TgDist {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupNCCL> pg;  // null on CPU: the store alone (rendezvous, failure detection)
+  std::vector<c10::intrusive_ptr<c10d::Work>> pending;  // collectives queued since the last tg_dist_sync
+  std::chrono::milliseconds timeout{0};
 };
 
 static void tg_err(char* err, size_t len, const std::exception& e) {
@@ -51,7 +53,8 @@ extern "C" void* tg_dist_init(const char* host, int port, int rank, int world, i
     d->store = c10::make_intrusive<c10d::TCPStore>(host, o);
     if (nccl) {
       auto po = c10d::ProcessGroupNCCL::Options::create();
-      po->timeout = std::chrono::milliseconds(timeout_ms);
+      po->timeout = std::chrono::milliseconds(2 * timeout_ms);  // NCCL's watchdog (which aborts with pages of traces) comes after tg_dist_sync's own limit
+      d->timeout = std::chrono::milliseconds(timeout_ms);
       d->pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(d->store, rank, world, po);
     }
     return d;
@@ -61,20 +64,47 @@ extern "C" void* tg_dist_init(const char* host, int port, int rank, int world, i
   }
 }
 
-// In-place all-reduce of each tensor (op 0: sum, 1: average), waiting for completion (TORCH_NCCL_BLOCKING_WAIT=1, set by
-// main: a timeout raises here). 0 on success.
+// In-place all-reduce of each tensor (op 0: sum, 1: average), stream-ordered: the current stream waits for it on the
+// GPU and the CPU runs on, so a step has no host stall between its backward, its Muon all-reduce and its update. The
+// host reads a result only after tg_dist_sync. 0 on success.
 extern "C" int tg_all_reduce(void* dist, at::Tensor** tensors, int n, int op, char* err, size_t errlen) {
   try {
     auto d = static_cast<TgDist*>(dist);
     TORCH_CHECK(d->pg, "no NCCL group: multi-process training needs CUDA");
     c10d::AllreduceOptions o;
     o.reduceOp = op == 1 ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
     for (int i = 0; i < n; i++) {
       std::vector<at::Tensor> one{*tensors[i]};
-      works.push_back(d->pg->allreduce(one, o));  // queued on NCCL's stream; the buckets overlap each other
+      auto w = d->pg->allreduce(one, o);  // queued on NCCL's stream; the buckets overlap each other
+      w->synchronize();                   // the current stream waits for it, not the CPU
+      d->pending.push_back(w);
     }
-    for (auto& w : works) w->wait();
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
+  }
+}
+
+// Waits, polling, until every collective queued since the last call has completed on the GPU, for at most the
+// group's timeout: a rank that died or hangs fails here with one message (and the communicators are aborted, so no
+// kernel spins on at exit), never in a CUDA sync that would wait forever. 0 on success.
+extern "C" int tg_dist_sync(void* dist, char* err, size_t errlen) {
+  auto d = static_cast<TgDist*>(dist);
+  try {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (auto& w : d->pending) {
+      while (!w->isCompleted()) {
+        if (std::chrono::steady_clock::now() - t0 > d->timeout) {
+          d->pending.clear();
+          try { d->pg->abort(); } catch (...) {}
+          TORCH_CHECK(false, "a collective did not complete within ", d->timeout.count() / 1000.0, " s");
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(50));
+      }
+      if (w->exception()) std::rethrow_exception(w->exception());
+    }
+    d->pending.clear();
     return 0;
   } catch (const std::exception& e) {
     tg_err(err, errlen, e);
