@@ -355,6 +355,9 @@ fn pick_device(spec: &str) -> Res<Device> {
             if i >= tch::Cuda::device_count() {
                 return Err(format!("--device {s}: only {} CUDA device(s); pick cuda:0..", tch::Cuda::device_count()));
             }
+            // made current, as torch.cuda.set_device: otherwise every op on cuda:N switches devices and back, custom
+            // kernels would look up device 0's stream, and rank N would also hold a context on GPU 0
+            unsafe { ext::tg_set_device(i as i32) };
             Ok(Device::Cuda(i as usize))
         }
         s => Err(format!("--device {s}: unknown device; use auto, cpu, cuda or cuda:N")),
@@ -1501,6 +1504,7 @@ mod ext {
     extern "C" {
         pub fn tg_memory_peaks(device: i32, peak_allocated: *mut i64, peak_reserved: *mut i64);
         pub fn tg_reset_memory_peaks(device: i32);
+        pub fn tg_set_device(device: i32);
         pub fn tg_memory_allocated(device: i32) -> i64;
         // at::Tensor* in and out: tch's handles
         pub fn tg_tau_attention(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, chunk: i64, err: *mut c_char, errlen: usize) -> *mut c_void;

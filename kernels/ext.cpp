@@ -20,6 +20,11 @@ extern "C" void tg_reset_memory_peaks(int device) {
   at::accelerator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
 }
 
+// The current CUDA device of this thread (torch.cuda.set_device).
+extern "C" void tg_set_device(int device) {
+  at::accelerator::setDeviceIndex(static_cast<c10::DeviceIndex>(device));
+}
+
 // ---- Data-parallel training over libtorch's own c10d: a TCPStore rendezvous and ProcessGroupNCCL collectives.
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
