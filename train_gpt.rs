@@ -3695,16 +3695,25 @@ mod gpu_tests {
         tch::manual_seed(0);
         let cfg = ModelCfg { n_layer: 2, n_head: 4, n_kv_head: kv, n_embd: 128, seq_len: 64, vocab_size: 1024, attn: attn.into() };
         let lap = (attn != "causal").then(|| chain_laplacian(32));
-        let cpu = Model::new(cfg.clone(), Device::Cpu, Kind::Float, lap.as_ref().map(|l| l.copy()), 0.8, 0.5, 20.0);
-        let mut gpu = Model::new(cfg, dev, Kind::BFloat16, lap, 0.8, 0.5, 20.0);
+        let cpu = Model::new(cfg, Device::Cpu, Kind::Float, lap, 0.8, 0.5, 20.0);
         tch::no_grad(|| {
-            for ((_, g), (_, c)) in gpu.params.iter_mut().zip(&cpu.params) {
+            for (_, c) in &cpu.params {
                 let w = c + c.randn_like() * 0.02; // zero-initialised projections would hide the attention
-                g.copy_(&w);
                 c.shallow_clone().copy_(&w);
             }
         });
+        let gpu = like(&cpu, dev, Kind::BFloat16);
         (cpu, gpu)
+    }
+
+    // A model with m's config, weights, τ and temperatures, on another device or in another compute dtype.
+    fn like(m: &Model, dev: Device, cdt: Kind) -> Model {
+        let mut o = Model::new(m.cfg.clone(), dev, cdt, m.cfg.is_tau().then(|| m.lap.copy()), m.tau, 1.0, 1.0);
+        tch::no_grad(|| {
+            o.params.iter_mut().zip(&m.params).for_each(|((_, a), (_, b))| { a.copy_(b); });
+            o.inv_temp.copy_(&m.inv_temp);
+        });
+        o
     }
 
     fn rel(a: &Tensor, b: &Tensor) -> f64 {
@@ -3718,8 +3727,7 @@ mod gpu_tests {
         for (attn, kv) in [("causal", 0), ("tau", 0), ("tau-lt", 0), ("causal", 2), ("tau", 2)] {
             let (c, g) = twins(attn, kv);
             // the same model in bf16 on the CPU: how far bf16 itself takes each gradient from fp32
-            let mut c16 = Model::new(c.cfg.clone(), Device::Cpu, Kind::BFloat16, (attn != "causal").then(|| c.lap.copy()), c.tau, 0.5, 20.0);
-            tch::no_grad(|| c16.params.iter_mut().zip(&c.params).for_each(|((_, a), (_, b))| { a.copy_(b); }));
+            let c16 = like(&c, Device::Cpu, Kind::BFloat16);
             let (x, y) = (Tensor::randint(1024, [4, 64], (Kind::Int64, Device::Cpu)), Tensor::randint(1024, [4, 64], (Kind::Int64, Device::Cpu)));
             let lc = c.loss_backward(&x, &y, 0, 1.0).double_value(&[]);
             let _ = c16.loss_backward(&x, &y, 0, 1.0);
