@@ -1367,12 +1367,18 @@ fn train_step(m: &mut Model, opt: &mut Optim, x: &Tensor, y: &Tensor, a: &TrainA
 // The step's first half: this rank's gradients, then averaged over the ranks (with the loss).
 fn gradients(m: &Model, x: &Tensor, y: &Tensor, a: &TrainArgs, dist: Option<&Dist>) -> Res<Tensor> {
     let loss = backward_micro_batches(m, x, y, a.micro_batch, a.head_chunk);
+    average_gradients(m, &loss, dist)?;
+    Ok(loss)
+}
+
+// The gradients and the loss, averaged over the ranks in place (queued: see Dist::sync); nothing on one process.
+fn average_gradients(m: &Model, loss: &Tensor, dist: Option<&Dist>) -> Res<()> {
     if let Some(d) = dist {
         let mut ts: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
         ts.push(loss.shallow_clone());
         d.all_reduce(&ts, true)?;
     }
-    Ok(loss)
+    Ok(())
 }
 
 // The step's second half: the optimizer, then the gradients cleared.
@@ -1756,14 +1762,19 @@ fn check_kernels(kernels: Kernels, tau_chunk: i64, dev: Device, d: i64) -> Res<(
     Ok(())
 }
 
+// A rank's device: cuda:LOCAL_RANK under several ranks (NCCL needs a GPU each), else --device.
+fn rank_device(de: &Option<DistEnv>, spec: &str) -> Res<Device> {
+    match (de, spec) {
+        (Some(e), "auto" | "cuda") if tch::Cuda::is_available() => pick_device(&format!("cuda:{}", e.local_rank)),
+        (Some(e), _) => Err(format!("rank {}: running on {} ranks needs a CUDA GPU each (NCCL); on CPU use --nproc 1", e.rank, e.world)),
+        (None, d) => pick_device(d),
+    }
+}
+
 fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let de = dist_env(|k| std::env::var(k).ok())?;
     let (rank, world_size) = de.as_ref().map_or((0, 1), |e| (e.rank, e.world));
-    let dev = match (&de, a.device.as_str()) {
-        (Some(e), "auto" | "cuda") if tch::Cuda::is_available() => pick_device(&format!("cuda:{}", e.local_rank))?,
-        (Some(_), _) => return Err(format!("rank {rank}: training on {world_size} ranks needs a CUDA GPU each (NCCL); on CPU use --nproc 1")),
-        (None, d) => pick_device(d)?,
-    };
+    let dev = rank_device(&de, &a.device)?;
     apply_preset(&mut a, m, dev.is_cuda());
     let cdt = compute_kind(&a.dtype, dev)?;
     for (ok, what) in [(a.steps > 0, "--steps must be > 0"), (a.batch_size > 0 && a.seq_len > 1, "--batch-size and --seq-len must be positive"),
@@ -1915,14 +1926,31 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     Ok(())
 }
 
-// Steady ms/step of the training step on random tokens (no data, no validation), per variant.
+// Steady ms/step of the training step on random tokens (no data, no validation), per variant. Under --nproc N each
+// rank times its share of the global batch, as in training, and rank 0 reports.
 fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
-    let dev = pick_device(&b.train.device)?;
+    let de = dist_env(|k| std::env::var(k).ok())?;
+    let (rank, world) = de.as_ref().map_or((0, 1), |e| (e.rank, e.world));
+    let dev = rank_device(&de, &b.train.device)?;
     let mut a = b.train.clone();
     apply_preset(&mut a, m, dev.is_cuda());
     check_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     let cdt = compute_kind(&a.dtype, dev)?;
     let gpu = gpu_name(dev);
+    let dist = match &de {
+        Some(e) => Some(Dist::init(e, a.dist_timeout, true)?),
+        None => None,
+    };
+    let d = dist.as_ref();
+    // the step's end on the host, as in training: the all-reduces done (bounded), then the GPU
+    let done = || -> Res<()> {
+        if let Some(d) = d {
+            d.sync()?;
+        }
+        sync(dev);
+        Ok(())
+    };
+    let rows_here = rank_rows(a.batch_size, rank, world).1;
     let mut rows = vec![];
     for attn in &b.variants {
         tch::manual_seed(a.seed);
@@ -1933,42 +1961,52 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         model.tau_chunk = a.tau_chunk;
         model.kernels = a.kernels;
         let mut opt = Optim::new(&model);
-        let x = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
-        let y = Tensor::randint(a.vocab_size, [a.batch_size, a.seq_len], (Kind::Int64, dev));
+        let x = Tensor::randint(a.vocab_size, [rows_here, a.seq_len], (Kind::Int64, dev));
+        let y = Tensor::randint(a.vocab_size, [rows_here, a.seq_len], (Kind::Int64, dev));
         reset_memory_peaks(dev);
         let mut t0 = Instant::now();
         for i in 0..b.bench_warmup + b.bench_steps {
             if i == b.bench_warmup {
-                sync(dev);
+                done()?;
                 t0 = Instant::now();
             }
-            let _ = train_step(&mut model, &mut opt, &x, &y, &a, 1.0, None)?;
+            let _ = train_step(&mut model, &mut opt, &x, &y, &a, 1.0, d)?;
+            if let Some(d) = d {
+                d.sync()?;
+            }
         }
-        sync(dev);
+        done()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3 / b.bench_steps as f64;
         let tok_s = (a.batch_size * a.seq_len) as f64 / (ms / 1e3);
-        // Where the step goes: the same steps again, synchronised after each half. The syncs cost the overlap of the
-        // two halves, so the parts add up to a little more than ms_per_step.
-        let (mut grad_ms, mut update_ms) = (0.0, 0.0);
+        // Where the step goes: the same steps again, synchronised after each phase. The syncs cost the overlap of the
+        // phases, so the parts add up to a little more than ms_per_step.
+        let mut phase_ms = [0.0; 3]; // forward+backward, gradient all-reduce, optimizer (its Muon all-reduce included)
         for _ in 0..b.bench_steps {
             let t = Instant::now();
-            let _ = gradients(&model, &x, &y, &a, None)?;
-            sync(dev);
-            let mid = Instant::now();
-            update(&mut model, &mut opt, &a, 1.0, None)?;
-            sync(dev);
-            (grad_ms, update_ms) = (grad_ms + (mid - t).as_secs_f64() * 1e3, update_ms + mid.elapsed().as_secs_f64() * 1e3);
+            let loss = backward_micro_batches(&model, &x, &y, a.micro_batch, a.head_chunk);
+            done()?;
+            let t1 = Instant::now();
+            average_gradients(&model, &loss, d)?;
+            done()?;
+            let t2 = Instant::now();
+            update(&mut model, &mut opt, &a, 1.0, d)?;
+            done()?;
+            for (acc, dt) in phase_ms.iter_mut().zip([t1 - t, t2 - t1, t2.elapsed()]) {
+                *acc += dt.as_secs_f64() * 1e3 / b.bench_steps as f64;
+            }
         }
-
         let row = json!({"impl": "rust", "attn": variant, "optimizer": "muon+adam", "batch": a.batch_size, "seq": a.seq_len,
-            "ms_per_step": round4(ms), "tokens_per_s": tok_s.round(), "mfu": gpu.is_some().then(|| mfu(&model, tok_s)),
-            "forward_backward_ms": round4(grad_ms / b.bench_steps as f64), "optimizer_ms": round4(update_ms / b.bench_steps as f64),
+            "world_size": world, "rows_per_rank": rows_here,
+            "ms_per_step": round4(ms), "tokens_per_s": tok_s.round(), "mfu": gpu.is_some().then(|| mfu(&model, tok_s / world as f64)),
+            "forward_backward_ms": round4(phase_ms[0]), "all_reduce_ms": round4(phase_ms[1]), "optimizer_ms": round4(phase_ms[2]),
             "peak_mem_mib": memory_peaks(dev).map(|p| p.0.round()), "device": format!("{dev:?}"), "gpu": gpu, "compute_dtype": format!("{cdt:?}"),
             "kernels": a.kernels, "tau_chunk": a.tau_chunk, "head_chunk": a.head_chunk});
-        println!("{row}");
+        if rank == 0 {
+            println!("{row}");
+        }
         rows.push(row);
     }
-    if let Some(out) = &b.out {
+    if let (Some(out), 0) = (&b.out, rank) {
         write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes())?;
     }
     Ok(())
@@ -2956,12 +2994,18 @@ fn main() {
         }
     };
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let nproc = match &cli.cmd {
-        Cmd::Train(a) => a.nproc,
-        Cmd::DistCheck(a) => a.nproc,
-        _ => 1,
+    // (ranks, the device option of a command whose ranks need a GPU each)
+    let (nproc, device) = match &cli.cmd {
+        Cmd::Train(a) => (a.nproc, Some(a.device.as_str())),
+        Cmd::Bench(b) => (b.train.nproc, Some(b.train.device.as_str())),
+        Cmd::DistCheck(a) => (a.nproc, None),
+        _ => (1, None),
     };
     if nproc > 1 && std::env::var_os("WORLD_SIZE").is_none() {
+        if device.is_some_and(|d| d == "cpu" || !tch::Cuda::is_available()) {
+            eprintln!("error: --nproc {nproc} needs a CUDA GPU each (NCCL); on CPU use --nproc 1");
+            std::process::exit(1);
+        }
         match launch(nproc) {
             Ok(code) => std::process::exit(code),
             Err(e) => {

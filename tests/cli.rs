@@ -258,10 +258,13 @@ fn several_ranks_need_gpus() {
     let dir = tmp("ranks");
     let mut args = vec!["train", "--nproc", "2", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap()];
     args.extend_from_slice(SMALL);
-    let o = run(&args);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).contains("needs a CUDA GPU each"), "{}", text(&o.stderr));
-    assert!(logs_in(&dir).is_empty());
+    let out = dir.join("bench.json");
+    for o in [run(&args), run(&["bench", "--nproc", "2", "--variants", "causal", "--out", out.to_str().unwrap()])] {
+        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(text(&o.stderr).lines().count(), 1, "{}", text(&o.stderr));
+        assert!(text(&o.stderr).contains("needs a CUDA GPU each"), "{}", text(&o.stderr));
+    }
+    assert!(logs_in(&dir).is_empty() && !out.exists());
 }
 
 // The harness against the team's PyTorch reference (tests/reference/ref_train.py): the same initial weights,
