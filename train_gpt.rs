@@ -208,7 +208,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0.535)]
     lap_sigma: f64,
     /// Processes (GPUs) on this host, one rank each (torchrun's RANK/WORLD_SIZE/... start ranks across hosts instead)
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..=1024))]
     nproc: i64,
     /// Sequences a rank runs at once; gradients accumulate over batch_size / (ranks × micro_batch) of them (0: all its rows)
     #[arg(long, default_value_t = 0)]
@@ -289,7 +289,7 @@ struct BenchDecodeArgs {
 
 #[derive(clap::Args)]
 struct DistCheckArgs {
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i64).range(1..=1024))]
     nproc: i64,
     #[arg(long)]
     fail_rank: Option<i64>,

@@ -133,6 +133,7 @@ fn checkpoint_and_reproducible_sample() {
 fn bad_input_gets_one_line_and_leaves_nothing() {
     let o = run(&["train", "--no-such-option"]);
     assert_one_line_error(&o, 2, "--help");
+    assert_one_line_error(&run(&["train", "--nproc", "0"]), 2, "--nproc");
     let dir = tmp("bad");
     let d = dir.to_str().unwrap();
     assert_one_line_error(&run(&["train", "--data", "/nonexistent/shards", "--log-dir", d, "--device", "cpu"]), 1, "train_gpt prepare");
@@ -203,6 +204,9 @@ fn bench_reports_each_variant_as_json() {
         assert_eq!((r["impl"].as_str(), r["batch"].as_i64(), r["seq"].as_i64(), r["kernels"].as_str()), (Some("rust"), Some(2), Some(32), Some("plain")));
         assert!(r["ms_per_step"].as_f64().unwrap() > 0.0 && r["tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["forward_backward_ms"].as_f64().unwrap() > 0.0 && r["optimizer_ms"].as_f64().unwrap() > 0.0, "{r}");
+        // one process: no all-reduce to speak of, the whole batch on this rank
+        assert!(r["all_reduce_ms"].as_f64().unwrap() < r["forward_backward_ms"].as_f64().unwrap(), "{r}");
+        assert_eq!((r["world_size"].as_i64(), r["rows_per_rank"].as_i64()), (Some(1), Some(2)));
     }
 }
 
@@ -260,9 +264,7 @@ fn several_ranks_need_gpus() {
     args.extend_from_slice(SMALL);
     let out = dir.join("bench.json");
     for o in [run(&args), run(&["bench", "--nproc", "2", "--variants", "causal", "--out", out.to_str().unwrap()])] {
-        assert_eq!(o.status.code(), Some(1));
-        assert_eq!(text(&o.stderr).lines().count(), 1, "{}", text(&o.stderr));
-        assert!(text(&o.stderr).contains("needs a CUDA GPU each"), "{}", text(&o.stderr));
+        assert_one_line_error(&o, 1, "needs a CUDA GPU each");
     }
     assert!(logs_in(&dir).is_empty() && !out.exists());
 }
