@@ -1025,6 +1025,12 @@ impl Model {
         Model { cos, sin, cfg, params, lap, tau, inv_temp, cdt, tau_chunk: 0, kernels: Kernels::Plain }
     }
 
+    // The model a training run (or its bench) builds from its options: temperatures and the attention path; τ 1.0
+    // until calibrated.
+    fn from_args(cfg: ModelCfg, a: &TrainArgs, dev: Device, cdt: Kind, lap: Option<Tensor>) -> Model {
+        Model { tau_chunk: a.tau_chunk, kernels: a.kernels, ..Model::new(cfg, dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init) }
+    }
+
     fn p(&self, name: &str) -> &Tensor {
         &self.params.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no parameter {name}")).1
     }
@@ -1612,16 +1618,14 @@ impl Dist {
     // the host only after `sync`.
     fn all_reduce(&self, ts: &[Tensor], avg: bool) -> Res<()> {
         let ptrs: Vec<*mut std::os::raw::c_void> = ts.iter().map(|t| t.as_ptr() as *mut _).collect(); // tch's handle is the at::Tensor*
-        let (rc, err) = ffi(|b, n| unsafe { dist_ffi::tg_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, avg as i32, b, n) });
-        if rc != 0 {
-            self.failed.set(true);
-            return Err(format!("rank {}: all-reduce failed ({err}); another rank died or hung, see its error", self.rank));
-        }
-        Ok(())
+        self.collective(ffi(|b, n| unsafe { dist_ffi::tg_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, avg as i32, b, n) }))
     }
     // Until every all-reduce queued so far is done, or --dist-timeout: a rank that died or hangs surfaces here.
     fn sync(&self) -> Res<()> {
-        let (rc, err) = ffi(|b, n| unsafe { dist_ffi::tg_dist_sync(self.ptr, b, n) });
+        self.collective(ffi(|b, n| unsafe { dist_ffi::tg_dist_sync(self.ptr, b, n) }))
+    }
+    // An all-reduce call's (return code, error): after a failure nobody waits for anybody on the way out.
+    fn collective(&self, (rc, err): (i32, String)) -> Res<()> {
         if rc != 0 {
             self.failed.set(true);
             return Err(format!("rank {}: all-reduce failed ({err}); another rank died or hung, see its error", self.rank));
@@ -1762,12 +1766,27 @@ fn check_kernels(kernels: Kernels, tau_chunk: i64, dev: Device, d: i64) -> Res<(
     Ok(())
 }
 
-// A rank's device: cuda:LOCAL_RANK under several ranks (NCCL needs a GPU each), else --device.
+// Several ranks take cuda:LOCAL_RANK each (NCCL needs a GPU a rank): only --device auto or cuda, where CUDA is.
+// Checked by the launcher before it starts any rank, and by each rank (torchrun's variables skip the launcher).
+fn ranks_device_error(spec: &str, world: i64) -> Option<String> {
+    let why = if !matches!(spec, "auto" | "cuda") {
+        format!("--device {spec} names one device for all of them")
+    } else if !tch::Cuda::is_available() {
+        "no CUDA device is usable here".to_string()
+    } else {
+        return None;
+    };
+    Some(format!("running on {world} ranks needs a CUDA GPU each (NCCL, cuda:LOCAL_RANK a rank), but {why}; on CPU use --nproc 1, on a GPU box --device auto"))
+}
+
+// A rank's device: cuda:LOCAL_RANK under several ranks, else --device.
 fn rank_device(de: &Option<DistEnv>, spec: &str) -> Res<Device> {
-    match (de, spec) {
-        (Some(e), "auto" | "cuda") if tch::Cuda::is_available() => pick_device(&format!("cuda:{}", e.local_rank)),
-        (Some(e), _) => Err(format!("rank {}: running on {} ranks needs a CUDA GPU each (NCCL); on CPU use --nproc 1", e.rank, e.world)),
-        (None, d) => pick_device(d),
+    match de {
+        Some(e) => match ranks_device_error(spec, e.world) {
+            Some(err) => Err(format!("rank {}: {err}", e.rank)),
+            None => pick_device(&format!("cuda:{}", e.local_rank)),
+        },
+        None => pick_device(spec),
     }
 }
 
@@ -1835,9 +1854,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     } else {
         (None, None)
     };
-    let mut model = Model::new(cfg.clone(), dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
-    model.tau_chunk = a.tau_chunk;
-    model.kernels = a.kernels;
+    let mut model = Model::from_args(cfg.clone(), &a, dev, cdt, lap);
     if cfg.is_tau() {
         model.tau = match a.tau {
             Some(t) => t,
@@ -1957,9 +1974,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         let cfg = ModelCfg::from_args(&a, *attn);
         let variant = cfg.attn.clone();
         let lap = cfg.is_tau().then(|| chain_laplacian(cfg.head_dim()));
-        let mut model = Model::new(cfg, dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init);
-        model.tau_chunk = a.tau_chunk;
-        model.kernels = a.kernels;
+        let mut model = Model::from_args(cfg, &a, dev, cdt, lap);
         let mut opt = Optim::new(&model);
         let x = Tensor::randint(a.vocab_size, [rows_here, a.seq_len], (Kind::Int64, dev));
         let y = Tensor::randint(a.vocab_size, [rows_here, a.seq_len], (Kind::Int64, dev));
@@ -3002,8 +3017,8 @@ fn main() {
         _ => (1, None),
     };
     if nproc > 1 && std::env::var_os("WORLD_SIZE").is_none() {
-        if device.is_some_and(|d| d == "cpu" || !tch::Cuda::is_available()) {
-            eprintln!("error: --nproc {nproc} needs a CUDA GPU each (NCCL); on CPU use --nproc 1");
+        if let Some(err) = device.and_then(|d| ranks_device_error(d, nproc)) {
+            eprintln!("error: {err}");
             std::process::exit(1);
         }
         match launch(nproc) {
