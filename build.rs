@@ -3,7 +3,7 @@
 // LD_LIBRARY_PATH. The tag is RUNPATH: LD_LIBRARY_PATH still wins on the GPU box. No GPU is needed to build.
 use std::path::{Path, PathBuf};
 
-const KERNELS: [&str; 2] = ["kernels/tau_attn.cu", "kernels/softcap_ce.cu"];
+const KERNELS: [&str; 3] = ["kernels/tau_attn.cu", "kernels/softcap_ce.cu", "kernels/block_ops.cu"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
@@ -50,7 +50,7 @@ fn main() {
 }
 
 // Compiles a .cu file for the H200 (sm_90) with nvcc from the venv (pip's nvidia-cuda-nvcc, beside torch); returns
-// the object. No --use_fast_math: the kernels' expf and logf must match torch's softmax to fp32 rounding.
+// the object. No --use_fast_math: a kernel that takes fast intrinsics says where and why (softcap_ce.cu); elsewhere expf/logf match torch to fp32 rounding.
 fn nvcc(torch: &Path, src: &str) -> PathBuf {
     let nvcc = torch.join("../nvidia/cu13/bin/nvcc");
     assert!(nvcc.exists(), "{} missing: run ./run.sh setup (it installs cuda-toolkit[nvcc])", nvcc.display());

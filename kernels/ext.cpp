@@ -1,6 +1,14 @@
 // C++ glue over libtorch for what tch does not expose. Compiled by build.rs against the venv's torch headers.
 #include <ATen/DeviceAccelerator.h>
 #include <cstdint>
+#include <cstdio>
+#include <string>
+
+static void tg_err(char* err, size_t len, const std::exception& e) {
+  std::string m = e.what();
+  auto nl = m.find('\n');  // c10 errors carry a backtrace after the first line
+  std::snprintf(err, len, "%s", m.substr(0, nl).c_str());
+}
 
 // Peak bytes allocated / reserved by the caching allocator since the last reset (torch.cuda.max_memory_*).
 extern "C" void tg_memory_peaks(int device, int64_t* peak_allocated, int64_t* peak_reserved) {
@@ -25,6 +33,35 @@ extern "C" void tg_set_device(int device) {
   at::accelerator::setDeviceIndex(static_cast<c10::DeviceIndex>(device));
 }
 
+// ---- The Kineto profiler (torch.profiler): CPU ops, and with cuda != 0 the CUDA kernels and runtime calls, of every
+// thread (autograd's backward threads included) between start and stop; stop writes a Chrome trace (Perfetto opens it).
+#include <torch/csrc/autograd/profiler_kineto.h>
+
+extern "C" int tg_profile_start(int cuda, char* err, size_t errlen) {
+  try {
+    using namespace torch::profiler::impl;
+    ProfilerConfig cfg(ProfilerState::KINETO, /*report_input_shapes=*/true);
+    std::set<ActivityType> acts{ActivityType::CPU};
+    if (cuda) acts.insert(ActivityType::CUDA);
+    torch::autograd::profiler::prepareProfiler(cfg, acts);
+    torch::autograd::profiler::enableProfiler(cfg, acts);
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
+  }
+}
+
+extern "C" int tg_profile_stop(const char* path, char* err, size_t errlen) {
+  try {
+    torch::autograd::profiler::disableProfiler()->save(path);
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
+  }
+}
+
 // ---- Data-parallel training over libtorch's own c10d: a TCPStore rendezvous and ProcessGroupNCCL collectives.
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
@@ -37,12 +74,6 @@ struct TgDist {
   std::vector<c10::intrusive_ptr<c10d::Work>> pending;  // collectives queued since the last tg_dist_sync
   std::chrono::milliseconds timeout{0};
 };
-
-static void tg_err(char* err, size_t len, const std::exception& e) {
-  std::string m = e.what();
-  auto nl = m.find('\n');  // c10 errors carry a backtrace after the first line
-  std::snprintf(err, len, "%s", m.substr(0, nl).c_str());
-}
 
 // Rank 0 serves the store at host:port; every rank waits there for all `world` ranks (up to timeout_ms), then,
 // with nccl != 0, forms the NCCL group over the current CUDA device. Returns null and fills err on failure.
@@ -69,21 +100,20 @@ extern "C" void* tg_dist_init(const char* host, int port, int rank, int world, i
   }
 }
 
-// In-place all-reduce of each tensor (op 0: sum, 1: average), stream-ordered: the current stream waits for it on the
+// In-place all-reduce of each tensor (op 0: sum, 1: average; all of one dtype), stream-ordered: the current stream waits for it on the
 // GPU and the CPU runs on, so a step has no host stall between its backward, its Muon all-reduce and its update. The
 // host reads a result only after tg_dist_sync. 0 on success.
 extern "C" int tg_all_reduce(void* dist, at::Tensor** tensors, int n, int op, char* err, size_t errlen) {
   try {
     auto d = static_cast<TgDist*>(dist);
     TORCH_CHECK(d->pg, "no NCCL group: multi-process training needs CUDA");
-    c10d::AllreduceOptions o;
+    c10d::AllreduceCoalescedOptions o;
     o.reduceOp = op == 1 ? c10d::ReduceOp::AVG : c10d::ReduceOp::SUM;
-    for (int i = 0; i < n; i++) {
-      std::vector<at::Tensor> one{*tensors[i]};
-      auto w = d->pg->allreduce(one, o);  // queued on NCCL's stream; the buckets overlap each other
-      w->synchronize();                   // the current stream waits for it, not the CPU
-      d->pending.push_back(w);
-    }
+    std::vector<at::Tensor> ts;
+    for (int i = 0; i < n; i++) ts.push_back(*tensors[i]);
+    auto w = d->pg->allreduce_coalesced(ts, o);  // one NCCL group on NCCL's stream, not one launch (and host round) a tensor
+    w->synchronize();                            // the current stream waits for it, not the CPU
+    d->pending.push_back(w);
     return 0;
   } catch (const std::exception& e) {
     tg_err(err, errlen, e);
@@ -322,6 +352,171 @@ extern "C" at::Tensor* tg_softcap_ce(at::Tensor* z, at::Tensor* y, double softca
                                    grad, z->scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
               "cross-entropy (fused)");
     return new at::Tensor(loss);
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return nullptr;
+  }
+}
+
+// ---- The block's memory-bound steps through kernels/block_ops.cu: RMSNorm with the cast to the compute dtype fused
+// in, RoPE + QK-norm over the qkv projection's output (q, k and v out in one pass, dqkv in one pass back), ReLU².
+extern "C" {
+int tg_rmsnorm_fwd(const void* x, void* y, float* rstd, int64_t n, int c, float eps, int x_bf16, int y_bf16, cudaStream_t st);
+int tg_rmsnorm_bwd(const void* x, const void* dy, const float* rstd, void* dx, int64_t n, int c, int x_bf16, int y_bf16, cudaStream_t st);
+int tg_rope_norm_fwd(const void* qkv, void* q, void* k, void* v, const float* cos, const float* sin, float* rstd, int64_t rows, int h, int g, int d, int t,
+                     int pos, float eps, int bf16_, cudaStream_t st);
+int tg_rope_norm_bwd(const void* qkv, const void* dq, const void* dk, const void* dv, const int64_t* strides, const float* cos, const float* sin,
+                     const float* rstd, void* dqkv, int64_t rows, int h, int g, int d, int t, int pos, int bf16_, cudaStream_t st);
+int tg_relu2_fwd(const void* u, void* h, int64_t n, int bf16_, cudaStream_t st);
+int tg_relu2_bwd(const void* u, const void* dh, void* du, int64_t n, int bf16_, cudaStream_t st);
+}
+
+namespace {
+void check_block_input(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.is_cuda(), what, ": input on ", x.device(), "; the fused kernels need CUDA (use --kernels plain off the GPU)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what, ": input must be fp32 or bf16; got ", x.scalar_type());
+}
+
+struct RmsNorm : public torch::autograd::Function<RmsNorm> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, int64_t out_dtype, double eps) {
+    check_block_input(x_in, "rmsnorm (fused)");
+    const auto odt = static_cast<at::ScalarType>(out_dtype);
+    TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, "rmsnorm (fused): output must be fp32 or bf16; got ", odt);
+    TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) >= 1 && x_in.size(-1) <= INT32_MAX, "rmsnorm (fused): want rows of 1 to 2³¹ elements; got ", x_in.sizes());
+    c10::cuda::CUDAGuard guard(x_in.device());
+    auto x = x_in.contiguous();
+    const int64_t c = x.size(-1), n = x.numel() / c;
+    auto y = at::empty(x.sizes(), x.options().dtype(odt));
+    auto rstd = at::empty({n}, x.options().dtype(at::kFloat));
+    if (n > 0)
+      cuda_ok(tg_rmsnorm_fwd(x.data_ptr(), y.data_ptr(), rstd.data_ptr<float>(), n, static_cast<int>(c), static_cast<float>(eps), x.scalar_type() == at::kBFloat16,
+                             odt == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+              "rmsnorm (fused) forward");
+    ctx->save_for_backward({x, rstd});
+    ctx->saved_data["out_dtype"] = out_dtype;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto &x = s[0], &rstd = s[1];
+    const auto odt = static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt());
+    c10::cuda::CUDAGuard guard(x.device());
+    auto dy = grads[0].to(odt).contiguous();
+    auto dx = at::empty_like(x);
+    const int64_t c = x.size(-1), n = x.numel() / c;
+    if (n > 0)
+      cuda_ok(tg_rmsnorm_bwd(x.data_ptr(), dy.data_ptr(), rstd.data_ptr<float>(), dx.data_ptr(), n, static_cast<int>(c), x.scalar_type() == at::kBFloat16,
+                             odt == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+              "rmsnorm (fused) backward");
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+struct RopeNorm : public torch::autograd::Function<RopeNorm> {
+  // qkv [B,T,(H+2G)·D] → {q [B,T,H,D], k [B,T,G,D], v [B,T,G,D]}; cos, sin [≥ pos+T, D/2] fp32 (constants)
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv_in, const at::Tensor& cos_in, const at::Tensor& sin_in, int64_t h, int64_t g,
+                               int64_t pos, double eps) {
+    check_block_input(qkv_in, "rope+qk-norm (fused)");
+    TORCH_CHECK(qkv_in.dim() == 3 && h >= 1 && g >= 1 && qkv_in.size(2) % (h + 2 * g) == 0, "rope+qk-norm (fused): want qkv [B,T,(H+2G)·D]; got ",
+                qkv_in.sizes(), " for H ", h, ", G ", g);
+    const int64_t b = qkv_in.size(0), t = qkv_in.size(1), d = qkv_in.size(2) / (h + 2 * g);
+    TORCH_CHECK(d % 2 == 0 && cos_in.dim() == 2 && cos_in.size(1) == d / 2 && sin_in.sizes() == cos_in.sizes() && pos >= 0 && pos + t <= cos_in.size(0),
+                "rope+qk-norm (fused): want cos, sin [≥ pos+T, D/2] for D ", d, ", pos ", pos, ", T ", t, "; got ", cos_in.sizes());
+    TORCH_CHECK(cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat && cos_in.device() == qkv_in.device() && sin_in.device() == qkv_in.device(),
+                "rope+qk-norm (fused): cos and sin must be fp32 on the input's device");
+    TORCH_CHECK(b * t * (h + 2 * g) <= INT32_MAX * 8LL && t <= INT32_MAX && pos + t <= INT32_MAX, "rope+qk-norm (fused): too many rows");
+    c10::cuda::CUDAGuard guard(qkv_in.device());
+    auto qkv = qkv_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
+    auto q = at::empty({b, t, h, d}, qkv.options()), k = at::empty({b, t, g, d}, qkv.options()), v = at::empty({b, t, g, d}, qkv.options());
+    auto rstd = at::empty({b * t, h + g}, qkv.options().dtype(at::kFloat));
+    if (b * t > 0)
+      cuda_ok(tg_rope_norm_fwd(qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), rstd.data_ptr<float>(), b * t,
+                               static_cast<int>(h), static_cast<int>(g), static_cast<int>(d), static_cast<int>(t), static_cast<int>(pos), static_cast<float>(eps),
+                               qkv.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+              "rope+qk-norm (fused) forward");
+    ctx->save_for_backward({qkv, cos, sin, rstd});
+    ctx->saved_data["h"] = h;
+    ctx->saved_data["g"] = g;
+    ctx->saved_data["pos"] = pos;
+    return {q, k, v};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto &qkv = s[0], &cos = s[1], &sin = s[2], &rstd = s[3];
+    const int64_t h = ctx->saved_data["h"].toInt(), g = ctx->saved_data["g"].toInt(), pos = ctx->saved_data["pos"].toInt();
+    const int64_t b = qkv.size(0), t = qkv.size(1), d = qkv.size(2) / (h + 2 * g);
+    c10::cuda::CUDAGuard guard(qkv.device());
+    std::vector<at::Tensor> gs;  // [B,T,heads,D] with D contiguous; an unused output's gradient is zero
+    const int64_t heads[3] = {h, g, g};
+    for (int i = 0; i < 3; ++i) {
+      auto gr = grads[i].defined() ? grads[i].to(qkv.scalar_type()) : at::zeros({b, t, heads[i], d}, qkv.options());
+      gs.push_back(gr.stride(3) == 1 ? gr : gr.contiguous());
+    }
+    int64_t strides[9];
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 3; ++j) strides[3 * i + j] = gs[i].stride(j);
+    auto dqkv = at::empty_like(qkv);
+    if (b * t > 0)
+      cuda_ok(tg_rope_norm_bwd(qkv.data_ptr(), gs[0].data_ptr(), gs[1].data_ptr(), gs[2].data_ptr(), strides, cos.data_ptr<float>(), sin.data_ptr<float>(),
+                               rstd.data_ptr<float>(), dqkv.data_ptr(), b * t, static_cast<int>(h), static_cast<int>(g), static_cast<int>(d), static_cast<int>(t),
+                               static_cast<int>(pos), qkv.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+              "rope+qk-norm (fused) backward");
+    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct Relu2 : public torch::autograd::Function<Relu2> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& u_in) {
+    check_block_input(u_in, "relu² (fused)");
+    c10::cuda::CUDAGuard guard(u_in.device());
+    auto u = u_in.contiguous();
+    auto out = at::empty_like(u);
+    if (u.numel() > 0)
+      cuda_ok(tg_relu2_fwd(u.data_ptr(), out.data_ptr(), u.numel(), u.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()), "relu² (fused) forward");
+    ctx->save_for_backward({u});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto u = ctx->get_saved_variables()[0];
+    c10::cuda::CUDAGuard guard(u.device());
+    auto dh = grads[0].to(u.scalar_type()).contiguous();
+    auto du = at::empty_like(u);
+    if (u.numel() > 0)
+      cuda_ok(tg_relu2_bwd(u.data_ptr(), dh.data_ptr(), du.data_ptr(), u.numel(), u.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+              "relu² (fused) backward");
+    return {du};
+  }
+};
+}  // namespace
+
+// rmsnorm(x) over the last dim in fp32, as libtorch's rms_norm, written in out_dtype (a c10::ScalarType), differentiable.
+extern "C" at::Tensor* tg_rmsnorm(at::Tensor* x, int out_dtype, double eps, char* err, size_t errlen) {
+  try {
+    return new at::Tensor(RmsNorm::apply(*x, out_dtype, eps));
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return nullptr;
+  }
+}
+
+// Writes q, k, v ([B,T,heads,D]) into out[0..3]; 0 on success.
+extern "C" int tg_rope_norm(at::Tensor* qkv, at::Tensor* cos, at::Tensor* sin, int64_t h, int64_t g, int64_t pos, double eps, at::Tensor** out, char* err, size_t errlen) {
+  try {
+    auto r = RopeNorm::apply(*qkv, *cos, *sin, h, g, pos, eps);
+    for (int i = 0; i < 3; ++i) out[i] = new at::Tensor(r[i]);
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
+  }
+}
+
+extern "C" at::Tensor* tg_relu2(at::Tensor* u, char* err, size_t errlen) {
+  try {
+    return new at::Tensor(Relu2::apply(*u));
   } catch (const std::exception& e) {
     tg_err(err, errlen, e);
     return nullptr;

@@ -194,9 +194,17 @@ fn readme_records_table_matches_the_logs() {
 #[test]
 fn bench_reports_each_variant_as_json() {
     let out = tmp("bench").join("bench.json");
+    let prof = tmp("bench").join("profile");
     let o = run(&["bench", "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--batch-size", "2",
-                  "--bench-steps", "2", "--bench-warmup", "1", "--out", out.to_str().unwrap()]);
+                  "--bench-steps", "2", "--bench-warmup", "1", "--out", out.to_str().unwrap(), "--profile", prof.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o.stderr));
+    // --profile: one Chrome trace a variant, holding the step's ops, forward (matmuls) and backward (autograd's nodes)
+    for v in ["causal", "tau", "tau-lt"] {
+        let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prof.join(format!("{v}_rank0.json"))).unwrap()).unwrap();
+        let names: Vec<&str> = trace["traceEvents"].as_array().unwrap().iter().filter(|e| e["cat"] == "cpu_op").filter_map(|e| e["name"].as_str()).collect();
+        assert!(names.contains(&"aten::mm") && names.iter().any(|n| n.contains("Backward")), "{v}: {} ops", names.len());
+    }
+    assert_eq!(std::fs::read_dir(&prof).unwrap().count(), 3, "only the three traces, no .partial");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let attns: Vec<&str> = rows.iter().map(|r| r["attn"].as_str().unwrap()).collect();
     assert_eq!(attns, ["causal", "tau", "tau-lt"]);
