@@ -559,13 +559,19 @@ fn load_data(dir: &Path, vocab: i64) -> Res<Data> {
 
 // Step i's batch: a contiguous window of b sequences of the train stream (no shuffling: the reference streams it in
 // order). A rank reads only its own rows of it, so 1 or N GPUs see the same global batch.
-fn train_batch(tokens: &[u16], step: i64, b: i64, t: i64, dev: Device, rank: i64, world: i64) -> (Tensor, Tensor) {
-    let n = (b * t) as usize;
-    assert!(tokens.len() > n + 1, "train split must exceed one batch");
-    let start = (step as usize * n) % (tokens.len() - n - 1);
+// tokens: the whole train split as int32 on the training device (`device_tokens`), so a step reads its batch there
+// and no host copy stands between one step and the next.
+fn train_batch(tokens: &Tensor, step: i64, b: i64, t: i64, rank: i64, world: i64) -> (Tensor, Tensor) {
+    let (n, len) = (b * t, tokens.size()[0]);
+    assert!(len > n + 1, "train split must exceed one batch");
+    let start = (step * n) % (len - n - 1);
     let (row0, rows) = rank_rows(b, rank, world);
-    let lo = start + (row0 * t) as usize;
-    window(&tokens[lo..lo + (rows * t) as usize + 1], rows, t, dev)
+    let w = tokens.narrow(0, start + row0 * t, rows * t + 1).to_kind(Kind::Int64);
+    (w.narrow(0, 0, rows * t).view([rows, t]), w.narrow(0, 1, rows * t).view([rows, t]))
+}
+
+fn device_tokens(tokens: &[u16], dev: Device) -> Tensor {
+    Tensor::from_slice(&tokens.iter().map(|&x| x as i32).collect::<Vec<_>>()).to(dev)
 }
 
 // The rows [row0, row0 + rows) of n that rank r of `world` owns: equal contiguous blocks, the last one taking any rest.
@@ -1563,8 +1569,39 @@ mod ext {
         pub fn tg_rmsnorm(x: *mut c_void, out_dtype: i32, eps: f64, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_rope_norm(qkv: *mut c_void, cos: *mut c_void, sin: *mut c_void, h: i64, g: i64, pos: i64, eps: f64, out: *mut *mut c_void, err: *mut c_char, errlen: usize) -> i32;
         pub fn tg_relu2(u: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
+        pub fn tg_readback_start(t: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
+        pub fn tg_readback_wait(h: *mut c_void) -> f64;
         pub fn tg_profile_start(cuda: i32, err: *mut c_char, errlen: usize) -> i32;
         pub fn tg_profile_stop(path: *const c_char, err: *mut c_char, errlen: usize) -> i32;
+    }
+}
+
+// A scalar tensor's value on its way to the host. On CUDA a non-blocking copy and an event: `wait` blocks until the
+// copy is done, not until the work queued after it is, so the host can queue the next step first. On the CPU, the value.
+struct Readback(Result<f64, *mut std::os::raw::c_void>);
+
+impl Readback {
+    fn start(t: &Tensor) -> Readback {
+        if !t.device().is_cuda() {
+            return Readback(Ok(t.double_value(&[])));
+        }
+        let (h, err) = ffi(|e, n| unsafe { ext::tg_readback_start(handle(t), e, n) });
+        assert!(!h.is_null(), "{err}");
+        Readback(Err(h))
+    }
+    fn wait(mut self) -> f64 {
+        match std::mem::replace(&mut self.0, Ok(f64::NAN)) {
+            Ok(v) => v,
+            Err(h) => unsafe { ext::tg_readback_wait(h) },
+        }
+    }
+}
+
+impl Drop for Readback {
+    fn drop(&mut self) {
+        if let Err(h) = self.0 {
+            unsafe { ext::tg_readback_wait(h) };
+        }
     }
 }
 
@@ -1609,7 +1646,8 @@ mod dist_ffi {
     extern "C" {
         pub fn tg_dist_init(host: *const c_char, port: c_int, rank: c_int, world: c_int, timeout_ms: c_int, nccl: c_int, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_all_reduce(dist: *mut c_void, tensors: *const *mut c_void, n: c_int, op: c_int, err: *mut c_char, errlen: usize) -> c_int; // at::Tensor*[]
-        pub fn tg_dist_sync(dist: *mut c_void, err: *mut c_char, errlen: usize) -> c_int;
+        pub fn tg_dist_sync(dist: *mut c_void, keep: c_int, err: *mut c_char, errlen: usize) -> c_int;
+        pub fn tg_dist_pending(dist: *mut c_void) -> c_int;
         pub fn tg_store_add(dist: *mut c_void, key: *const c_char, delta: c_longlong, wait_for: c_longlong, err: *mut c_char, errlen: usize) -> c_longlong;
         pub fn tg_dist_free(dist: *mut c_void);
     }
@@ -1649,34 +1687,6 @@ struct Dist {
     rank: i64,
     world: i64,
     failed: std::cell::Cell<bool>, // after an error nobody waits for anybody on the way out
-    nccl: bool,                         // a NCCL group (CUDA), not the store alone
-    idled: std::cell::OnceCell<String>, // the helper threads `idle_helper_threads` put at idle priority
-}
-
-// Every thread of this process but the caller (the main thread, which launches the forward) and autograd's (which
-// launches the backward) goes to SCHED_IDLE: NCCL's proxy threads, c10d's watchdog, heartbeat and store, the CUDA
-// driver's. A multi-rank step is launch-bound, and the scheduler would place a woken helper on a launching thread's
-// core: the profiles (bench --profile) showed the GPU idle 10-20 ms a step in 3-10 ms holes, the launching thread
-// descheduled mid-op, and none once the helpers were idle. Idle threads still run on any idle core, and the cores
-// are mostly idle. TG_HELPER_THREADS=normal leaves them alone (to compare). Returns "name×count, …".
-fn idle_helper_threads() -> String {
-    if std::env::var("TG_HELPER_THREADS").as_deref() == Ok("normal") {
-        return "none (TG_HELPER_THREADS=normal)".into();
-    }
-    let me = unsafe { libc::gettid() };
-    let mut names: std::collections::BTreeMap<String, usize> = Default::default();
-    for e in fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
-        let Ok(tid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let comm = fs::read_to_string(e.path().join("comm")).unwrap_or_default().trim().to_string();
-        if tid == me || comm.starts_with("pt_autograd") {
-            continue;
-        }
-        let p = libc::sched_param { sched_priority: 0 };
-        if unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &p) } == 0 {
-            *names.entry(comm).or_default() += 1;
-        }
-    }
-    names.iter().map(|(n, c)| format!("{n}×{c}")).collect::<Vec<_>>().join(", ")
 }
 
 // Calls into kernels/ext.cpp with an error buffer: (the result, the error message it wrote, "" if none).
@@ -1694,7 +1704,7 @@ impl Dist {
         if ptr.is_null() {
             return Err(format!("rank {}: rendezvous at {}:{} failed ({err}); check MASTER_ADDR/MASTER_PORT and that all {} ranks start", e.rank, e.addr, e.port, e.world));
         }
-        Ok(Dist { ptr, rank: e.rank, world: e.world, failed: false.into(), nccl, idled: Default::default() })
+        Ok(Dist { ptr, rank: e.rank, world: e.world, failed: false.into() })
     }
     // In place over the ranks: average (avg) or sum, stream-ordered (the GPU waits, the CPU runs on). Read a result on
     // the host only after `sync`.
@@ -1703,13 +1713,16 @@ impl Dist {
         self.collective(ffi(|b, n| unsafe { dist_ffi::tg_all_reduce(self.ptr, ptrs.as_ptr(), ptrs.len() as i32, avg as i32, b, n) }))
     }
     // Until every all-reduce queued so far is done, or --dist-timeout: a rank that died or hangs surfaces here.
-    // The first one, once NCCL's threads exist (its group forms at the first collective), idles the helper threads.
     fn sync(&self) -> Res<()> {
-        self.collective(ffi(|b, n| unsafe { dist_ffi::tg_dist_sync(self.ptr, b, n) }))?;
-        if self.nccl {
-            self.idled.get_or_init(idle_helper_threads);
-        }
-        Ok(())
+        self.sync_all_but(0)
+    }
+    // The same for all but the last `keep` queued (this step's, while the host waits for the previous step's).
+    fn sync_all_but(&self, keep: usize) -> Res<()> {
+        self.collective(ffi(|b, n| unsafe { dist_ffi::tg_dist_sync(self.ptr, keep as i32, b, n) }))
+    }
+    // All-reduces queued and not yet waited for.
+    fn pending(&self) -> usize {
+        unsafe { dist_ffi::tg_dist_pending(self.ptr) as usize }
     }
     // An all-reduce call's (return code, error): after a failure nobody waits for anybody on the way out.
     fn collective(&self, (rc, err): (i32, String)) -> Res<()> {
@@ -1928,6 +1941,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         sync(dev);
         reset_memory_peaks(dev);
     }
+    let train_tokens = device_tokens(&data.train, dev);
     let mut train_ms = 0.0;
     let t0 = Instant::now();
     let (lap, lap_ms) = if cfg.is_tau() {
@@ -1945,7 +1959,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     if cfg.is_tau() {
         model.tau = match a.tau {
             Some(t) => t,
-            None => model.calibrate_tau(&train_batch(&data.train, 0, a.batch_size, a.seq_len, dev, 0, 1).0), // the whole batch on every rank
+            None => model.calibrate_tau(&train_batch(&train_tokens, 0, a.batch_size, a.seq_len, 0, 1).0), // the whole batch on every rank
         };
         log.line(&format!("tau: {}", model.tau));
     }
@@ -1958,10 +1972,27 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let tokens_per_step = a.batch_size * a.seq_len;
     let mut time_to_target: Option<f64> = None;
     let mut final_val = f64::NAN;
+    // Steps are queued one ahead, as in modded-nanogpt: step s's loss is read (checked, logged) once step s+1 is queued,
+    // so the GPU never waits for the host between steps. Validation syncs, and pauses the clock: train_time is exact
+    // there; a step line's is when the line is written, once the next step is queued.
+    let mut clock = Instant::now();
+    let mut lagged: Option<(i64, Readback)> = None;
+    let step_line = |log: &mut Log, s: i64, rb: Readback, ms: f64| -> Res<()> {
+        let lv = rb.wait();
+        if !lv.is_finite() {
+            return Err(format!("step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or check the data", s + 1));
+        }
+        log.line(&format!("step:{}/{} train_loss:{lv:.4} train_time:{ms:.0}ms step_avg:{:.2}ms", s + 1, a.steps, ms / (s + 1) as f64));
+        Ok(())
+    };
     for step in 0..=a.steps {
         let last = step == a.steps;
         if last || step % a.val_every == 0 {
-            sync(dev); // the clock is paused during validation
+            if let Some((s, rb)) = lagged.take() {
+                step_line(&mut log, s, rb, train_ms + clock.elapsed().as_secs_f64() * 1e3)?;
+            }
+            sync(dev);
+            train_ms += clock.elapsed().as_secs_f64() * 1e3; // the clock is paused during validation
             let vl = evaluate(&model, &data.val, a.batch_size, a.val_tokens, a.head_chunk, dist.as_ref())?;
             if !vl.is_finite() {
                 return Err(format!("step {step}: val loss is {vl}; the run diverged, lower --lr-muon/--lr-adam"));
@@ -1974,24 +2005,19 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             if cfg.is_tau() && rank == 0 {
                 log.line(&format!("diag: {}", tau_diagnostics(&model, &data.val, a.batch_size, step)));
             }
+            clock = Instant::now();
         }
         if last {
             break;
         }
-        let t = Instant::now();
-        let (x, y) = train_batch(&data.train, step, a.batch_size, a.seq_len, dev, rank, world_size);
+        let (x, y) = train_batch(&train_tokens, step, a.batch_size, a.seq_len, rank, world_size);
+        let queued = dist.as_ref().map_or(0, |d| d.pending());
         let loss = train_step(&mut model, &mut opt, &x, &y, &a, lr_mult(&a, step), dist.as_ref())?;
         if let Some(d) = &dist {
-            d.sync()?; // the step's all-reduces, bounded by --dist-timeout, before the CUDA sync of reading the loss
+            d.sync_all_but(d.pending() - queued)?; // the previous step's all-reduces, bounded by --dist-timeout
         }
-        let lv = loss.double_value(&[]); // the step's sync point
-        train_ms += t.elapsed().as_secs_f64() * 1e3;
-        if !lv.is_finite() {
-            return Err(format!("step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or check the data", step + 1));
-        }
-        log.line(&format!("step:{}/{} train_loss:{lv:.4} train_time:{:.0}ms step_avg:{:.2}ms", step + 1, a.steps, train_ms, train_ms / (step + 1) as f64));
-        if let (Some(d), 0) = (&dist, step) {
-            log.line(&format!("helper_threads_idle: {}", d.idled.get().map_or("", |s| s.as_str())));
+        if let Some((s, rb)) = lagged.replace((step, Readback::start(&loss))) {
+            step_line(&mut log, s, rb, train_ms + clock.elapsed().as_secs_f64() * 1e3)?;
         }
     }
 
@@ -2075,9 +2101,10 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
                 done()?;
                 t0 = Instant::now();
             }
+            let queued = d.map_or(0, |d| d.pending());
             let _ = train_step(&mut model, &mut opt, &x, &y, &a, 1.0, d)?;
             if let Some(d) = d {
-                d.sync()?;
+                d.sync_all_but(d.pending() - queued)?; // the previous step's, as in training
             }
         }
         done()?;
@@ -3434,9 +3461,12 @@ mod tests {
             assert_eq!(blocks.last().map(|b| b.0 + b.1), Some(n), "everything covered");
         }
         // two ranks read the same tokens as one, half each
-        let toks: Vec<u16> = (0..5000u16).collect();
-        let (whole, _) = train_batch(&toks, 3, 8, 16, Device::Cpu, 0, 1);
-        let halves: Vec<Tensor> = (0..2).map(|r| train_batch(&toks, 3, 8, 16, Device::Cpu, r, 2).0).collect();
+        let toks = device_tokens(&(0..5000u16).collect::<Vec<_>>(), Device::Cpu);
+        let (whole, next) = train_batch(&toks, 3, 8, 16, 0, 1);
+        // step 3 of 8×16 starts at token 3·128 = 384; the targets are the inputs one token on
+        assert_eq!((whole.kind(), whole.size(), whole.int64_value(&[0, 0]), whole.int64_value(&[7, 15])), (Kind::Int64, vec![8, 16], 384, 511));
+        assert!(next.equal(&(&whole + 1)));
+        let halves: Vec<Tensor> = (0..2).map(|r| train_batch(&toks, 3, 8, 16, r, 2).0).collect();
         assert!(Tensor::cat(&halves, 0).equal(&whole));
     }
 
@@ -4133,6 +4163,19 @@ mod gpu_tests {
                 assert!(dy < tol && dg < tol, "rope+qk-norm {kind:?} H {h} G {g} D {d} pos {pos}: forward {dy}, gradient {dg}");
             }
         }
+    }
+
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn readback_returns_the_value_with_work_queued_behind_it() {
+        let dev = cuda();
+        let x = Tensor::randn([4096, 4096], (Kind::Float, dev));
+        let v = x.sum(Kind::Float);
+        let rb = Readback::start(&v);
+        let _ = x.matmul(&x).matmul(&x); // queued after the copy
+        let want = v.double_value(&[]);
+        assert_eq!(rb.wait(), want);
+        drop(Readback::start(&v)); // dropped unread: waits for its copy, frees its pinned buffer
     }
 
     #[test]

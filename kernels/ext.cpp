@@ -1,5 +1,6 @@
 // C++ glue over libtorch for what tch does not expose. Compiled by build.rs against the venv's torch headers.
 #include <ATen/DeviceAccelerator.h>
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -60,6 +61,39 @@ extern "C" int tg_profile_stop(const char* path, char* err, size_t errlen) {
     tg_err(err, errlen, e);
     return 1;
   }
+}
+
+// ---- A scalar on its way to the host without a stream sync: a non-blocking copy into pinned memory and an event
+// behind it, so the host can queue the next step before it reads this one's loss.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAEvent.h>
+
+struct TgReadback {
+  at::Tensor host;
+  at::cuda::CUDAEvent done;
+};
+
+extern "C" void* tg_readback_start(at::Tensor* t, char* err, size_t errlen) {
+  try {
+    TORCH_CHECK(t->is_cuda() && t->numel() == 1, "readback: want one element on a CUDA device; got ", t->sizes(), " on ", t->device());
+    auto r = new TgReadback();
+    r->host = at::empty({}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+    r->host.copy_(t->reshape({}).to(at::kDouble), /*non_blocking=*/true);
+    r->done.record();
+    return r;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return nullptr;
+  }
+}
+
+// Waits for the copy (not for the work queued after it) and frees the handle.
+extern "C" double tg_readback_wait(void* h) {
+  auto r = static_cast<TgReadback*>(h);
+  r->done.synchronize();
+  const double v = r->host.item<double>();
+  delete r;
+  return v;
 }
 
 // ---- Data-parallel training over libtorch's own c10d: a TCPStore rendezvous and ProcessGroupNCCL collectives.
@@ -124,11 +158,14 @@ extern "C" int tg_all_reduce(void* dist, at::Tensor** tensors, int n, int op, ch
 // Waits, polling, until every collective queued since the last call has completed on the GPU, for at most the
 // group's timeout: a rank that died or hangs fails here with one message (and the communicators are aborted, so no
 // kernel spins on at exit), never in a CUDA sync that would wait forever. 0 on success.
-extern "C" int tg_dist_sync(void* dist, char* err, size_t errlen) {
+// With keep > 0 the last `keep` collectives queued stay pending (a step's own, while the previous step's are waited for).
+extern "C" int tg_dist_sync(void* dist, int keep, char* err, size_t errlen) {
   auto d = static_cast<TgDist*>(dist);
   try {
     const auto t0 = std::chrono::steady_clock::now();
-    for (auto& w : d->pending) {
+    const size_t upto = d->pending.size() - std::min<size_t>(std::max(keep, 0), d->pending.size());
+    for (size_t i = 0; i < upto; ++i) {
+      auto& w = d->pending[i];
       while (!w->isCompleted()) {
         if (std::chrono::steady_clock::now() - t0 > d->timeout) {
           d->pending.clear();
@@ -139,13 +176,16 @@ extern "C" int tg_dist_sync(void* dist, char* err, size_t errlen) {
       }
       if (w->exception()) std::rethrow_exception(w->exception());
     }
-    d->pending.clear();
+    d->pending.erase(d->pending.begin(), d->pending.begin() + upto);
     return 0;
   } catch (const std::exception& e) {
     tg_err(err, errlen, e);
     return 1;
   }
 }
+
+// Collectives queued and not yet waited for by tg_dist_sync.
+extern "C" int tg_dist_pending(void* dist) { return static_cast<int>(static_cast<TgDist*>(dist)->pending.size()); }
 
 // Store counter: adds `delta` to `key` and returns the new value; with wait_for > 0, then waits (up to the
 // store's timeout) until the counter reaches wait_for. A barrier that also notices a rank that never comes.
