@@ -962,6 +962,40 @@ fn relu2_fused(u: &Tensor) -> Tensor {
     ext_tensor("relu² (fused)", ffi(|e, n| unsafe { ext::tg_relu2(handle(u), e, n) }))
 }
 
+// Multi-tensor updates (ATen's _foreach ops, which tch lacks): one launch for a list where a loop makes one a tensor.
+fn handles(ts: &[&Tensor]) -> Vec<*mut std::os::raw::c_void> {
+    ts.iter().map(|t| handle(t)).collect()
+}
+
+fn foreach_ok(what: &str, (rc, err): (i32, String)) {
+    assert!(rc == 0, "{what}: {err}");
+}
+
+// a[i] ← lerp(a[i], b[i], w)
+fn foreach_lerp_(a: &[&Tensor], b: &[&Tensor], w: f64) {
+    let (ha, hb) = (handles(a), handles(b));
+    foreach_ok("foreach lerp_", ffi(|e, n| unsafe { ext::tg_foreach_lerp(ha.as_ptr(), hb.as_ptr(), ha.len() as i32, w, std::ptr::null_mut(), e, n) }));
+}
+
+// lerp(a[i], b[i], w), new tensors
+fn foreach_lerp(a: &[&Tensor], b: &[&Tensor], w: f64) -> Vec<Tensor> {
+    let (ha, hb) = (handles(a), handles(b));
+    let mut out = vec![std::ptr::null_mut(); ha.len()];
+    foreach_ok("foreach lerp", ffi(|e, n| unsafe { ext::tg_foreach_lerp(ha.as_ptr(), hb.as_ptr(), ha.len() as i32, w, out.as_mut_ptr(), e, n) }));
+    out.into_iter().map(|p| unsafe { Tensor::from_ptr(p as *mut _) }).collect()
+}
+
+// a[i] += b[i]
+fn foreach_add_(a: &[&Tensor], b: &[&Tensor]) {
+    let (ha, hb) = (handles(a), handles(b));
+    foreach_ok("foreach add_", ffi(|e, n| unsafe { ext::tg_foreach_add_(ha.as_ptr(), hb.as_ptr(), ha.len() as i32, e, n) }));
+}
+
+fn foreach_zero_(a: &[&Tensor]) {
+    let ha = handles(a);
+    foreach_ok("foreach zero_", ffi(|e, n| unsafe { ext::tg_foreach_zero_(ha.as_ptr(), ha.len() as i32, e, n) }));
+}
+
 // tch's handle of a tensor is the at::Tensor* that kernels/ext.cpp takes.
 fn handle(t: &Tensor) -> *mut std::os::raw::c_void {
     t.as_ptr() as *mut _
@@ -1321,13 +1355,20 @@ fn newton_schulz(g: &Tensor, steps: i64, cdt: Kind) -> Tensor {
 
 struct Optim {
     muon: Vec<(Tensor, Tensor)>,         // (param, momentum buffer)
+    groups: Vec<(Vec<i64>, Vec<usize>, i64)>, // Muon matrices by shape: (shape, their indices in `muon`, offset in the flat buffer)
     adam: Vec<(Tensor, Tensor, Tensor)>, // (param, m, v)
     t: i64,
 }
 
+// Of k items split over `world` ranks in balanced contiguous blocks, rank r's (first, count).
+fn block(k: usize, r: i64, world: i64) -> (usize, usize) {
+    let (lo, hi) = (r as usize * k / world as usize, (r as usize + 1) * k / world as usize);
+    (lo, hi - lo)
+}
+
 impl Optim {
     fn new(m: &Model) -> Optim {
-        let mut o = Optim { muon: vec![], adam: vec![], t: 0 };
+        let mut o = Optim { muon: vec![], groups: vec![], adam: vec![], t: 0 };
         for (name, p) in &m.params {
             if p.dim() == 2 && name != "wte" {
                 o.muon.push((p.shallow_clone(), p.zeros_like()));
@@ -1335,51 +1376,53 @@ impl Optim {
                 o.adam.push((p.shallow_clone(), p.zeros_like(), p.zeros_like()));
             }
         }
+        // The flat update buffer holds the matrices shape by shape, so that each rank's share of a shape is one slice.
+        let mut by_shape: std::collections::BTreeMap<Vec<i64>, Vec<usize>> = Default::default();
+        for (i, (p, _)) in o.muon.iter().enumerate() {
+            by_shape.entry(p.size()).or_default().push(i);
+        }
+        let mut off = 0;
+        for (shape, idx) in by_shape {
+            let size = shape.iter().product::<i64>() * idx.len() as i64;
+            o.groups.push((shape, idx, off));
+            off += size;
+        }
         o
     }
 
-    // Where each Muon matrix starts in the flat update buffer, and the buffer's length.
-    fn muon_offsets(&self) -> (Vec<i64>, i64) {
-        let offsets: Vec<i64> = self.muon.iter().scan(0, |off, (p, _)| { *off += p.numel() as i64; Some(*off - p.numel() as i64) }).collect();
-        (offsets, self.muon.iter().map(|(p, _)| p.numel() as i64).sum())
+    // The flat update buffer's length.
+    fn muon_numel(&self) -> i64 {
+        self.muon.iter().map(|(p, _)| p.numel() as i64).sum()
     }
 
-    // This rank's Muon updates, scaled, in one flat fp32 buffer of every matrix (zeros where another rank owns it).
-    // Same-shaped matrices go through Newton–Schulz together (one batched pass a shape: 4 shapes, not 24 matrices,
-    // in the speedrun model): the step is launch-bound, not FLOP-bound.
+    // This rank's Muon updates, scaled, in one flat fp32 buffer of every matrix, shape by shape (zeros where another
+    // rank owns it). Same-shaped matrices go through Newton–Schulz together (one batched pass a shape: 4 shapes, not 24
+    // matrices, in the speedrun model), and momentum takes one multi-tensor launch a shape: the step is launch-bound,
+    // not FLOP-bound.
     fn muon_updates(&mut self, a: &TrainArgs, lr_mult: f64, cdt: Kind, rank: i64, world: i64) -> Tensor {
-        let (offsets, total) = self.muon_offsets();
-        let flat = Tensor::zeros([total], (Kind::Float, self.muon.first().map_or(Device::Cpu, |(p, _)| p.device())));
-        let mut groups: std::collections::BTreeMap<Vec<i64>, Vec<usize>> = Default::default();
-        for i in 0..self.muon.len() {
-            groups.entry(self.muon[i].0.size()).or_default().push(i);
-        }
-        for (shape, all) in groups {
-            // the k-th matrix of each shape goes to rank k mod world: every rank gets its share of every shape
-            let idx: Vec<usize> = all.into_iter().enumerate().filter(|(k, _)| *k as i64 % world == rank).map(|(_, i)| i).collect();
-            if idx.is_empty() {
+        let flat = Tensor::zeros([self.muon_numel()], (Kind::Float, self.muon.first().map_or(Device::Cpu, |(p, _)| p.device())));
+        for (shape, idx, off) in &self.groups {
+            // each rank owns a contiguous block of every shape's matrices
+            let (first, count) = block(idx.len(), rank, world);
+            if count == 0 {
                 continue;
             }
-            let nesterov: Vec<Tensor> = idx.iter().map(|&i| {
-                let (p, buf) = &mut self.muon[i];
-                let g = p.grad();
-                let _ = buf.lerp_(&g, 1.0 - a.muon_momentum);
-                g.lerp(buf, a.muon_momentum)
-            }).collect();
+            let own = &idx[first..first + count];
+            let grads: Vec<Tensor> = own.iter().map(|&i| self.muon[i].0.grad()).collect();
+            let (gs, bufs): (Vec<&Tensor>, Vec<&Tensor>) = (grads.iter().collect(), own.iter().map(|&i| &self.muon[i].1).collect());
+            foreach_lerp_(&bufs, &gs, 1.0 - a.muon_momentum);
+            let nesterov = foreach_lerp(&gs, &bufs, a.muon_momentum);
             let (rows, cols) = (shape[0] as f64, shape[1] as f64);
-            // scaled in the compute dtype, as one matrix at a time was
             let u = newton_schulz(&Tensor::stack(&nesterov, 0), a.ns_steps, cdt) * (-a.lr_muon * lr_mult * (rows / cols).max(1.0).sqrt());
-            for (k, &i) in idx.iter().enumerate() {
-                let n = self.muon[i].0.numel() as i64;
-                let _ = flat.narrow(0, offsets[i], n).copy_(&u.get(k as i64).reshape([-1]));
-            }
+            let n = shape[0] * shape[1];
+            let _ = flat.narrow(0, off + first as i64 * n, count as i64 * n).copy_(&u.reshape([-1]));
         }
         flat
     }
 
     // With several ranks (the gradients already averaged) each rank orthogonalises only its share of the matrices
-    // (of each shape, every world-th one), as modded-nanogpt does; one all-reduce of the flat update buffer gives
-    // every rank all of them. Only the owner's momentum buffer is ever read, so the others' stay untouched.
+    // (of each shape, a contiguous block), as modded-nanogpt shards them; one all-reduce of the flat update buffer
+    // gives every rank all of them. Only the owner's momentum buffer is ever read, so the others' stay untouched.
     fn step(&mut self, a: &TrainArgs, lr_mult: f64, cdt: Kind, dist: Option<&Dist>) -> Res<()> {
         self.t += 1;
         let (rank, world) = dist.map_or((0, 1), |d| (d.rank, d.world));
@@ -1388,9 +1431,11 @@ impl Optim {
             if let Some(d) = dist {
                 d.all_reduce(std::slice::from_ref(&flat), false)?; // a sum: every slice has one owner, the rest add zeros
             }
-            let offsets = self.muon_offsets().0;
-            for ((p, _), off) in self.muon.iter_mut().zip(offsets) {
-                let _ = p.g_add_(&flat.narrow(0, off, p.numel() as i64).view(p.size().as_slice()));
+            for (shape, idx, off) in &self.groups {
+                let k = idx.len() as i64;
+                let upd = flat.narrow(0, *off, k * shape[0] * shape[1]).view([k, shape[0], shape[1]]);
+                let upds: Vec<Tensor> = (0..k).map(|j| upd.get(j)).collect();
+                foreach_add_(&idx.iter().map(|&i| &self.muon[i].0).collect::<Vec<_>>(), &upds.iter().collect::<Vec<_>>());
             }
             let (b1, b2) = (a.adam_beta1, a.adam_beta2);
             let (bc1, bc2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
@@ -1434,9 +1479,8 @@ fn average_gradients(m: &Model, loss: &Tensor, dist: Option<&Dist>) -> Res<()> {
 // The step's second half: the optimizer, then the gradients cleared.
 fn update(m: &mut Model, opt: &mut Optim, a: &TrainArgs, lr_mult: f64, dist: Option<&Dist>) -> Res<()> {
     opt.step(a, lr_mult, m.cdt, dist)?;
-    for (_, p) in m.params.iter_mut() {
-        p.zero_grad();
-    }
+    let grads: Vec<Tensor> = m.params.iter().map(|(_, p)| p.grad()).filter(|g| g.defined()).collect();
+    foreach_zero_(&grads.iter().collect::<Vec<_>>()); // in place, one launch
     Ok(())
 }
 
@@ -1571,6 +1615,9 @@ mod ext {
         pub fn tg_relu2(u: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_readback_start(t: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_readback_wait(h: *mut c_void) -> f64;
+        pub fn tg_foreach_lerp(a: *const *mut c_void, b: *const *mut c_void, n: i32, w: f64, out: *mut *mut c_void, err: *mut c_char, errlen: usize) -> i32;
+        pub fn tg_foreach_add_(a: *const *mut c_void, b: *const *mut c_void, n: i32, err: *mut c_char, errlen: usize) -> i32;
+        pub fn tg_foreach_zero_(a: *const *mut c_void, n: i32, err: *mut c_char, errlen: usize) -> i32;
         pub fn tg_profile_start(cuda: i32, err: *mut c_char, errlen: usize) -> i32;
         pub fn tg_profile_stop(path: *const c_char, err: *mut c_char, errlen: usize) -> i32;
     }

@@ -562,3 +562,52 @@ extern "C" at::Tensor* tg_relu2(at::Tensor* u, char* err, size_t errlen) {
     return nullptr;
   }
 }
+
+// ---- Multi-tensor (foreach) updates for the optimizer: one launch for a list of tensors where a loop of tch calls
+// makes one each (the step's optimizer phase is launch-bound). Lists of n at::Tensor*, 0 on success.
+static std::vector<at::Tensor> tensor_list(at::Tensor** ts, int n) {
+  std::vector<at::Tensor> v;
+  for (int i = 0; i < n; ++i) v.push_back(*ts[i]);
+  return v;
+}
+
+// a[i] ← lerp(a[i], b[i], w); with out, a is left alone and out[i] receives the result (new tensors)
+extern "C" int tg_foreach_lerp(at::Tensor** a, at::Tensor** b, int n, double w, at::Tensor** out, char* err, size_t errlen) {
+  try {
+    auto av = tensor_list(a, n), bv = tensor_list(b, n);
+    if (!out) {
+      at::_foreach_lerp_(av, bv, w);
+      return 0;
+    }
+    auto r = at::_foreach_lerp(av, bv, w);
+    for (int i = 0; i < n; ++i) out[i] = new at::Tensor(r[i]);
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
+  }
+}
+
+// a[i] += b[i]
+extern "C" int tg_foreach_add_(at::Tensor** a, at::Tensor** b, int n, char* err, size_t errlen) {
+  try {
+    auto av = tensor_list(a, n);
+    at::_foreach_add_(av, tensor_list(b, n));
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
+  }
+}
+
+// a[i] ← 0
+extern "C" int tg_foreach_zero_(at::Tensor** a, int n, char* err, size_t errlen) {
+  try {
+    auto av = tensor_list(a, n);
+    at::_foreach_zero_(av);
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
+  }
+}
