@@ -2405,6 +2405,11 @@ pub fn welch(a: &[f64], b: &[f64]) -> Result<(f64, f64, f64), String> {
     }
     let ((ma, sa), (mb, sb)) = (mean_std(a), mean_std(b));
     let (va, vb) = (sa * sa / a.len() as f64, sb * sb / b.len() as f64);
+    if va + vb == 0.0 {
+        // no spread on either side (e.g. times rounded to the same ms): equal means do not differ, unequal ones surely do
+        let df = (a.len() + b.len() - 2) as f64;
+        return Ok(if ma == mb { (0.0, df, 1.0) } else { ((ma - mb).signum() * f64::INFINITY, df, 0.0) });
+    }
     let t = (ma - mb) / (va + vb).sqrt();
     let df = (va + vb).powi(2) / (va * va / (a.len() - 1) as f64 + vb * vb / (b.len() - 1) as f64);
     let p = 2.0 * StudentsT::new(0.0, 1.0, df).map_err(|e| e.to_string())?.cdf(-t.abs());
@@ -2838,6 +2843,12 @@ __global__ void foo(float* x) { x[0] = 1.0f; }"##;
             r#"{{"variant":"causal","final_val_loss":{loss},"target_val_loss":3.28,"time_to_target_ms":{ttt},"train_time_ms":1000.0}}"#
         );
         parse_log(&write(name, &log_text("", "{}", &[], Some(&sm), false))).unwrap()
+    }
+
+    #[test]
+    fn welch_without_spread() {
+        assert_eq!(welch(&[5.0, 5.0], &[5.0, 5.0, 5.0]).unwrap(), (0.0, 3.0, 1.0));
+        assert_eq!(welch(&[4.0, 4.0], &[5.0, 5.0]).unwrap(), (f64::NEG_INFINITY, 2.0, 0.0));
     }
 
     #[test]
