@@ -951,8 +951,7 @@ fn rmsnorm_fused(x: &Tensor, kind: Kind) -> Tensor {
 // then RMS-normed per head, v copied; one CUDA kernel each way (kernels/block_ops.cu).
 fn rope_norm_fused(y: &Tensor, cos: &Tensor, sin: &Tensor, h: i64, g: i64, pos: i64) -> (Tensor, Tensor, Tensor) {
     let mut out = [std::ptr::null_mut(); 3];
-    let (rc, err) = ffi(|e, n| unsafe { ext::tg_rope_norm(handle(y), handle(cos), handle(sin), h, g, pos, RMS_EPS, out.as_mut_ptr(), e, n) });
-    assert!(rc == 0, "rope+qk-norm (fused): {err}");
+    ext_ok("rope+qk-norm (fused)", ffi(|e, n| unsafe { ext::tg_rope_norm(handle(y), handle(cos), handle(sin), h, g, pos, RMS_EPS, out.as_mut_ptr(), e, n) }));
     let [q, k, v] = out.map(|p| unsafe { Tensor::from_ptr(p as *mut _) });
     (q, k, v)
 }
@@ -967,38 +966,40 @@ fn handles(ts: &[&Tensor]) -> Vec<*mut std::os::raw::c_void> {
     ts.iter().map(|t| handle(t)).collect()
 }
 
-fn foreach_ok(what: &str, (rc, err): (i32, String)) {
-    assert!(rc == 0, "{what}: {err}");
-}
 
 // a[i] ← lerp(a[i], b[i], w)
 fn foreach_lerp_(a: &[&Tensor], b: &[&Tensor], w: f64) {
     let (ha, hb) = (handles(a), handles(b));
-    foreach_ok("foreach lerp_", ffi(|e, n| unsafe { ext::tg_foreach_lerp(ha.as_ptr(), hb.as_ptr(), ha.len() as i32, w, std::ptr::null_mut(), e, n) }));
+    ext_ok("foreach lerp_", ffi(|e, n| unsafe { ext::tg_foreach_lerp(ha.as_ptr(), hb.as_ptr(), ha.len() as i32, w, std::ptr::null_mut(), e, n) }));
 }
 
 // lerp(a[i], b[i], w), new tensors
 fn foreach_lerp(a: &[&Tensor], b: &[&Tensor], w: f64) -> Vec<Tensor> {
     let (ha, hb) = (handles(a), handles(b));
     let mut out = vec![std::ptr::null_mut(); ha.len()];
-    foreach_ok("foreach lerp", ffi(|e, n| unsafe { ext::tg_foreach_lerp(ha.as_ptr(), hb.as_ptr(), ha.len() as i32, w, out.as_mut_ptr(), e, n) }));
+    ext_ok("foreach lerp", ffi(|e, n| unsafe { ext::tg_foreach_lerp(ha.as_ptr(), hb.as_ptr(), ha.len() as i32, w, out.as_mut_ptr(), e, n) }));
     out.into_iter().map(|p| unsafe { Tensor::from_ptr(p as *mut _) }).collect()
 }
 
 // a[i] += b[i]
 fn foreach_add_(a: &[&Tensor], b: &[&Tensor]) {
     let (ha, hb) = (handles(a), handles(b));
-    foreach_ok("foreach add_", ffi(|e, n| unsafe { ext::tg_foreach_add_(ha.as_ptr(), hb.as_ptr(), ha.len() as i32, e, n) }));
+    ext_ok("foreach add_", ffi(|e, n| unsafe { ext::tg_foreach_add_(ha.as_ptr(), hb.as_ptr(), ha.len() as i32, e, n) }));
 }
 
 fn foreach_zero_(a: &[&Tensor]) {
     let ha = handles(a);
-    foreach_ok("foreach zero_", ffi(|e, n| unsafe { ext::tg_foreach_zero_(ha.as_ptr(), ha.len() as i32, e, n) }));
+    ext_ok("foreach zero_", ffi(|e, n| unsafe { ext::tg_foreach_zero_(ha.as_ptr(), ha.len() as i32, e, n) }));
 }
 
 // tch's handle of a tensor is the at::Tensor* that kernels/ext.cpp takes.
 fn handle(t: &Tensor) -> *mut std::os::raw::c_void {
     t.as_ptr() as *mut _
+}
+
+// A kernels/ext.cpp call's (return code, error): 0 or the error.
+fn ext_ok(what: &str, (rc, err): (i32, String)) {
+    assert!(rc == 0, "{what}: {err}");
 }
 
 // A tensor returned by kernels/ext.cpp: an at::Tensor* we now own, or null and the error it wrote.
@@ -1761,11 +1762,12 @@ impl Dist {
     }
     // Until every all-reduce queued so far is done, or --dist-timeout: a rank that died or hangs surfaces here.
     fn sync(&self) -> Res<()> {
-        self.sync_all_but(0)
+        self.sync_first(self.pending())
     }
-    // The same for all but the last `keep` queued (this step's, while the host waits for the previous step's).
-    fn sync_all_but(&self, keep: usize) -> Res<()> {
-        self.collective(ffi(|b, n| unsafe { dist_ffi::tg_dist_sync(self.ptr, keep as i32, b, n) }))
+    // The same for the `n` queued first (the previous step's, while this step's run on).
+    fn sync_first(&self, n: usize) -> Res<()> {
+        let keep = self.pending().saturating_sub(n) as i32;
+        self.collective(ffi(|b, n| unsafe { dist_ffi::tg_dist_sync(self.ptr, keep, b, n) }))
     }
     // All-reduces queued and not yet waited for.
     fn pending(&self) -> usize {
@@ -2061,7 +2063,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         let queued = dist.as_ref().map_or(0, |d| d.pending());
         let loss = train_step(&mut model, &mut opt, &x, &y, &a, lr_mult(&a, step), dist.as_ref())?;
         if let Some(d) = &dist {
-            d.sync_all_but(d.pending() - queued)?; // the previous step's all-reduces, bounded by --dist-timeout
+            d.sync_first(queued)?; // the previous step's all-reduces, bounded by --dist-timeout
         }
         if let Some((s, rb)) = lagged.replace((step, Readback::start(&loss))) {
             step_line(&mut log, s, rb, train_ms + clock.elapsed().as_secs_f64() * 1e3)?;
@@ -2151,7 +2153,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
             let queued = d.map_or(0, |d| d.pending());
             let _ = train_step(&mut model, &mut opt, &x, &y, &a, 1.0, d)?;
             if let Some(d) = d {
-                d.sync_all_but(d.pending() - queued)?; // the previous step's, as in training
+                d.sync_first(queued)?; // the previous step's, as in training
             }
         }
         done()?;

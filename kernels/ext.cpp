@@ -99,8 +99,6 @@ extern "C" double tg_readback_wait(void* h) {
 // ---- Data-parallel training over libtorch's own c10d: a TCPStore rendezvous and ProcessGroupNCCL collectives.
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
-#include <cstdio>
-#include <string>
 
 struct TgDist {
   c10::intrusive_ptr<c10d::Store> store;
