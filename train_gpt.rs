@@ -566,8 +566,7 @@ fn train_batch(tokens: &Tensor, step: i64, b: i64, t: i64, rank: i64, world: i64
     assert!(len > n + 1, "train split must exceed one batch");
     let start = (step * n) % (len - n - 1);
     let (row0, rows) = rank_rows(b, rank, world);
-    let w = tokens.narrow(0, start + row0 * t, rows * t + 1).to_kind(Kind::Int64);
-    (w.narrow(0, 0, rows * t).view([rows, t]), w.narrow(0, 1, rows * t).view([rows, t]))
+    inputs_targets(&tokens.narrow(0, start + row0 * t, rows * t + 1).to_kind(Kind::Int64), rows, t)
 }
 
 fn device_tokens(tokens: &[u16], dev: Device) -> Tensor {
@@ -582,9 +581,12 @@ fn rank_rows(n: i64, rank: i64, world: i64) -> (i64, i64) {
 }
 
 fn window(tokens: &[u16], b: i64, t: i64, dev: Device) -> (Tensor, Tensor) {
-    let buf = Tensor::from_slice(&tokens.iter().map(|&x| x as i64).collect::<Vec<_>>()).to(dev);
-    let n = b * t;
-    (buf.narrow(0, 0, n).view([b, t]), buf.narrow(0, 1, n).view([b, t]))
+    inputs_targets(&Tensor::from_slice(&tokens.iter().map(|&x| x as i64).collect::<Vec<_>>()).to(dev), b, t)
+}
+
+// b·t + 1 consecutive tokens → inputs [b, t] and the targets one token on.
+fn inputs_targets(w: &Tensor, b: i64, t: i64) -> (Tensor, Tensor) {
+    (w.narrow(0, 0, b * t).view([b, t]), w.narrow(0, 1, b * t).view([b, t]))
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -911,6 +913,15 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pos: i64) -> Tensor {
     Tensor::cat(&[&x1 * &c + &x2 * &s, -&x1 * &s + &x2 * &c], -1)
 }
 
+// The qkv projection's output y [B,T,(H+G+G)·D] → q [B,H,T,D], k and v [B,G,T,D] (views): q and k rotated (positions
+// pos..) then RMS-normed per head. The plain path of `rope_norm_fused`.
+fn rope_norm(y: &Tensor, cos: &Tensor, sin: &Tensor, h: i64, g: i64, pos: i64) -> (Tensor, Tensor, Tensor) {
+    let (b, t) = (y.size()[0], y.size()[1]);
+    let d = y.size()[2] / (h + 2 * g);
+    let heads = |first: i64, n: i64| y.narrow(-1, first * d, n * d).view([b, t, n, d]).transpose(1, 2);
+    (rms(&rope(&heads(0, h), cos, sin, pos)), rms(&rope(&heads(h, g), cos, sin, pos)), heads(h + g, g))
+}
+
 // taumode: per-vector Laplacian energy E and its bounded form λ = E/(E+τ) ∈ [0,1), in fp32 (f64 stays f64 for tests).
 fn taumode(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
     let xf = if x.kind() == Kind::Double { x.shallow_clone() } else { x.to_kind(Kind::Float) };
@@ -1119,16 +1130,13 @@ impl Model {
     // q [B,H,T,D], k and v [B,Hkv,T,D] of layer l at positions pos..; q and k rotated and RMS-normed.
     // The qkv weight's rows: H heads of q, then Hkv of k, then Hkv of v, D rows a head.
     fn qkv(&self, l: i64, h: &Tensor, pos: i64) -> (Tensor, Tensor, Tensor) {
-        let (b, t, d) = (h.size()[0], h.size()[1], self.cfg.head_dim());
         let y = h.matmul(&self.w(&format!("blocks.{l}.attn.qkv")).tr());
         let (hq, hk) = (self.cfg.n_head, self.cfg.kv_heads());
         if self.kernels == Kernels::Fused {
             let (q, k, v) = rope_norm_fused(&y, &self.cos, &self.sin, hq, hk, pos);
             return (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2));
         }
-        let heads = |first: i64, n: i64| y.narrow(-1, first * d, n * d).view([b, t, n, d]).transpose(1, 2);
-        let (q, k, v) = (heads(0, hq), heads(hq, hk), heads(hq + hk, hk));
-        (rms(&rope(&q, &self.cos, &self.sin, pos)), rms(&rope(&k, &self.cos, &self.sin, pos)), v)
+        rope_norm(&y, &self.cos, &self.sin, hq, hk, pos)
     }
 
     // The residual stream's RMSNorm, cast to the compute dtype for the next projection.
@@ -4206,14 +4214,14 @@ mod gpu_tests {
                 assert!(dy < tol && dg < tol, "relu² {yk:?} {shape:?}: forward {dy}, gradient {dg}");
             }
         }
-        // RoPE + QK-norm against Model::qkv's plain path: heads of 32 and 64, grouped keys, positions after a prefix, T = 50
+        // RoPE + QK-norm against the plain path: heads of 32 and 64, grouped keys, positions after a prefix, T = 50
         for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 3e-2)] {
             for (h, g, d, pos) in [(4, 4, 32, 0), (6, 2, 64, 0), (2, 1, 64, 7)] {
                 let (cos, sin) = rope_tables(d, 64, dev);
                 let y = Tensor::randn([3, 50, (h + 2 * g) * d], (kind, dev));
                 let plain = |y: &Tensor| {
-                    let heads = |first: i64, n: i64| y.narrow(-1, first * d, n * d).view([3, 50, n, d]).transpose(1, 2);
-                    vec![rms(&rope(&heads(0, h), &cos, &sin, pos)), rms(&rope(&heads(h, g), &cos, &sin, pos)), heads(h + g, g)]
+                    let (q, k, v) = rope_norm(y, &cos, &sin, h, g, pos);
+                    vec![q, k, v]
                 };
                 let fused = |y: &Tensor| {
                     let (q, k, v) = rope_norm_fused(y, &cos, &sin, h, g, pos);
