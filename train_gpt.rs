@@ -931,6 +931,15 @@ fn taumode(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
     (e, lam)
 }
 
+// taumode through a CUDA kernel each way (kernels/block_ops.cu): x [B, heads, T, D] fp32 or bf16 → (E, λ) fp32, λ
+// differentiable, E not (it only calibrates τ and feeds the diagnostics).
+fn taumode_fused(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
+    let mut out = [std::ptr::null_mut(); 2];
+    ext_ok("taumode (fused)", ffi(|e, n| unsafe { ext::tg_taumode(handle(x), handle(lap), tau, LAMBDA_EPS, out.as_mut_ptr(), e, n) }));
+    let [e, lam] = out.map(|p| unsafe { Tensor::from_ptr(p as *mut _) });
+    (e, lam)
+}
+
 // The same attention, `chunk` query rows at a time with the backward recomputing the scores (kernels/ext.cpp), so
 // that at most chunk×T scores exist at once instead of T×T.
 fn tau_attention_chunked(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor, chunk: i64) -> Tensor {
@@ -1139,6 +1148,11 @@ impl Model {
         rope_norm(&y, &self.cos, &self.sin, hq, hk, pos)
     }
 
+    // taumode's (E, λ) of q or k [B, heads, T, D] against this model's L.
+    fn energies(&self, x: &Tensor, tau: f64) -> (Tensor, Tensor) {
+        if self.kernels == Kernels::Fused { taumode_fused(x, &self.lap, tau) } else { taumode(x, &self.lap, tau) }
+    }
+
     // The residual stream's RMSNorm, cast to the compute dtype for the next projection.
     fn norm_in(&self, x: &Tensor) -> Tensor {
         if self.kernels == Kernels::Fused { rmsnorm_fused(x, self.cdt) } else { rms(x).to_kind(self.cdt) }
@@ -1163,8 +1177,8 @@ impl Model {
         for l in 0..self.cfg.n_layer {
             let (q, k, v) = self.qkv(l, &self.norm_in(&x), pos);
             let y = if self.cfg.is_tau() {
-                let (_, lq) = taumode(&q, &self.lap, self.tau);
-                let (_, lk) = taumode(&k, &self.lap, self.tau);
+                let (_, lq) = self.energies(&q, self.tau);
+                let (_, lk) = self.energies(&k, self.tau);
                 if let Some(ls) = lams.as_deref_mut() {
                     ls.push(lk.detach());
                 }
@@ -1277,7 +1291,7 @@ impl Model {
     fn calibrate_tau(&self, idx: &Tensor) -> f64 {
         tch::no_grad(|| {
             let (_, k, _) = self.qkv(0, &self.norm_in(&self.embed(idx)), 0);
-            taumode(&k, &self.lap, 1.0).0.median().double_value(&[])
+            self.energies(&k, 1.0).0.median().double_value(&[])
         })
     }
 }
@@ -1622,6 +1636,7 @@ mod ext {
         pub fn tg_rmsnorm(x: *mut c_void, out_dtype: i32, eps: f64, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_rope_norm(qkv: *mut c_void, cos: *mut c_void, sin: *mut c_void, h: i64, g: i64, pos: i64, eps: f64, out: *mut *mut c_void, err: *mut c_char, errlen: usize) -> i32;
         pub fn tg_relu2(u: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
+        pub fn tg_taumode(x: *mut c_void, lap: *mut c_void, tau: f64, eps: f64, out: *mut *mut c_void, err: *mut c_char, errlen: usize) -> i32;
         pub fn tg_readback_start(t: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_readback_wait(h: *mut c_void) -> f64;
         pub fn tg_foreach_lerp(a: *const *mut c_void, b: *const *mut c_void, n: i32, w: f64, out: *mut *mut c_void, err: *mut c_char, errlen: usize) -> i32;
@@ -4212,6 +4227,19 @@ mod gpu_tests {
                 assert!(dy < tol && dg < tol, "rmsnorm {xk:?}→{yk:?} {shape:?}: forward {dy}, gradient {dg}");
                 let (dy, dg) = op_diff(&x.to_kind(yk), |u| vec![relu2_fused(u)], |u| vec![u.relu().square()]);
                 assert!(dy < tol && dg < tol, "relu² {yk:?} {shape:?}: forward {dy}, gradient {dg}");
+            }
+        }
+        // taumode's λ (and E) against the plain ops: heads of 32, 64 and 128, x a transposed view as q and k are, an L that is
+        // not symmetric (the backward takes L + Lᵀ)
+        for (kind, tol) in [(Kind::Float, 1e-4), (Kind::BFloat16, 1e-2)] {
+            for d in [32, 64, 128] {
+                let a = Tensor::randn([d, d], (Kind::Float, dev));
+                let lap = a.matmul(&a.tr()) / d as f64 + Tensor::randn([d, d], (Kind::Float, dev)) * 0.05;
+                let x = Tensor::randn([3, 50, 4, d], (kind, dev)).transpose(1, 2);
+                let (e0, _) = tch::no_grad(|| taumode(&x, &lap, 0.8));
+                let (e1, _) = tch::no_grad(|| taumode_fused(&x, &lap, 0.8));
+                let (dy, dg) = op_diff(&x, |x| vec![taumode_fused(x, &lap, 0.8).1], |x| vec![taumode(x, &lap, 0.8).1]);
+                assert!(rel(&e0, &e1) < tol && dy < tol && dg < tol, "taumode {kind:?} D {d}: E {}, λ {dy}, gradient {dg}", rel(&e0, &e1));
             }
         }
         // RoPE + QK-norm against the plain path: heads of 32 and 64, grouped keys, positions after a prefix, T = 50

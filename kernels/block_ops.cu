@@ -215,3 +215,92 @@ extern "C" int tg_relu2_bwd(const void* u, const void* dh, void* du, int64_t n, 
   else relu2_bwd<float><<<blocks_for(n), NT, 0, st>>>(static_cast<const float*>(u), static_cast<const float*>(dh), static_cast<float*>(du), n);
   return cudaGetLastError();
 }
+
+// ---- taumode: per row x (a head of q or k, D values) E = xᵀLx / (xᵀx + ε) and λ = E/(E + τ), in fp32; backward
+// dx = dλ·τ/(E+τ)² · ((L + Lᵀ)x − 2E·x)/(xᵀx + ε). L (forward) or L + Lᵀ (backward), [D, D] fp32, sits in shared
+// memory, read along rows by consecutive lanes (no bank conflicts); a warp takes a row of x and keeps it there too.
+// x is [B, heads, T, D] with any strides but D's (q and k are transposed views of [B, T, heads, D]).
+namespace {
+struct Rows {
+  int64_t sb, sh, st;  // element strides of b, head, t
+  int heads, t;
+  __device__ int64_t at(int64_t r) const { return (r / (int64_t(heads) * t)) * sb + ((r / t) % heads) * sh + (r % t) * st; }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(NT) lambda_fwd(const T* x, Rows rw, const float* lap, float* e_out, float* lam_out, int64_t rows, int d, float eps, float tau) {
+  extern __shared__ float sm[];  // L [d·d], then a row of d for each warp
+  for (int i = threadIdx.x; i < d * d; i += NT) sm[i] = lap[i];
+  __syncthreads();
+  const int64_t r = warp_row();
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  float* xs = sm + d * d + (threadIdx.x / 32) * d;
+  const T* xr = x + rw.at(r);
+  float xx = 0.f;
+  for (int j = lane; j < d; j += 32) {
+    const float v = to_f(xr[j]);
+    xs[j] = v;
+    xx += v * v;
+  }
+  __syncwarp();
+  float xlx = 0.f;  // Σ_j (Σ_i x_i L_ij) x_j, a lane's j
+  for (int j = lane; j < d; j += 32) {
+    float y = 0.f;
+    for (int i = 0; i < d; ++i) y += xs[i] * sm[i * d + j];
+    xlx += y * xs[j];
+  }
+  const float e = warp_sum(xlx) / (warp_sum(xx) + eps);
+  if (lane == 0) e_out[r] = e, lam_out[r] = e / (e + tau);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(NT) lambda_bwd(const T* x, Rows rw, const float* lap_sym, const float* e_in, const float* dlam, T* dx, int64_t rows, int d, float eps,
+                                                 float tau) {
+  extern __shared__ float sm[];
+  for (int i = threadIdx.x; i < d * d; i += NT) sm[i] = lap_sym[i];
+  __syncthreads();
+  const int64_t r = warp_row();
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  float* xs = sm + d * d + (threadIdx.x / 32) * d;
+  const T* xr = x + rw.at(r);
+  float xx = 0.f;
+  for (int j = lane; j < d; j += 32) {
+    const float v = to_f(xr[j]);
+    xs[j] = v;
+    xx += v * v;
+  }
+  __syncwarp();
+  const float den = warp_sum(xx) + eps, e = e_in[r], g = dlam[r] * tau / ((e + tau) * (e + tau)) / den;
+  for (int j = lane; j < d; j += 32) {
+    float s = 0.f;  // ((L + Lᵀ)x)_j
+    for (int i = 0; i < d; ++i) s += xs[i] * sm[i * d + j];
+    dx[r * d + j] = from_f<T>(g * (s - 2.f * e * xs[j]));  // dx is [B, heads, T, D] contiguous
+  }
+}
+}  // namespace
+
+// x rows as described by (sb, sh, st, heads, t); e, lam [rows] fp32 out. lap [d, d] fp32. Returns a cudaError_t.
+extern "C" int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, float* e, float* lam, int64_t rows, int d,
+                             float eps, float tau, int bf16_, cudaStream_t s) {
+  const Rows rw{sb, sh, st, heads, t};
+  const size_t smem = sizeof(float) * (d * d + WARPS * d);  // 66 KB at d = 128: past the 48 KB default
+  cudaFuncSetAttribute(lambda_fwd<bf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaFuncSetAttribute(lambda_fwd<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (bf16_) lambda_fwd<bf16><<<blocks_for_warps(rows), NT, smem, s>>>(static_cast<const bf16*>(x), rw, lap, e, lam, rows, d, eps, tau);
+  else lambda_fwd<float><<<blocks_for_warps(rows), NT, smem, s>>>(static_cast<const float*>(x), rw, lap, e, lam, rows, d, eps, tau);
+  return cudaGetLastError();
+}
+
+// dx [rows, d] (contiguous, x's dtype) from dlam [rows] fp32; lap_sym = L + Lᵀ.
+extern "C" int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, const float* e, const float* dlam, void* dx,
+                             int64_t rows, int d, float eps, float tau, int bf16_, cudaStream_t s) {
+  const Rows rw{sb, sh, st, heads, t};
+  const size_t smem = sizeof(float) * (d * d + WARPS * d);
+  cudaFuncSetAttribute(lambda_bwd<bf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaFuncSetAttribute(lambda_bwd<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (bf16_) lambda_bwd<bf16><<<blocks_for_warps(rows), NT, smem, s>>>(static_cast<const bf16*>(x), rw, lap_sym, e, dlam, static_cast<bf16*>(dx), rows, d, eps, tau);
+  else lambda_bwd<float><<<blocks_for_warps(rows), NT, smem, s>>>(static_cast<const float*>(x), rw, lap_sym, e, dlam, static_cast<float*>(dx), rows, d, eps, tau);
+  return cudaGetLastError();
+}

@@ -609,3 +609,69 @@ extern "C" int tg_foreach_zero_(at::Tensor** a, int n, char* err, size_t errlen)
     return 1;
   }
 }
+
+// ---- taumode's energies through kernels/block_ops.cu: x [B, heads, T, D] (fp32 or bf16, D contiguous) → E and
+// λ = E/(E+τ), [B, heads, T] fp32; λ differentiable with respect to x, E a constant (calibration and diagnostics).
+extern "C" {
+int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, float* e, float* lam, int64_t rows, int d, float eps,
+                  float tau, int bf16_, cudaStream_t s);
+int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, const float* e, const float* dlam, void* dx,
+                  int64_t rows, int d, float eps, float tau, int bf16_, cudaStream_t s);
+}
+
+namespace {
+struct TauLambda : public torch::autograd::Function<TauLambda> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& lap_in, double tau, double eps) {
+    check_block_input(x_in, "taumode (fused)");
+    TORCH_CHECK(x_in.dim() == 4 && x_in.size(3) >= 1 && x_in.size(3) <= 128 && lap_in.dim() == 2 && lap_in.size(0) == x_in.size(3) && lap_in.size(1) == x_in.size(3),
+                "taumode (fused): want x [B, heads, T, D ≤ 128] and L [D, D]; got ", x_in.sizes(), " and ", lap_in.sizes());
+    TORCH_CHECK(lap_in.device() == x_in.device(), "taumode (fused): L on ", lap_in.device(), ", x on ", x_in.device());
+    TORCH_CHECK(tau > 0, "taumode (fused): τ must be > 0; got ", tau);
+    c10::cuda::CUDAGuard guard(x_in.device());
+    auto x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+    auto lap = lap_in.to(at::kFloat).contiguous();
+    const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3), rows = b * h * t;
+    TORCH_CHECK(h <= INT32_MAX && t <= INT32_MAX, "taumode (fused): too many heads or positions");
+    auto e = at::empty({b, h, t}, x.options().dtype(at::kFloat)), lam = at::empty_like(e);
+    if (rows > 0)
+      cuda_ok(tg_lambda_fwd(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(h), static_cast<int>(t), lap.data_ptr<float>(), e.data_ptr<float>(),
+                            lam.data_ptr<float>(), rows, static_cast<int>(d), static_cast<float>(eps), static_cast<float>(tau), x.scalar_type() == at::kBFloat16,
+                            c10::cuda::getCurrentCUDAStream()),
+              "taumode (fused) forward");
+    ctx->save_for_backward({x, lap + lap.t(), e});
+    ctx->saved_data["tau"] = tau;
+    ctx->saved_data["eps"] = eps;
+    ctx->mark_non_differentiable({e});
+    return {e, lam};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto &x = s[0], &lap_sym = s[1], &e = s[2];
+    const double tau = ctx->saved_data["tau"].toDouble(), eps = ctx->saved_data["eps"].toDouble();
+    c10::cuda::CUDAGuard guard(x.device());
+    const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3), rows = b * h * t;
+    auto dx = at::empty({b, h, t, d}, x.options());
+    if (!grads[1].defined()) return {dx.zero_(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto dlam = grads[1].to(at::kFloat).contiguous();
+    if (rows > 0)
+      cuda_ok(tg_lambda_bwd(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(h), static_cast<int>(t), lap_sym.data_ptr<float>(), e.data_ptr<float>(),
+                            dlam.data_ptr<float>(), dx.data_ptr(), rows, static_cast<int>(d), static_cast<float>(eps), static_cast<float>(tau),
+                            x.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+              "taumode (fused) backward");
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+}  // namespace
+
+// Writes E and λ ([B, heads, T] fp32) into out[0..2]; 0 on success.
+extern "C" int tg_taumode(at::Tensor* x, at::Tensor* lap, double tau, double eps, at::Tensor** out, char* err, size_t errlen) {
+  try {
+    auto r = TauLambda::apply(*x, *lap, tau, eps);
+    for (int i = 0; i < 2; ++i) out[i] = new at::Tensor(r[i]);
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
+  }
+}
