@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace {
 using bf16 = __nv_bfloat16;
@@ -216,91 +217,165 @@ extern "C" int tg_relu2_bwd(const void* u, const void* dh, void* du, int64_t n, 
   return cudaGetLastError();
 }
 
-// ---- taumode: per row x (a head of q or k, D values) E = xᵀLx / (xᵀx + ε) and λ = E/(E + τ), in fp32; backward
-// dx = dλ·τ/(E+τ)² · ((L + Lᵀ)x − 2E·x)/(xᵀx + ε). L (forward) or L + Lᵀ (backward), [D, D] fp32, sits in shared
-// memory, read along rows by consecutive lanes (no bank conflicts); a warp takes a row of x and keeps it there too.
-// x is [B, heads, T, D] with any strides but D's (q and k are transposed views of [B, T, heads, D]).
+// ---- taumode on tensor cores: per row x (a head of q or k, D bf16 values) E = xᵀLx / (xᵀx + ε) and λ = E/(E + τ) in
+// fp32; backward dx = dλ·τ/(E+τ)² · ((L + Lᵀ)x − 2E·x)/(xᵀx + ε). Both are y = x·M (M = L, or L + Lᵀ) then a dot with
+// x: a warp takes 16 rows as the A operand of mma.sync m16n8k16, M the B operand. bf16 x is exact in bf16, and M is
+// split into three bf16 terms (M ≈ M₁ + M₂ + M₃, 24 bits of mantissa), each product exact in the fp32 accumulator: y
+// to fp32 accuracy at three tensor-core passes, where fp32 FMAs on the CUDA cores cost 20× the time (1.8 ms a step).
+// The thread holding y_rj in the accumulator also holds x_rj in its A fragment, so the dot needs no shuffle but a
+// quad's sum. x is [B, heads, T, D] with any strides but D's (q and k are transposed views of [B, T, heads, D]); dx
+// takes x's.
 namespace {
+constexpr int LAM_NT = 128;
+constexpr int LAM_PARTS = 3;
 struct Rows {
-  int64_t sb, sh, st;  // element strides of b, head, t
+  int64_t sb, sh, st;  // element strides of b, head, t (even: rows start on 4 bytes)
   int heads, t;
   __device__ int64_t at(int64_t r) const { return (r / (int64_t(heads) * t)) * sb + ((r / t) % heads) * sh + (r % t) * st; }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(NT) lambda_fwd(const T* x, Rows rw, const float* lap, float* e_out, float* lam_out, int64_t rows, int d, float eps, float tau) {
-  extern __shared__ float sm[];  // L [d·d], then a row of d for each warp
-  for (int i = threadIdx.x; i < d * d; i += NT) sm[i] = lap[i];
-  __syncthreads();
-  const int64_t r = warp_row();
-  if (r >= rows) return;
-  const int lane = threadIdx.x % 32;
-  float* xs = sm + d * d + (threadIdx.x / 32) * d;
-  const T* xr = x + rw.at(r);
-  float xx = 0.f;
-  for (int j = lane; j < d; j += 32) {
-    const float v = to_f(xr[j]);
-    xs[j] = v;
-    xx += v * v;
-  }
-  __syncwarp();
-  float xlx = 0.f;  // Σ_j (Σ_i x_i L_ij) x_j, a lane's j
-  for (int j = lane; j < d; j += 32) {
-    float y = 0.f;
-    for (int i = 0; i < d; ++i) y += xs[i] * sm[i * d + j];
-    xlx += y * xs[j];
-  }
-  const float e = warp_sum(xlx) / (warp_sum(xx) + eps);
-  if (lane == 0) e_out[r] = e, lam_out[r] = e / (e + tau);
+__device__ inline float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+__device__ inline uint32_t pack2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ inline float2 unpack2(uint32_t w) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&w)); }
+__device__ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <typename T>
-__global__ void __launch_bounds__(NT) lambda_bwd(const T* x, Rows rw, const float* lap_sym, const float* e_in, const float* dlam, T* dx, int64_t rows, int d, float eps,
-                                                 float tau) {
-  extern __shared__ float sm[];
-  for (int i = threadIdx.x; i < d * d; i += NT) sm[i] = lap_sym[i];
+// Shared memory: M's B fragments, part-major, then k-chunk, then 8-column tile, then lane: {b0, b1} adjacent.
+template <int D> constexpr size_t lam_smem() { return sizeof(uint2) * LAM_PARTS * (D / 16) * (D / 8) * 32; }
+
+template <int D> __device__ inline const uint2& lam_frag(const uint2* sf, int part, int kc, int nt) {
+  return sf[((part * (D / 16) + kc) * (D / 8) + nt) * 32 + threadIdx.x % 32];
+}
+
+// M (fp32 [D, D], row-major) split into its bf16 terms, laid out as lam_frag reads them. Lane (g, t) of tile (kc, nt)
+// holds M[k][n], M[k+1][n] and M[k+8][n], M[k+9][n] for k = 16kc + 2t, n = 8nt + g.
+template <int D> __device__ void lam_split(uint2* sf, const float* m) {
+  for (int w = threadIdx.x; w < LAM_PARTS * (D / 16) * (D / 8) * 32; w += LAM_NT) {
+    const int lane = w % 32, nt = w / 32 % (D / 8), kc = w / 32 / (D / 8) % (D / 16), part = w / 32 / (D / 8) / (D / 16);
+    const int n = nt * 8 + lane / 4, k = kc * 16 + 2 * (lane % 4);
+    float q[4] = {m[k * D + n], m[(k + 1) * D + n], m[(k + 8) * D + n], m[(k + 9) * D + n]};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float r = q[e];  // peel off part + 1 terms; keep the last
+      for (int p = 0; p <= part; ++p) q[e] = bf16_round(r), r -= q[e];
+    }
+    sf[w] = make_uint2(pack2(q[0], q[1]), pack2(q[2], q[3]));
+  }
+}
+
+// Forward (BWD false): e_out, lam_out [rows]. Backward: dx from e_in and dlam [rows]. m is L (forward) or L + Lᵀ.
+template <int D, bool BWD>
+__global__ void __launch_bounds__(LAM_NT) lambda_mma(const bf16* __restrict__ x, Rows rw, const float* __restrict__ m, const float* __restrict__ e_in,
+                                                     const float* __restrict__ dlam, float* __restrict__ e_out, float* __restrict__ lam_out, bf16* __restrict__ dx,
+                                                     int64_t rows, float eps, float tau) {
+  extern __shared__ uint2 sf[];
+  lam_split<D>(sf, m);
   __syncthreads();
-  const int64_t r = warp_row();
-  if (r >= rows) return;
-  const int lane = threadIdx.x % 32;
-  float* xs = sm + d * d + (threadIdx.x / 32) * d;
-  const T* xr = x + rw.at(r);
-  float xx = 0.f;
-  for (int j = lane; j < d; j += 32) {
-    const float v = to_f(xr[j]);
-    xs[j] = v;
-    xx += v * v;
+  const int lane = threadIdx.x % 32, t = lane % 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * (LAM_NT / 32) * 16;
+  // The 16 rows from r0 as A fragments: (ra, 16kc + 2t ..), (rb, ..), (ra, 16kc + 8 + 2t ..), (rb, ..); rows past the
+  // end as zeros. The next group's are loaded before this group's products, to hide the loads' latency.
+  auto load = [&](int64_t r0, uint32_t (&f)[D / 16][4]) {
+    const int64_t ra = r0 + lane / 4, rb = ra + 8;
+    const bf16* pa = ra < rows ? x + rw.at(ra) : nullptr;
+    const bf16* pb = rb < rows ? x + rw.at(rb) : nullptr;
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc) {
+      const int c = kc * 16 + 2 * t;
+      f[kc][0] = pa ? *reinterpret_cast<const uint32_t*>(pa + c) : 0u;
+      f[kc][1] = pb ? *reinterpret_cast<const uint32_t*>(pb + c) : 0u;
+      f[kc][2] = pa ? *reinterpret_cast<const uint32_t*>(pa + c + 8) : 0u;
+      f[kc][3] = pb ? *reinterpret_cast<const uint32_t*>(pb + c + 8) : 0u;
+    }
+  };
+  int64_t r0 = (static_cast<int64_t>(blockIdx.x) * (LAM_NT / 32) + threadIdx.x / 32) * 16;
+  uint32_t xf[D / 16][4], xn[D / 16][4];
+  load(r0, xf);
+  for (; r0 < rows; r0 += stride) {
+    load(r0 + stride, xn);
+    const int64_t ra = r0 + lane / 4, rb = ra + 8;  // this lane's rows
+    const bool va = ra < rows, vb = rb < rows;
+    const int64_t oa = va ? rw.at(ra) : 0, ob = vb ? rw.at(rb) : 0;
+    float y[D / 8][4] = {};  // x·M: (ra, 8nt + 2t ..), (rb, ..)
+#pragma unroll
+    for (int part = LAM_PARTS - 1; part >= 0; --part)  // the small terms first
+#pragma unroll
+      for (int kc = 0; kc < D / 16; ++kc)
+#pragma unroll
+        for (int nt = 0; nt < D / 8; ++nt) {
+          const uint2 b = lam_frag<D>(sf, part, kc, nt);
+          mma16816(y[nt], xf[kc], b.x, b.y);
+        }
+    float xxa = 0.f, xxb = 0.f, xya = 0.f, xyb = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const float2 pa = unpack2(xf[nt / 2][nt % 2 * 2]), pb = unpack2(xf[nt / 2][nt % 2 * 2 + 1]);  // x where y[nt] is
+      xxa += pa.x * pa.x + pa.y * pa.y, xxb += pb.x * pb.x + pb.y * pb.y;
+      xya += pa.x * y[nt][0] + pa.y * y[nt][1], xyb += pb.x * y[nt][2] + pb.y * y[nt][3];
+    }
+    for (int s = 1; s < 4; s *= 2) {
+      xxa += __shfl_xor_sync(FULL, xxa, s), xxb += __shfl_xor_sync(FULL, xxb, s);
+      xya += __shfl_xor_sync(FULL, xya, s), xyb += __shfl_xor_sync(FULL, xyb, s);
+    }
+    if (!BWD) {
+      const float ea = xya / (xxa + eps), eb = xyb / (xxb + eps);
+      if (t == 0 && va) e_out[ra] = ea, lam_out[ra] = ea / (ea + tau);
+      if (t == 0 && vb) e_out[rb] = eb, lam_out[rb] = eb / (eb + tau);
+    } else {
+      const float ea = va ? e_in[ra] : 0.f, eb = vb ? e_in[rb] : 0.f;
+      const float ga = va ? dlam[ra] * tau / ((ea + tau) * (ea + tau)) / (xxa + eps) : 0.f;
+      const float gb = vb ? dlam[rb] * tau / ((eb + tau) * (eb + tau)) / (xxb + eps) : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < D / 8; ++nt) {
+        const float2 pa = unpack2(xf[nt / 2][nt % 2 * 2]), pb = unpack2(xf[nt / 2][nt % 2 * 2 + 1]);
+        const int c = nt * 8 + 2 * t;
+        if (va) *reinterpret_cast<uint32_t*>(dx + oa + c) = pack2(ga * (y[nt][0] - 2.f * ea * pa.x), ga * (y[nt][1] - 2.f * ea * pa.y));
+        if (vb) *reinterpret_cast<uint32_t*>(dx + ob + c) = pack2(gb * (y[nt][2] - 2.f * eb * pb.x), gb * (y[nt][3] - 2.f * eb * pb.y));
+      }
+    }
+#pragma unroll
+    for (int kc = 0; kc < D / 16; ++kc)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) xf[kc][e] = xn[kc][e];
   }
-  __syncwarp();
-  const float den = warp_sum(xx) + eps, e = e_in[r], g = dlam[r] * tau / ((e + tau) * (e + tau)) / den;
-  for (int j = lane; j < d; j += 32) {
-    float s = 0.f;  // ((L + Lᵀ)x)_j
-    for (int i = 0; i < d; ++i) s += xs[i] * sm[i * d + j];
-    dx[r * d + j] = from_f<T>(g * (s - 2.f * e * xs[j]));  // dx is [B, heads, T, D] contiguous
+}
+
+template <bool BWD>
+cudaError_t lam_launch(const void* x, Rows rw, const float* m, const float* e_in, const float* dlam, float* e_out, float* lam_out, void* dx, int64_t rows, int d,
+                       float eps, float tau, cudaStream_t s) {
+  auto go = [&](auto dim) -> cudaError_t {
+    constexpr int D = decltype(dim)::value;
+    constexpr size_t smem = lam_smem<D>();
+    if (cudaError_t err = cudaFuncSetAttribute(lambda_mma<D, BWD>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) return err;
+    // each block splits M once, so blocks stride over many rows: a few blocks an SM
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows + LAM_NT / 2 - 1) / (LAM_NT / 2), 132 * 4));
+    lambda_mma<D, BWD><<<blocks, LAM_NT, smem, s>>>(static_cast<const bf16*>(x), rw, m, e_in, dlam, e_out, lam_out, static_cast<bf16*>(dx), rows, eps, tau);
+    return cudaGetLastError();
+  };
+  switch (d) {
+    case 32: return go(std::integral_constant<int, 32>{});
+    case 64: return go(std::integral_constant<int, 64>{});
+    case 128: return go(std::integral_constant<int, 128>{});
   }
+  return cudaErrorInvalidValue;
 }
 }  // namespace
 
-// x rows as described by (sb, sh, st, heads, t); e, lam [rows] fp32 out. lap [d, d] fp32. Returns a cudaError_t.
+// x (bf16) rows as described by (sb, sh, st, heads, t); e, lam [rows] fp32 out. lap [d, d] fp32, d ∈ {32, 64, 128}.
+// Returns a cudaError_t.
 extern "C" int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, float* e, float* lam, int64_t rows, int d,
-                             float eps, float tau, int bf16_, cudaStream_t s) {
-  const Rows rw{sb, sh, st, heads, t};
-  const size_t smem = sizeof(float) * (d * d + WARPS * d);  // 66 KB at d = 128: past the 48 KB default
-  cudaFuncSetAttribute(lambda_fwd<bf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  cudaFuncSetAttribute(lambda_fwd<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (bf16_) lambda_fwd<bf16><<<blocks_for_warps(rows), NT, smem, s>>>(static_cast<const bf16*>(x), rw, lap, e, lam, rows, d, eps, tau);
-  else lambda_fwd<float><<<blocks_for_warps(rows), NT, smem, s>>>(static_cast<const float*>(x), rw, lap, e, lam, rows, d, eps, tau);
-  return cudaGetLastError();
+                             float eps, float tau, cudaStream_t s) {
+  return lam_launch<false>(x, Rows{sb, sh, st, heads, t}, lap, nullptr, nullptr, e, lam, nullptr, rows, d, eps, tau, s);
 }
 
-// dx [rows, d] (contiguous, x's dtype) from dlam [rows] fp32; lap_sym = L + Lᵀ.
+// dx (x's strides, bf16) from dlam [rows] fp32; lap_sym = L + Lᵀ.
 extern "C" int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, const float* e, const float* dlam, void* dx,
-                             int64_t rows, int d, float eps, float tau, int bf16_, cudaStream_t s) {
-  const Rows rw{sb, sh, st, heads, t};
-  const size_t smem = sizeof(float) * (d * d + WARPS * d);
-  cudaFuncSetAttribute(lambda_bwd<bf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  cudaFuncSetAttribute(lambda_bwd<float>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (bf16_) lambda_bwd<bf16><<<blocks_for_warps(rows), NT, smem, s>>>(static_cast<const bf16*>(x), rw, lap_sym, e, dlam, static_cast<bf16*>(dx), rows, d, eps, tau);
-  else lambda_bwd<float><<<blocks_for_warps(rows), NT, smem, s>>>(static_cast<const float*>(x), rw, lap_sym, e, dlam, static_cast<float*>(dx), rows, d, eps, tau);
-  return cudaGetLastError();
+                             int64_t rows, int d, float eps, float tau, cudaStream_t s) {
+  return lam_launch<true>(x, Rows{sb, sh, st, heads, t}, lap_sym, e, dlam, nullptr, nullptr, dx, rows, d, eps, tau, s);
 }

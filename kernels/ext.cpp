@@ -1,6 +1,7 @@
 // C++ glue over libtorch for what tch does not expose. Compiled by build.rs against the venv's torch headers.
 #include <ATen/DeviceAccelerator.h>
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -289,11 +290,11 @@ extern "C" at::Tensor* tg_tau_attention(at::Tensor* lq, at::Tensor* lk, at::Tens
 #include <c10/cuda/CUDAStream.h>
 
 extern "C" {
-int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const float* inv_temp, void* out, float* out32, float* lse,
-                         int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream);
-int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const float* inv_temp, const float* out32,
-                          const void* dout, const float* lse, float* delta, float* dlq, float* dlk, void* dv, float* dinv_temp,
-                          int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream);
+int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, void* out, const int64_t* so,
+                         float* out32, float* mx, float* inv_l, int bh, int heads, int tq, int tk, int d, cudaStream_t stream);
+int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, const float* out32,
+                          const void* dout, const int64_t* sd, const float* mx, const float* inv_l, float* delta, float* dlq, float* dlk, void* dv, const int64_t* sdv,
+                          float* dinv_temp, int bh, int heads, int tq, int tk, int d, cudaStream_t stream);
 }
 
 namespace {
@@ -308,6 +309,17 @@ void cuda_ok(int err, const char* what) {
   TORCH_CHECK(err == 0, what, ": ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
+// Rows of D contiguous values that start on 16 bytes (the kernels load them as vectors) and tile memory without overlap
+// (empty_like then gives a gradient the same strides): x as it is, or a contiguous copy.
+at::Tensor row_vectors(const at::Tensor& x) {
+  const int64_t vec = 16 / x.element_size();
+  const bool ok = x.stride(3) == 1 && x.is_non_overlapping_and_dense() && reinterpret_cast<std::uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                  x.stride(0) % vec == 0 && x.stride(1) % vec == 0 && x.stride(2) % vec == 0;
+  return ok ? x : dense(x);
+}
+
+std::array<int64_t, 3> strides3(const at::Tensor& x) { return {x.stride(0), x.stride(1), x.stride(2)}; }
+
 struct TauFlash : public torch::autograd::Function<TauFlash> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& lq_in, const at::Tensor& lk_in, const at::Tensor& v_in, const at::Tensor& it_in) {
     TORCH_CHECK(lq_in.dim() == 3 && lk_in.dim() == 3 && v_in.dim() == 4 && it_in.dim() == 1,
@@ -321,31 +333,33 @@ struct TauFlash : public torch::autograd::Function<TauFlash> {
                 "tau attention (fused): λq, λk, V and inv_temp must be on one CUDA device (got ", lq_in.device(), ", ", lk_in.device(), ", ", v_in.device(), ", ", it_in.device(), "); use --kernels plain off the GPU");
     TORCH_CHECK(lq_in.scalar_type() == at::kFloat && lk_in.scalar_type() == at::kFloat && it_in.scalar_type() == at::kFloat,
                 "tau attention (fused): λq, λk and inv_temp must be fp32; got ", lq_in.scalar_type(), ", ", lk_in.scalar_type(), ", ", it_in.scalar_type());
-    TORCH_CHECK(v_in.scalar_type() == at::kBFloat16 || v_in.scalar_type() == at::kFloat, "tau attention (fused): V must be bf16 or fp32; got ", v_in.scalar_type());
+    TORCH_CHECK(v_in.scalar_type() == at::kBFloat16, "tau attention (fused): V must be bf16 (the kernel's products are on tensor cores); got ", v_in.scalar_type());
     c10::cuda::CUDAGuard guard(v_in.device());
-    auto lq = dense(lq_in), lk = dense(lk_in), v = dense(v_in), it = dense(it_in);
-    const bool bf16 = v.scalar_type() == at::kBFloat16;
-    auto out = at::empty({b, h, tq, d}, v.options());
-    auto out32 = bf16 ? at::empty({b, h, tq, d}, lq.options()) : out;  // the backward's Δ wants the unrounded output
-    auto lse = at::empty({b, h, tq}, lq.options());
-    cuda_ok(tg_tau_flash_forward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out.data_ptr(),
-                                 bf16 ? out32.data_ptr<float>() : nullptr, lse.data_ptr<float>(),
-                                 b * h, h, tq, tk, d, bf16, c10::cuda::getCurrentCUDAStream()),
+    auto lq = dense(lq_in), lk = dense(lk_in), v = row_vectors(v_in), it = dense(it_in);
+    // out in [B,Tq,H,D] memory, returned as its [B,H,Tq,D] view: the output projection reads it as [B,Tq,H·D] without a copy
+    auto out = at::empty({b, tq, h, d}, v.options()).transpose(1, 2);
+    auto out32 = at::empty({b, h, tq, d}, lq.options());  // the backward's Δ wants the unrounded output
+    auto stats = at::empty({2, b, h, tq}, lq.options());  // each row's max score (log2 units) and 1/Σ exp(s − max)
+    const auto sv = strides3(v), so = strides3(out);
+    cuda_ok(tg_tau_flash_forward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), sv.data(), it.data_ptr<float>(), out.data_ptr(), so.data(),
+                                 out32.data_ptr<float>(), stats[0].data_ptr<float>(), stats[1].data_ptr<float>(), b * h, h, tq, tk, d,
+                                 c10::cuda::getCurrentCUDAStream()),
             "tau attention (fused) forward");
-    ctx->save_for_backward({lq, lk, v, it, out32, lse});
+    ctx->save_for_backward({lq, lk, v, it, out32, stats});
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
-    auto &lq = s[0], &lk = s[1], &v = s[2], &it = s[3], &out32 = s[4], &lse = s[5];
+    auto &lq = s[0], &lk = s[1], &v = s[2], &it = s[3], &out32 = s[4], &stats = s[5];
     const int64_t b = lq.size(0), h = lq.size(1), tq = lq.size(2), tk = lk.size(2), d = v.size(3);
     c10::cuda::CUDAGuard guard(v.device());
-    auto dout = dense(grads[0]);
-    auto dlq = at::zeros_like(lq), dlk = at::empty_like(lk), dv = at::empty_like(v), dit = at::zeros_like(it), delta = at::empty_like(lse);
-    cuda_ok(tg_tau_flash_backward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), it.data_ptr<float>(), out32.data_ptr<float>(), dout.data_ptr(),
-                                  lse.data_ptr<float>(), delta.data_ptr<float>(), dlq.data_ptr<float>(), dlk.data_ptr<float>(), dv.data_ptr(),
-                                  dit.data_ptr<float>(), b * h, h, tq, tk, d, v.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+    auto dout = row_vectors(grads[0].to(at::kBFloat16));
+    auto dlq = at::zeros_like(lq), dlk = at::empty_like(lk), dv = at::empty_like(v), dit = at::zeros_like(it), delta = at::empty_like(lq);
+    const auto sv = strides3(v), sd = strides3(dout), sdv = strides3(dv);
+    cuda_ok(tg_tau_flash_backward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), sv.data(), it.data_ptr<float>(), out32.data_ptr<float>(), dout.data_ptr(),
+                                  sd.data(), stats[0].data_ptr<float>(), stats[1].data_ptr<float>(), delta.data_ptr<float>(), dlq.data_ptr<float>(), dlk.data_ptr<float>(), dv.data_ptr(), sdv.data(),
+                                  dit.data_ptr<float>(), b * h, h, tq, tk, d, c10::cuda::getCurrentCUDAStream()),
             "tau attention (fused) backward");
     return {dlq, dlk, dv, ctx->needs_input_grad(3) ? dit : at::Tensor()};
   }
@@ -610,35 +624,36 @@ extern "C" int tg_foreach_zero_(at::Tensor** a, int n, char* err, size_t errlen)
   }
 }
 
-// ---- taumode's energies through kernels/block_ops.cu: x [B, heads, T, D] (fp32 or bf16, D contiguous) → E and
+// ---- taumode's energies through kernels/block_ops.cu: x [B, heads, T, D] (bf16, D contiguous) → E and
 // λ = E/(E+τ), [B, heads, T] fp32; λ differentiable with respect to x, E a constant (calibration and diagnostics).
 extern "C" {
 int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, float* e, float* lam, int64_t rows, int d, float eps,
-                  float tau, int bf16_, cudaStream_t s);
+                  float tau, cudaStream_t s);
 int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, const float* e, const float* dlam, void* dx,
-                  int64_t rows, int d, float eps, float tau, int bf16_, cudaStream_t s);
+                  int64_t rows, int d, float eps, float tau, cudaStream_t s);
 }
 
 namespace {
 struct TauLambda : public torch::autograd::Function<TauLambda> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& lap_in, double tau, double eps) {
     check_block_input(x_in, "taumode (fused)");
-    TORCH_CHECK(x_in.dim() == 4 && x_in.size(3) >= 1 && x_in.size(3) <= 128 && lap_in.dim() == 2 && lap_in.size(0) == x_in.size(3) && lap_in.size(1) == x_in.size(3),
-                "taumode (fused): want x [B, heads, T, D ≤ 128] and L [D, D]; got ", x_in.sizes(), " and ", lap_in.sizes());
+    TORCH_CHECK(x_in.scalar_type() == at::kBFloat16, "taumode (fused): x must be bf16 (the kernel's products are on tensor cores); got ", x_in.scalar_type());
+    TORCH_CHECK(x_in.dim() == 4 && (x_in.size(3) == 32 || x_in.size(3) == 64 || x_in.size(3) == 128) && lap_in.dim() == 2 && lap_in.size(0) == x_in.size(3) &&
+                    lap_in.size(1) == x_in.size(3),
+                "taumode (fused): want x [B, heads, T, D ∈ {32, 64, 128}] and L [D, D]; got ", x_in.sizes(), " and ", lap_in.sizes());
     TORCH_CHECK(lap_in.device() == x_in.device(), "taumode (fused): L on ", lap_in.device(), ", x on ", x_in.device());
     TORCH_CHECK(tau > 0, "taumode (fused): τ must be > 0; got ", tau);
     c10::cuda::CUDAGuard guard(x_in.device());
-    auto x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+    auto x = row_vectors(x_in);
     auto lap = lap_in.to(at::kFloat).contiguous();
     const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3), rows = b * h * t;
     TORCH_CHECK(h <= INT32_MAX && t <= INT32_MAX, "taumode (fused): too many heads or positions");
     auto e = at::empty({b, h, t}, x.options().dtype(at::kFloat)), lam = at::empty_like(e);
     if (rows > 0)
       cuda_ok(tg_lambda_fwd(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(h), static_cast<int>(t), lap.data_ptr<float>(), e.data_ptr<float>(),
-                            lam.data_ptr<float>(), rows, static_cast<int>(d), static_cast<float>(eps), static_cast<float>(tau), x.scalar_type() == at::kBFloat16,
-                            c10::cuda::getCurrentCUDAStream()),
+                            lam.data_ptr<float>(), rows, static_cast<int>(d), static_cast<float>(eps), static_cast<float>(tau), c10::cuda::getCurrentCUDAStream()),
               "taumode (fused) forward");
-    ctx->save_for_backward({x, lap + lap.t(), e});
+    ctx->save_for_backward({x, (lap + lap.t()).contiguous(), e});
     ctx->saved_data["tau"] = tau;
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({e});
@@ -650,14 +665,15 @@ struct TauLambda : public torch::autograd::Function<TauLambda> {
     auto &x = s[0], &lap_sym = s[1], &e = s[2];
     const double tau = ctx->saved_data["tau"].toDouble(), eps = ctx->saved_data["eps"].toDouble();
     c10::cuda::CUDAGuard guard(x.device());
-    const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3), rows = b * h * t;
-    auto dx = at::empty({b, h, t, d}, x.options());
+    const int64_t h = x.size(1), t = x.size(2), d = x.size(3), rows = x.numel() / d;
+    auto dx = at::empty_like(x);  // x's strides (row_vectors): the kernel writes dx where it read x
+    TORCH_CHECK(dx.strides() == x.strides(), "taumode (fused) backward: the gradient's strides ", dx.strides(), " are not x's ", x.strides());
     if (!grads[1].defined()) return {dx.zero_(), at::Tensor(), at::Tensor(), at::Tensor()};
     auto dlam = grads[1].to(at::kFloat).contiguous();
     if (rows > 0)
       cuda_ok(tg_lambda_bwd(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(h), static_cast<int>(t), lap_sym.data_ptr<float>(), e.data_ptr<float>(),
                             dlam.data_ptr<float>(), dx.data_ptr(), rows, static_cast<int>(d), static_cast<float>(eps), static_cast<float>(tau),
-                            x.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+                            c10::cuda::getCurrentCUDAStream()),
               "taumode (fused) backward");
     return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
   }

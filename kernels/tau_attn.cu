@@ -1,382 +1,410 @@
-// Fused tau attention for sm_90: s_ij = −|λq_i − λk_j|·inv_temp[h], causal (bottom-right when Tq < Tk: query i sees
-// keys j ≤ i + Tk − Tq), softmax in fp32, probabilities cast to V's dtype, times V. A score is a function of two
-// scalars, so one cheap pass over λk gives each row's exact max and log-sum-exp without touching V; after it
-// P = exp(s − lse) is made tile by tile in shared memory and P·V needs no online rescaling, so tensor cores (WMMA:
-// bf16 in, fp32 accumulate) do the products. The backward is FlashAttention-2's: one block a key tile, a loop over
-// query tiles, P recomputed from (λq, λk, lse). Nothing Tq×Tk reaches global memory. fp32 V takes exact fp32 FMAs
-// instead of WMMA (tf32 would round), so tests can compare tightly. Plain C ABI: kernels/ext.cpp owns the tensors,
-// the checks and the stream.
+// Fused tau attention for sm_90, bf16 V: s_ij = −|λq_i − λk_j|·inv_temp[h], causal (bottom-right when Tq < Tk: query i
+// sees keys j ≤ i + Tk − Tq), softmax in fp32, probabilities rounded to bf16, times V. Nothing Tq×Tk reaches global
+// memory. A score is a function of two scalars, so no Q·Kᵀ product: each thread makes its scores straight in the
+// register layout of the tensor-core (mma.sync m16n8k16) operand that consumes them, as FlashAttention-2 reuses its
+// accumulators.
+//   forward:  a block is 64 query rows (16 a warp) of one (batch, head). A cheap first pass over λk finds each row's
+//             exact max (the nearest visible λk); then, tile by tile of 64 keys (V double-buffered by cp.async),
+//             p̃ = exp(s − max), rounded to bf16, times V on tensor cores, with no online rescaling; out = Σ p̃·V / Σ p̃.
+//             Each row keeps its max and 1/Σ p̃ for the backward.
+//   backward: a block is 64 keys (16 a warp) looping over the query tiles that see them (dout double-buffered).
+//             dPᵀ = V·doutᵀ and dV += Pᵀ·dout on tensor cores, P recomputed as the forward used it (bf16(p̃)/Σ p̃), so
+//             that Δ_i = dout_i·out_i is exactly Σ_j P_ij dP_ij and each row of dS = P∘(dP − Δ) sums to zero (with the
+//             unrounded P, dinv_temp's small sum over mostly cancelling pairs was off by 1% at D = 128). dλk, dλq and
+//             dinv_temp are sums of dS·sign or dS·|λq − λk| (no dQ·K-style products: the keys are scalars).
+// V, dout, out and dV are [B, H, T, D] with any strides but D's (q, k, v are views of one [B, T, H, D] buffer).
+// Plain C ABI: kernels/ext.cpp owns the tensors, the checks and the stream.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 #include <cstdint>
 #include <type_traits>
 
 namespace {
-using namespace nvcuda;
 using bf16 = __nv_bfloat16;
-
 constexpr int WARPS = 4;
-constexpr int NT = 32 * WARPS;          // threads a block
-constexpr int TILE = 16 * WARPS;        // query rows and keys a tile: one 16-row WMMA stripe a warp
-constexpr int SPLIT = NT / TILE;        // threads a row in row passes; rows between a thread's entries of a tile
-constexpr int PER_THREAD = TILE * TILE / NT;  // entries of a TILE×TILE tile a thread owns: column tid % TILE
-constexpr int FPAD = 4;                 // fp32 row padding in shared memory (WMMA wants ldm % 4 == 0; staggers banks)
+constexpr int NT = 32 * WARPS;  // threads a block
+constexpr int TILE = 16 * WARPS;  // a block's own rows (queries forward, keys backward), and the tiles it loops over
 constexpr unsigned FULL = 0xffffffffu;
-static_assert(SPLIT >= 1 && SPLIT <= 32 && (SPLIT & (SPLIT - 1)) == 0, "a row's threads are adjacent lanes of one warp");
+constexpr float LOG2E = 1.4426950408889634f;
+template <int D> constexpr int PITCH = D + 8;  // bf16 a shared-memory row: 16 bytes of padding put ldmatrix's 8 rows in 8 bank groups
 
-template <typename T> constexpr int VEC = 16 / sizeof(T);  // elements in 16 bytes: vector copies, and each row's padding
-
-__device__ inline float to_f(float x) { return x; }
-__device__ inline float to_f(bf16 x) { return __bfloat162float(x); }
-template <typename T> __device__ inline T from_f(float x);
-template <> __device__ inline float from_f<float>(float x) { return x; }
-template <> __device__ inline bf16 from_f<bf16>(float x) { return __float2bfloat16(x); }  // round to nearest even, as torch
-
-// The plain path's arithmetic: −|λq − λk|·inv_temp.
-__device__ inline float score(float lq, float lk, float it) { return -fabsf(lq - lk) * it; }
-__device__ inline float sign(float x) { return static_cast<float>((x > 0.f) - (x < 0.f)); }  // sign(0) = 0, as abs's backward
-__device__ inline bool visible(int i, int j, int tq, int off) { return i < tq && j <= i + off; }  // j < Tk follows
-
-// Reduction over the SPLIT adjacent lanes that share a row.
-template <typename F> __device__ inline float row_reduce(float x, F op) {
-  for (int s = SPLIT / 2; s > 0; s /= 2) x = op(x, __shfl_xor_sync(FULL, x, s));
-  return x;
-}
-__device__ inline float warp_sum(float x) {
-  for (int s = 16; s > 0; s /= 2) x += __shfl_xor_sync(FULL, x, s);
-  return x;
-}
-
-// Element (r, c) of a matrix in shared memory with leading dimension ld, in WMMA's layout tags.
-template <typename L> __device__ constexpr int at(int ld, int r, int c) {
-  return std::is_same<L, wmma::row_major>::value ? r * ld + c : c * ld + r;
-}
-
-// One warp's C (16 × N, fp32) += A (16 × K) · B (K × N), A and B in shared memory.
-template <typename T, int N> struct WarpMma;
-
-// bf16: tensor cores.
-template <int N> struct WarpMma<bf16, N> {
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[N / 16];
-  __device__ void zero() {
-#pragma unroll
-    for (int n = 0; n < N / 16; ++n) wmma::fill_fragment(c[n], 0.f);
-  }
-  template <typename LA, typename LB, int K> __device__ void mma(const bf16* a, int lda, const bf16* b, int ldb) {
-#pragma unroll
-    for (int k = 0; k < K; k += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, LA> fa;
-      wmma::load_matrix_sync(fa, a + at<LA>(lda, 0, k), lda);
-#pragma unroll
-      for (int n = 0; n < N / 16; ++n) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, LB> fb;
-        wmma::load_matrix_sync(fb, b + at<LB>(ldb, k, n * 16), ldb);
-        wmma::mma_sync(c[n], fa, fb, c[n]);
-      }
-    }
-  }
-  __device__ void store(float* s, int ld) const {
-#pragma unroll
-    for (int n = 0; n < N / 16; ++n) wmma::store_matrix_sync(s + n * 16, c[n], ld, wmma::mem_row_major);
-  }
+struct Strides {  // element strides of b, h and t in a [B, H, T, D] tensor whose D is contiguous
+  int64_t b, h, t;
+  __device__ int64_t base(int bh, int heads) const { return (bh / heads) * b + (bh % heads) * h; }
 };
 
-// fp32: plain FMAs, lane l holds columns l, l + 32, ... of all 16 rows.
-template <int N> struct WarpMma<float, N> {
-  static_assert(N % 32 == 0, "a lane's columns are l + 32q");
-  float c[16][N / 32];
-  __device__ void zero() {
-#pragma unroll
-    for (int r = 0; r < 16; ++r)
-#pragma unroll
-      for (int q = 0; q < N / 32; ++q) c[r][q] = 0.f;
-  }
-  template <typename LA, typename LB, int K> __device__ void mma(const float* a, int lda, const float* b, int ldb) {
-    const int lane = threadIdx.x % 32;
-#pragma unroll 4
-    for (int k = 0; k < K; ++k) {
-      float bk[N / 32];
-#pragma unroll
-      for (int q = 0; q < N / 32; ++q) bk[q] = b[at<LB>(ldb, k, lane + 32 * q)];
-#pragma unroll
-      for (int r = 0; r < 16; ++r) {
-        const float ar = a[at<LA>(lda, r, k)];
-#pragma unroll
-        for (int q = 0; q < N / 32; ++q) c[r][q] = fmaf(ar, bk[q], c[r][q]);
-      }
-    }
-  }
-  __device__ void store(float* s, int ld) const {
-    const int lane = threadIdx.x % 32;
-#pragma unroll
-    for (int r = 0; r < 16; ++r)
-#pragma unroll
-      for (int q = 0; q < N / 32; ++q) s[r * ld + lane + 32 * q] = c[r][q];
-  }
-};
+__device__ inline float ex2(float x) {  // 2^x, one MUFU op (2 ulp)
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ inline float signed_by(float s, float x) { return x != 0.f ? copysignf(s, x) : 0.f; }  // s·sign(x), sign(0) = 0 as abs's backward
+__device__ inline uint32_t pack(float lo, float hi) {  // two bf16, round to nearest even as torch, lo in the low half
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ inline float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+__device__ inline uint32_t saddr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
-// Rows r0 .. r0 + TILE of a row-major [n, D] matrix into shared memory (row pitch D + VEC), rows ≥ n as zeros
-// (uninitialised shared memory may hold NaN patterns, and 0·NaN is NaN even where P is 0).
-template <typename T, int D> __device__ void load_tile(T* s, const T* g, int r0, int n) {
-  constexpr int CHUNKS = D / VEC<T>;
+// Asynchronous copies into shared memory; an invalid source copies nothing and zero-fills (src stays a valid address).
+__device__ inline void cp16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(saddr(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ inline void cp4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(saddr(dst)), "l"(src), "r"(valid ? 4 : 0));
+}
+__device__ inline void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ inline void cp_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Four 8×8 bf16 matrices from shared memory; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ inline void ldsm(uint32_t (&r)[4], const bf16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr(p)));
+}
+__device__ inline void ldsm_t(uint32_t (&r)[4], const bf16* p) {  // transposed
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr(p)));
+}
+// c (16×8 fp32) += a (16×16 bf16, row) · b (16×8 bf16, col). Lane l = 4g + t holds a = {(g, 2t..2t+1), (g+8, 2t..),
+// (g, 2t+8..), (g+8, 2t+8..)}, b = {(2t..2t+1, g), (2t+8.., g)}, c = {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
+__device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// B fragments of two 8-column tiles (n, n + 8) for k rows k0..k0+15 of a row-major [k][n] matrix in shared memory:
+// {b0, b1} of columns n..n+7, then of n+8..n+15.
+template <int D> __device__ inline void ldsm_b_kn(uint32_t (&r)[4], const bf16* s, int k0, int n0) {
+  const int l = threadIdx.x % 32, m = l / 8;
+  ldsm_t(r, s + (k0 + (m & 1) * 8 + l % 8) * PITCH<D> + n0 + (m >> 1) * 8);
+}
+// The same from a row-major [n][k] matrix (rows are the columns of B).
+template <int D> __device__ inline void ldsm_b_nk(uint32_t (&r)[4], const bf16* s, int k0, int n0) {
+  const int l = threadIdx.x % 32, m = l / 8;
+  ldsm(r, s + (n0 + (m >> 1) * 8 + l % 8) * PITCH<D> + k0 + (m & 1) * 8);
+}
+
+// TILE rows r0.. of a [n rows, D] bf16 matrix (row stride st) into shared memory, asynchronously; rows ≥ n as zeros
+// (shared memory may hold NaN patterns, and 0·NaN is NaN where P is 0).
+template <int D> __device__ inline void load_rows(bf16* s, const bf16* g, int64_t st, int r0, int n) {
+  constexpr int CHUNKS = D / 8;
   for (int e = threadIdx.x; e < TILE * CHUNKS; e += NT) {
-    const int r = e / CHUNKS, c = e % CHUNKS * VEC<T>;
-    uint4 x = make_uint4(0, 0, 0, 0);
-    if (r0 + r < n) x = *reinterpret_cast<const uint4*>(g + static_cast<int64_t>(r0 + r) * D + c);
-    *reinterpret_cast<uint4*>(s + r * (D + VEC<T>) + c) = x;
+    const int r = e / CHUNKS, c = e % CHUNKS * 8;
+    const bool ok = r0 + r < n;
+    cp16(s + r * PITCH<D> + c, ok ? g + (r0 + r) * st + c : g, ok);
   }
 }
-
-// fp32 rows in shared memory (pitch D + FPAD) to rows r0 .. of a row-major [n, D] matrix of T, those < n.
-template <typename T, int D> __device__ void store_tile(T* g, const float* s, int r0, int n) {
-  constexpr int CHUNKS = D / VEC<T>;
-  for (int e = threadIdx.x; e < TILE * CHUNKS; e += NT) {
-    const int r = e / CHUNKS, c = e % CHUNKS * VEC<T>;
-    if (r0 + r >= n) continue;
-    alignas(16) T x[VEC<T>];
-#pragma unroll
-    for (int k = 0; k < VEC<T>; ++k) x[k] = from_f<T>(s[r * (D + FPAD) + c + k]);
-    *reinterpret_cast<uint4*>(g + static_cast<int64_t>(r0 + r) * D + c) = *reinterpret_cast<const uint4*>(x);
-  }
+// TILE floats x[r0..] into shared memory, asynchronously; past n as zeros.
+__device__ inline void load_floats(float* s, const float* x, int r0, int n) {
+  for (int r = threadIdx.x; r < TILE; r += NT) cp4(s + r, r0 + r < n ? x + r0 + r : x, r0 + r < n);
 }
 
-constexpr int align128(int bytes) { return (bytes + 127) / 128 * 128; }
-template <typename T, int D> constexpr int ld_v = D + VEC<T>;    // V and dout tiles [TILE][D + VEC]
-template <typename T> constexpr int ld_p = TILE + VEC<T>;        // P tile [TILE][TILE + VEC]
-
-// Dynamic shared memory of the forward: byte offsets.
-template <typename T, int D> struct FwdSmem {
-  static constexpr int v = 0;
-  static constexpr int p = v + align128(TILE * ld_v<T, D> * sizeof(T));
-  static constexpr int o = p + align128(TILE * ld_p<T> * sizeof(T));  // the output tile, fp32 [TILE][D + FPAD]
-  static constexpr int rows = o + align128(TILE * (D + FPAD) * 4);    // λq and lse of the block's rows
-  static constexpr int bytes = rows + 2 * TILE * 4;
+template <int D> struct FwdSmem {
+  static constexpr int v = 0;                                  // [2][TILE][PITCH] bf16
+  static constexpr int lk = v + 2 * TILE * PITCH<D> * 2;       // [2][TILE] fp32
+  static constexpr int bytes = lk + 2 * TILE * 4;
 };
 
-// One block: TILE query rows of one (batch, head). Grid (B·H, ⌈Tq/TILE⌉).
-template <typename T, int D>
-__global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, const float* __restrict__ lk, const T* __restrict__ v,
-                                                  const float* __restrict__ inv_temp, T* __restrict__ out, float* __restrict__ out32,
-                                                  float* __restrict__ lse, int heads, int tq, int tk) {
-  using S = FwdSmem<T, D>;
+// Grid (⌈Tq/TILE⌉, B·H), the longest rows first.
+template <int D>
+__global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, const float* __restrict__ lk, const bf16* __restrict__ v, Strides sv,
+                                                  const float* __restrict__ inv_temp, bf16* __restrict__ out, Strides so, float* __restrict__ out32,
+                                                  float* __restrict__ mx, float* __restrict__ inv_l, int heads, int tq, int tk) {
+  using S = FwdSmem<D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sv = reinterpret_cast<T*>(smem + S::v);
-  T* sp = reinterpret_cast<T*>(smem + S::p);
-  float* so = reinterpret_cast<float*>(smem + S::o);
-  float* slq = reinterpret_cast<float*>(smem + S::rows);
-  float* slse = slq + TILE;
-  const int64_t bh = blockIdx.x;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * TILE;  // the longest rows start first
-  const int off = tk - tq, warp = threadIdx.x / 32;
-  const float it = inv_temp[bh % heads];
-  lq += bh * tq, lse += bh * tq, lk += bh * tk, v += bh * tk * D, out += bh * tq * D;
-  if (out32) out32 += bh * tq * D;
+  bf16* sv_ = reinterpret_cast<bf16*>(smem + S::v);
+  float* slk = reinterpret_cast<float*>(smem + S::lk);
+  const int bh = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * TILE, off = tk - tq;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const float it = inv_temp[bh % heads], a = it * LOG2E;
+  lq += static_cast<int64_t>(bh) * tq, mx += static_cast<int64_t>(bh) * tq, inv_l += static_cast<int64_t>(bh) * tq, lk += static_cast<int64_t>(bh) * tk;
+  out32 += static_cast<int64_t>(bh) * tq * D;
+  v += sv.base(bh, heads), out += so.base(bh, heads);
 
-  {  // Each row's max and log-sum-exp over its visible keys: two passes over λk, no V.
-    const int r = threadIdx.x / SPLIT, part = threadIdx.x % SPLIT, i = q0 + r, last = i < tq ? i + off : -1;
-    const float x = i < tq ? lq[i] : 0.f;
-    float m = -INFINITY, l = 0.f;
-    for (int j = part; j <= last; j += SPLIT) m = fmaxf(m, score(x, lk[j], it));
-    m = row_reduce(m, [](float a, float b) { return fmaxf(a, b); });
-    for (int j = part; j <= last; j += SPLIT) l += expf(score(x, lk[j], it) - m);
-    l = row_reduce(l, [](float a, float b) { return a + b; });
-    if (part == 0) {
-      slq[r] = x;
-      slse[r] = i < tq ? m + logf(l) : 0.f;  // every real row sees key 0 at least, so l ≥ 1
-      if (i < tq) lse[i] = slse[r];
-    }
+  const int kt_end = (min(q0 + TILE, tq) - 1 + off) / TILE + 1;  // key tiles with a key some row of the block sees
+  auto prefetch = [&](int kt) {
+    load_rows<D>(sv_ + (kt & 1) * TILE * PITCH<D>, v, sv.t, kt * TILE, tk);
+    load_floats(slk + (kt & 1) * TILE, lk, kt * TILE, tk);
+    cp_commit();
+  };
+  prefetch(0);
+
+  // This thread's rows r0 and r1 = r0 + 8 see keys ≤ last0, last1 (rows past Tq, never stored, see every key).
+  const int wr = q0 + warp * 16, r0 = wr + g, r1 = r0 + 8;
+  const int last0 = min(r0 + off, tk - 1), last1 = min(r1 + off, tk - 1);
+  const float x0 = r0 < tq ? lq[r0] : 0.f, x1 = r1 < tq ? lq[r1] : 0.f;
+  // Each row's max score −it·min|λq − λk| over its visible keys, the quad's four lanes taking every fourth key.
+  float n0 = INFINITY, n1 = INFINITY;
+#pragma unroll 8
+  for (int j = t4; j <= last1; j += 4) {
+    const float y = lk[j];
+    if (j <= last0) n0 = fminf(n0, fabsf(x0 - y));
+    n1 = fminf(n1, fabsf(x1 - y));
   }
-  __syncthreads();
+  for (int s = 1; s < 4; s *= 2) n0 = fminf(n0, __shfl_xor_sync(FULL, n0, s)), n1 = fminf(n1, __shfl_xor_sync(FULL, n1, s));
+  const float c0 = a * n0, c1 = a * n1;  // p = 2^(a·(min − |λq − λk|)) ≤ 1
 
-  const int c = threadIdx.x % TILE, r_first = threadIdx.x / TILE;  // this thread's column of P and first row
-  const int kt_end = (min(q0 + TILE, tq) - 1 + off) / TILE + 1;    // key tiles with a key some row of the block sees
-  WarpMma<T, D> acc;
-  acc.zero();
+  float acc[D / 8][4] = {};
+  float l0 = 0.f, l1 = 0.f;
   for (int kt = 0; kt < kt_end; ++kt) {
-    const int j = kt * TILE + c;
-    load_tile<T, D>(sv, v, kt * TILE, tk);
-    const float y = j < tk ? lk[j] : 0.f;
+    cp_wait_all();
+    __syncthreads();  // tile kt landed; every warp is done with tile kt − 1, whose buffer the prefetch reuses
+    if (kt + 1 < kt_end) prefetch(kt + 1);
+    const int k0 = kt * TILE;
+    if (k0 > min(wr + 15 + off, tk - 1)) continue;  // no row of this warp sees the tile
+    const bool full = k0 + TILE - 1 <= min(wr + off, tk - 1);  // every row sees every key
+    const bf16* vt = sv_ + (kt & 1) * TILE * PITCH<D>;
+    const float* yt = slk + (kt & 1) * TILE;
 #pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-      const int r = r_first + k * SPLIT;
-      sp[r * ld_p<T> + c] = from_f<T>(visible(q0 + r, j, tq, off) ? expf(score(slq[r], y, it) - slse[r]) : 0.f);
+    for (int kc = 0; kc < TILE / 16; ++kc) {
+      const int c = kc * 16 + 2 * t4, j = k0 + c;  // this lane's keys: j, j+1, j+8, j+9
+      const float2 ya = *reinterpret_cast<const float2*>(yt + c), yb = *reinterpret_cast<const float2*>(yt + c + 8);
+      float p[8] = {ex2(fmaf(-a, fabsf(x0 - ya.x), c0)), ex2(fmaf(-a, fabsf(x0 - ya.y), c0)), ex2(fmaf(-a, fabsf(x1 - ya.x), c1)),
+                    ex2(fmaf(-a, fabsf(x1 - ya.y), c1)), ex2(fmaf(-a, fabsf(x0 - yb.x), c0)), ex2(fmaf(-a, fabsf(x0 - yb.y), c0)),
+                    ex2(fmaf(-a, fabsf(x1 - yb.x), c1)), ex2(fmaf(-a, fabsf(x1 - yb.y), c1))};
+      if (!full) {
+        const int jj[8] = {j, j + 1, j, j + 1, j + 8, j + 9, j + 8, j + 9};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) p[e] = jj[e] <= ((e / 2) % 2 ? last1 : last0) ? p[e] : 0.f;
+      }
+      l0 += (p[0] + p[1]) + (p[4] + p[5]), l1 += (p[2] + p[3]) + (p[6] + p[7]);  // unrounded: Σ p̃ is the softmax's norm
+      const uint32_t pa[4] = {pack(p[0], p[1]), pack(p[2], p[3]), pack(p[4], p[5]), pack(p[6], p[7])};
+#pragma unroll
+      for (int n = 0; n < D / 16; ++n) {
+        uint32_t b[4];
+        ldsm_b_kn<D>(b, vt, kc * 16, n * 16);
+        mma(acc[2 * n], pa, b[0], b[1]);
+        mma(acc[2 * n + 1], pa, b[2], b[3]);
+      }
     }
-    __syncthreads();
-    acc.template mma<wmma::row_major, wmma::row_major, TILE>(sp + warp * 16 * ld_p<T>, ld_p<T>, sv, ld_v<T, D>);
-    __syncthreads();
   }
-  acc.store(so + warp * 16 * (D + FPAD), D + FPAD);
-  __syncthreads();
-  store_tile<T, D>(out, so, q0, tq);
-  if (out32) store_tile<float, D>(out32, so, q0, tq);
+  for (int s = 1; s < 4; s *= 2) l0 += __shfl_xor_sync(FULL, l0, s), l1 += __shfl_xor_sync(FULL, l1, s);
+  const float i0 = 1.f / l0, i1 = 1.f / l1;  // a real row's nearest key gives p = 1, so l ≥ 1
+  if (t4 == 0 && r0 < tq) mx[r0] = c0, inv_l[r0] = i0;
+  if (t4 == 0 && r1 < tq) mx[r1] = c1, inv_l[r1] = i1;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int c = n * 8 + 2 * t4;
+    if (r0 < tq) {
+      *reinterpret_cast<uint32_t*>(out + r0 * so.t + c) = pack(acc[n][0] * i0, acc[n][1] * i0);
+      *reinterpret_cast<float2*>(out32 + static_cast<int64_t>(r0) * D + c) = make_float2(acc[n][0] * i0, acc[n][1] * i0);
+    }
+    if (r1 < tq) {
+      *reinterpret_cast<uint32_t*>(out + r1 * so.t + c) = pack(acc[n][2] * i1, acc[n][3] * i1);
+      *reinterpret_cast<float2*>(out32 + static_cast<int64_t>(r1) * D + c) = make_float2(acc[n][2] * i1, acc[n][3] * i1);
+    }
+  }
 }
 
 // Δ_i = dout_i · out_i (= Σ_j p_ij dP_ij), one warp a row, from the fp32 output: with bf16's rounded one, Δ's error
 // reaches every dS_ij of the row, and dinv_temp (a sum over all pairs, mostly cancelling) was off by 1.6% on the H200.
-template <typename T, int D>
-__global__ void __launch_bounds__(NT) tau_delta(const T* __restrict__ dout, const float* __restrict__ out, float* __restrict__ delta, int64_t rows) {
+template <int D>
+__global__ void __launch_bounds__(NT) tau_delta(const bf16* __restrict__ dout, Strides sd, const float* __restrict__ out32, float* __restrict__ delta, int heads,
+                                                int tq, int64_t rows) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * WARPS + threadIdx.x / 32;
   if (row >= rows) return;  // a whole warp leaves together
+  const bf16* dr = dout + sd.base(static_cast<int>(row / tq), heads) + (row % tq) * sd.t;
   float s = 0.f;
-  for (int d = threadIdx.x % 32; d < D; d += 32) s += to_f(dout[row * D + d]) * out[row * D + d];
-  s = warp_sum(s);
+  for (int d = threadIdx.x % 32; d < D; d += 32) s += __bfloat162float(dr[d]) * out32[row * D + d];
+  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(FULL, s, o);
   if (threadIdx.x % 32 == 0) delta[row] = s;
 }
 
-// Dynamic shared memory of the backward: byte offsets.
-template <typename T, int D> struct BwdSmem {
-  static constexpr int ld_f = (TILE > D ? TILE : D) + FPAD;
-  static constexpr int v = 0;                                            // the block's keys' V
-  static constexpr int dout = v + align128(TILE * ld_v<T, D> * sizeof(T));  // a query tile's dout
-  static constexpr int p = dout + align128(TILE * ld_v<T, D> * sizeof(T));
-  static constexpr int f = p + align128(TILE * ld_p<T> * sizeof(T));       // fp32: dP, then g = ds·sign; last the dV tile
-  static constexpr int rows = f + align128(TILE * ld_f * 4);              // λq, lse, Δ of the query tile
-  static constexpr int red = rows + 3 * TILE * 4;                         // NT column partials, then WARPS partials
-  static constexpr int bytes = red + (NT + WARPS) * 4;
+// A query tile's dλq = −it·Σ over the block's keys, from each warp's partial sums (which are then zeroed for the tile
+// after next), added into global memory: other key blocks add theirs.
+__device__ inline void flush_dlq(float* part, float* dlq, int q0, int tq, float it) {
+  for (int r = threadIdx.x; r < TILE; r += NT) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) s += part[w * TILE + r], part[w * TILE + r] = 0.f;
+    if (q0 + r < tq) atomicAdd(dlq + q0 + r, -it * s);
+  }
+}
+
+template <int D> struct BwdSmem {
+  static constexpr int v = 0;                                  // the block's keys' V [TILE][PITCH] bf16
+  static constexpr int dout = v + TILE * PITCH<D> * 2;         // [2][TILE][PITCH] bf16
+  static constexpr int rows = dout + 2 * TILE * PITCH<D> * 2;  // [2][4][TILE] fp32: λq, max, 1/Σp̃, Δ of a query tile
+  static constexpr int dlq = rows + 2 * 4 * TILE * 4;          // [2][WARPS][TILE] fp32: a query tile's dλq over each warp's keys
+  static constexpr int red = dlq + 2 * WARPS * TILE * 4;       // [WARPS] fp32
+  static constexpr int bytes = red + WARPS * 4;
 };
 
-// One block: TILE keys of one (batch, head), looping over the query tiles that see them. Grid (B·H, ⌈Tk/TILE⌉).
-// dV and dλk are the block's own; dλq and dinv_temp gather over blocks by atomics, so they must start at zero.
-template <typename T, int D>
-__global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq, const float* __restrict__ lk, const T* __restrict__ v,
-                                                   const float* __restrict__ inv_temp, const T* __restrict__ dout,
-                                                   const float* __restrict__ lse, const float* __restrict__ delta,
-                                                   float* __restrict__ dlq, float* __restrict__ dlk, T* __restrict__ dv,
-                                                   float* __restrict__ dit, int heads, int tq, int tk) {
-  using S = BwdSmem<T, D>;
-  constexpr int ld_s = TILE + FPAD;  // dP and g in the fp32 buffer
+// Grid (⌈Tk/TILE⌉, B·H); key tile 0, which the most query tiles see, first. dV and dλk are the block's own; dλq and
+// dinv_temp gather over blocks by atomics, so they must start at zero.
+template <int D>
+__global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq, const float* __restrict__ lk, const bf16* __restrict__ v, Strides sv,
+                                                   const float* __restrict__ inv_temp, const bf16* __restrict__ dout, Strides sd,
+                                                   const float* __restrict__ mx, const float* __restrict__ inv_l, const float* __restrict__ delta, float* __restrict__ dlq,
+                                                   float* __restrict__ dlk, bf16* __restrict__ dv, Strides sdv, float* __restrict__ dit, int heads, int tq,
+                                                   int tk) {
+  using S = BwdSmem<D>;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* sv = reinterpret_cast<T*>(smem + S::v);
-  T* sdo = reinterpret_cast<T*>(smem + S::dout);
-  T* sp = reinterpret_cast<T*>(smem + S::p);
-  float* sf = reinterpret_cast<float*>(smem + S::f);
-  float* slq = reinterpret_cast<float*>(smem + S::rows);
-  float* slse = slq + TILE;
-  float* sdelta = slse + TILE;
+  bf16* sv_ = reinterpret_cast<bf16*>(smem + S::v);
+  bf16* sdo = reinterpret_cast<bf16*>(smem + S::dout);
+  float* srows = reinterpret_cast<float*>(smem + S::rows);
+  float* sdlq = reinterpret_cast<float*>(smem + S::dlq);
   float* sred = reinterpret_cast<float*>(smem + S::red);
-  const int64_t bh = blockIdx.x;
-  const int j0 = blockIdx.y * TILE, off = tk - tq, warp = threadIdx.x / 32;
-  const int c = threadIdx.x % TILE, r_first = threadIdx.x / TILE, j = j0 + c;  // this thread's key (column) and first row
-  const float it = inv_temp[bh % heads];
-  lq += bh * tq, lse += bh * tq, delta += bh * tq, dlq += bh * tq, lk += bh * tk, dlk += bh * tk;
-  v += bh * tk * D, dv += bh * tk * D, dout += bh * tq * D;
+  const int bh = blockIdx.y, j0 = blockIdx.x * TILE, off = tk - tq;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+  const float it = inv_temp[bh % heads], a = it * LOG2E;
+  lq += static_cast<int64_t>(bh) * tq, mx += static_cast<int64_t>(bh) * tq, inv_l += static_cast<int64_t>(bh) * tq, delta += static_cast<int64_t>(bh) * tq, dlq += static_cast<int64_t>(bh) * tq;
+  lk += static_cast<int64_t>(bh) * tk, dlk += static_cast<int64_t>(bh) * tk;
+  v += sv.base(bh, heads), dout += sd.base(bh, heads), dv += sdv.base(bh, heads);
 
-  load_tile<T, D>(sv, v, j0, tk);
-  const float y = j < tk ? lk[j] : 0.f;
-  float dlk_part = 0.f, dit_part = 0.f;
-  WarpMma<T, D> dv_acc;
-  dv_acc.zero();
-  for (int q0 = max(0, j0 - off) / TILE * TILE; q0 < tq; q0 += TILE) {  // from the first query that sees key j0
-    load_tile<T, D>(sdo, dout, q0, tq);
-    for (int r = threadIdx.x; r < TILE; r += NT) {
-      const bool real = q0 + r < tq;
-      slq[r] = real ? lq[q0 + r] : 0.f;
-      slse[r] = real ? lse[q0 + r] : 0.f;
-      sdelta[r] = real ? delta[q0 + r] : 0.f;
-    }
-    __syncthreads();
-    float p[PER_THREAD];
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {
-      const int r = r_first + k * SPLIT;
-      p[k] = visible(q0 + r, j, tq, off) ? expf(score(slq[r], y, it) - slse[r]) : 0.f;
-      sp[r * ld_p<T> + c] = from_f<T>(p[k]);
-    }
-    {  // dP = dout·Vᵀ, this warp's 16 query rows
-      WarpMma<T, TILE> dp;
-      dp.zero();
-      dp.template mma<wmma::row_major, wmma::col_major, D>(sdo + warp * 16 * ld_v<T, D>, ld_v<T, D>, sv, ld_v<T, D>);
-      dp.store(sf + warp * 16 * ld_s, ld_s);
-    }
-    __syncthreads();
-    // dV += Pᵀ·dout, this warp's 16 keys
-    dv_acc.template mma<wmma::col_major, wmma::row_major, TILE>(sp + warp * 16, ld_p<T>, sdo, ld_v<T, D>);
-#pragma unroll
-    for (int k = 0; k < PER_THREAD; ++k) {  // ds = p(dP − Δ); g = ds·sign(λq − λk) replaces dP
-      const int r = r_first + k * SPLIT;
-      const float d = slq[r] - y, ds = p[k] * (sf[r * ld_s + c] - sdelta[r]), g = ds * sign(d);
-      sf[r * ld_s + c] = g;
-      dlk_part += g;
-      dit_part += ds * fabsf(d);
-    }
-    __syncthreads();
-    {  // dλq_i = −it·Σ_j g_ij over this block's keys; the other key tiles' blocks add theirs
-      const int r = threadIdx.x / SPLIT, part = threadIdx.x % SPLIT;
-      float s = 0.f;
-      for (int cc = part; cc < TILE; cc += SPLIT) s += sf[r * ld_s + cc];
-      s = row_reduce(s, [](float a, float b) { return a + b; });
-      if (part == 0 && q0 + r < tq) atomicAdd(dlq + q0 + r, -it * s);
-    }
-    // No barrier here: the next tile's loads touch neither sf nor sp before the next barrier, and dV's reads of
-    // sdo and sp ended before the last one.
-  }
-  __syncthreads();  // the last row sums have read sf
-  sred[threadIdx.x] = dlk_part;
-  dit_part = warp_sum(dit_part);
-  if (threadIdx.x % 32 == 0) sred[NT + warp] = dit_part;
-  dv_acc.store(sf + warp * 16 * (D + FPAD), D + FPAD);
+  const int q_first = max(0, j0 - off) / TILE * TILE;  // the first query tile that sees key j0
+  auto prefetch = [&](int q0) {
+    const int b = q0 / TILE & 1;
+    load_rows<D>(sdo + b * TILE * PITCH<D>, dout, sd.t, q0, tq);
+    load_floats(srows + b * 4 * TILE, lq, q0, tq);
+    load_floats(srows + b * 4 * TILE + TILE, mx, q0, tq);
+    load_floats(srows + b * 4 * TILE + 2 * TILE, inv_l, q0, tq);
+    load_floats(srows + b * 4 * TILE + 3 * TILE, delta, q0, tq);
+    cp_commit();
+  };
+  load_rows<D>(sv_, v, sv.t, j0, tk);
+  prefetch(q_first);
+  for (int i = threadIdx.x; i < 2 * WARPS * TILE; i += NT) sdlq[i] = 0.f;
+
+  // This thread's keys kA (row g of the warp's 16) and kB = kA + 8.
+  const int wk = j0 + warp * 16, kA = wk + g, kB = kA + 8;
+  const float yA = kA < tk ? lk[kA] : 0.f, yB = kB < tk ? lk[kB] : 0.f;
+  float dlkA = 0.f, dlkB = 0.f, dit_part = 0.f;
+  float dva[D / 8][4] = {};
+  uint32_t va[D / 16][4];  // the warp's 16 rows of V, the A operand of dPᵀ = V·doutᵀ, kept in registers
+  cp_wait_all();
   __syncthreads();
-  if (threadIdx.x < TILE && j < tk) {  // dλk_j = it·Σ_i g_ij, from the SPLIT threads of column j
-    float s = 0.f;
-    for (int k = 0; k < SPLIT; ++k) s += sred[threadIdx.x + k * TILE];
-    dlk[j] = it * s;
+#pragma unroll
+  for (int kc = 0; kc < D / 16; ++kc) ldsm(va[kc], sv_ + (warp * 16 + lane % 16) * PITCH<D> + kc * 16 + lane / 16 * 8);
+
+  for (int q0 = q_first; q0 < tq; q0 += TILE) {
+    if (q0 > q_first) {
+      cp_wait_all();
+      __syncthreads();  // tile q0 landed; every warp is done with the previous tile
+      flush_dlq(sdlq + ((q0 / TILE - 1) & 1) * WARPS * TILE, dlq, q0 - TILE, tq, it);
+    }
+    if (q0 + TILE < tq) prefetch(q0 + TILE);
+    if (q0 + TILE - 1 + off < wk) continue;  // no query of the tile sees this warp's keys
+    const int b = q0 / TILE & 1;
+    const bf16* dot = sdo + b * TILE * PITCH<D>;
+    const float *xq = srows + b * 4 * TILE, *mq = xq + TILE, *il = mq + TILE, *dl = il + TILE;
+    float* wdlq = sdlq + (b * WARPS + warp) * TILE;
+    const bool full = q0 + TILE <= tq && wk + 15 <= q0 + off;  // every query real and seeing every key of the warp
+#pragma unroll 1
+    for (int h0 = 0; h0 < TILE; h0 += 32) {  // 32 queries at a time: fewer live registers, more warps resident
+      float dp[4][4] = {};  // dPᵀ: the warp's 16 keys × 32 queries
+#pragma unroll
+      for (int kc = 0; kc < D / 16; ++kc)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          uint32_t r[4];
+          ldsm_b_nk<D>(r, dot, kc * 16, h0 + n * 16);
+          mma(dp[2 * n], va[kc], r[0], r[1]);
+          mma(dp[2 * n + 1], va[kc], r[2], r[3]);
+        }
+      uint32_t pa[2][4];  // Pᵀ in bf16, the A operand of dV += Pᵀ·dout
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        float pk[4];  // (kA, c), (kA, c+1), (kB, c), (kB, c+1)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = h0 + n * 8 + 2 * t4 + e, i = q0 + c;
+          const float x = xq[c], m = mq[c], inv = il[c], del = dl[c];
+          const float dA = x - yA, dB = x - yB;
+          float pA = bf16_round(ex2(fmaf(-a, fabsf(dA), m))) * inv, pB = bf16_round(ex2(fmaf(-a, fabsf(dB), m))) * inv;
+          if (!full) {
+            const bool real = i < tq;
+            pA = real && kA <= i + off ? pA : 0.f;
+            pB = real && kB <= i + off ? pB : 0.f;
+          }
+          const float sA = pA * (dp[n][e] - del), sB = pB * (dp[n][2 + e] - del);  // dS
+          const float gA = signed_by(sA, dA), gB = signed_by(sB, dB);
+          dlkA += gA, dlkB += gB;
+          dit_part += sA * fabsf(dA) + sB * fabsf(dB);
+          float col = gA + gB;  // dλq_i's part from this warp's 16 keys: sum over the 8 lane groups
+          for (int s = 4; s < 32; s *= 2) col += __shfl_xor_sync(FULL, col, s);
+          if (g == 0) wdlq[c] = col;
+          pk[e] = pA, pk[2 + e] = pB;
+        }
+        pa[n / 2][(n % 2) * 2] = pack(pk[0], pk[1]);
+        pa[n / 2][(n % 2) * 2 + 1] = pack(pk[2], pk[3]);
+      }
+#pragma unroll
+      for (int kq = 0; kq < 2; ++kq)
+#pragma unroll
+        for (int n = 0; n < D / 16; ++n) {
+          uint32_t r[4];
+          ldsm_b_kn<D>(r, dot, h0 + kq * 16, n * 16);
+          mma(dva[2 * n], pa[kq], r[0], r[1]);
+          mma(dva[2 * n + 1], pa[kq], r[2], r[3]);
+        }
+    }
   }
-  if (threadIdx.x == 0) {  // dinv_temp = −Σ ds·|λq − λk|
+  __syncthreads();  // the last tile's dλq is complete
+  const int last = (tq - 1) / TILE * TILE;
+  flush_dlq(sdlq + (last / TILE & 1) * WARPS * TILE, dlq, last, tq, it);
+
+  for (int s = 1; s < 4; s *= 2) dlkA += __shfl_xor_sync(FULL, dlkA, s), dlkB += __shfl_xor_sync(FULL, dlkB, s);
+  if (t4 == 0 && kA < tk) dlk[kA] = it * dlkA;  // dλk_j = it·Σ_i dS_ij·sign(λq_i − λk_j)
+  if (t4 == 0 && kB < tk) dlk[kB] = it * dlkB;
+  for (int o = 16; o > 0; o /= 2) dit_part += __shfl_xor_sync(FULL, dit_part, o);
+  if (lane == 0) sred[warp] = dit_part;
+  __syncthreads();
+  if (threadIdx.x == 0) {  // dinv_temp = −Σ dS·|λq − λk|
     float s = 0.f;
-    for (int w = 0; w < WARPS; ++w) s += sred[NT + w];
+    for (int w = 0; w < WARPS; ++w) s += sred[w];
     atomicAdd(dit + bh % heads, -s);
   }
-  store_tile<T, D>(dv, sf, j0, tk);
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int c = n * 8 + 2 * t4;
+    if (kA < tk) *reinterpret_cast<uint32_t*>(dv + kA * sdv.t + c) = pack(dva[n][0], dva[n][1]);
+    if (kB < tk) *reinterpret_cast<uint32_t*>(dv + kB * sdv.t + c) = pack(dva[n][2], dva[n][3]);
+  }
 }
 
-template <typename T> struct Type { using type = T; };
-
-// Calls f(Type<T>, integral_constant<D>) for V's dtype and the head dim; an unsupported D is cudaErrorInvalidValue
-// (kernels/ext.cpp refuses it first, with a message).
-template <typename F> cudaError_t dispatch(int is_bf16, int d, F f) {
-  auto by_dim = [&](auto t) -> cudaError_t {
-    switch (d) {
-      case 32: return f(t, std::integral_constant<int, 32>{});
-      case 64: return f(t, std::integral_constant<int, 64>{});
-      case 128: return f(t, std::integral_constant<int, 128>{});
-    }
-    return cudaErrorInvalidValue;
-  };
-  return is_bf16 ? by_dim(Type<bf16>{}) : by_dim(Type<float>{});
+// Calls f(integral_constant<D>) for the head dim; an unsupported D is cudaErrorInvalidValue (kernels/ext.cpp refuses
+// it first, with a message).
+template <typename F> cudaError_t dispatch(int d, F f) {
+  switch (d) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+  }
+  return cudaErrorInvalidValue;
 }
 
-constexpr int n_tiles(int n) { return (n + TILE - 1) / TILE; }
+constexpr unsigned n_tiles(int n) { return (n + TILE - 1) / TILE; }
 }  // namespace
 
-// out [BH, Tq, D] and lse [BH, Tq] from lq [BH, Tq], lk [BH, Tk], v [BH, Tk, D], inv_temp [heads] (head = bh % heads);
-// out32, when not null, gets the same output in fp32 (for the backward's Δ when V is bf16). All contiguous on the
-// current device, v, out and out32 16-byte aligned, 1 ≤ Tq ≤ Tk. Returns a cudaError_t.
-extern "C" int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const float* inv_temp, void* out, float* out32, float* lse,
-                                    int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream) {
-  return dispatch(is_bf16, d, [&](auto t, auto dim) -> cudaError_t {
-    using T = typename decltype(t)::type;
-    constexpr int D = decltype(dim)::value, smem = FwdSmem<T, D>::bytes;
-    if (cudaError_t e = cudaFuncSetAttribute(tau_forward<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) return e;
-    tau_forward<T, D><<<dim3(bh, n_tiles(tq)), NT, smem, stream>>>(lq, lk, static_cast<const T*>(v), inv_temp, static_cast<T*>(out), out32, lse, heads, tq, tk);
+// out [B,H,Tq,D] (strides so, bf16) and each row's max (in log2 units) and 1/Σp̃ [BH, Tq] from lq [BH, Tq], lk [BH, Tk], v [B,H,Tk,D] (strides sv, bf16),
+// inv_temp [heads] (head = bh % heads); out32 [BH, Tq, D] gets the same output in fp32 (for the backward's Δ). λ,
+// inv_temp, mx, inv_l, out32 contiguous; v and out start on 16 bytes, their strides multiples of 8; 1 ≤ Tq ≤ Tk. Returns a
+// cudaError_t.
+extern "C" int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, void* out, const int64_t* so,
+                                    float* out32, float* mx, float* inv_l, int bh, int heads, int tq, int tk, int d, cudaStream_t stream) {
+  return dispatch(d, [&](auto dim) -> cudaError_t {
+    constexpr int D = decltype(dim)::value, smem = FwdSmem<D>::bytes;
+    if (cudaError_t e = cudaFuncSetAttribute(tau_forward<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) return e;
+    tau_forward<D><<<dim3(n_tiles(tq), bh), NT, smem, stream>>>(lq, lk, static_cast<const bf16*>(v), Strides{sv[0], sv[1], sv[2]}, inv_temp,
+                                                               static_cast<bf16*>(out), Strides{so[0], so[1], so[2]}, out32, mx, inv_l, heads, tq, tk);
     return cudaGetLastError();
   });
 }
 
-// Gradients of the forward above for dout [BH, Tq, D] (contiguous, 16-byte aligned): dlq, dlk [BH, T], dv [BH, Tk, D],
-// dinv_temp [heads], given the forward's output in fp32. dlq and dinv_temp must be zeros (atomics add into them); delta
-// [BH, Tq] is scratch.
-extern "C" int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const float* inv_temp, const float* out32,
-                                     const void* dout, const float* lse, float* delta, float* dlq, float* dlk, void* dv, float* dinv_temp,
-                                     int bh, int heads, int tq, int tk, int d, int is_bf16, cudaStream_t stream) {
-  return dispatch(is_bf16, d, [&](auto t, auto dim) -> cudaError_t {
-    using T = typename decltype(t)::type;
-    constexpr int D = decltype(dim)::value, smem = BwdSmem<T, D>::bytes;
+// Gradients of the forward above for dout [B,H,Tq,D] (strides sd, same rules as v): dlq, dlk [BH, T] fp32, dv
+// [B,H,Tk,D] (strides sdv), dinv_temp [heads], given the forward's out32, mx and inv_l. dlq and dinv_temp must be zeros
+// (atomics add into them); delta [BH, Tq] is scratch.
+extern "C" int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, const float* out32,
+                                     const void* dout, const int64_t* sd, const float* mx, const float* inv_l, float* delta, float* dlq, float* dlk, void* dv, const int64_t* sdv,
+                                     float* dinv_temp, int bh, int heads, int tq, int tk, int d, cudaStream_t stream) {
+  return dispatch(d, [&](auto dim) -> cudaError_t {
+    constexpr int D = decltype(dim)::value, smem = BwdSmem<D>::bytes;
     const int64_t rows = static_cast<int64_t>(bh) * tq;
-    tau_delta<T, D><<<static_cast<unsigned>((rows + WARPS - 1) / WARPS), NT, 0, stream>>>(static_cast<const T*>(dout), out32, delta, rows);
-    if (cudaError_t e = cudaFuncSetAttribute(tau_backward<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) return e;
-    tau_backward<T, D><<<dim3(bh, n_tiles(tk)), NT, smem, stream>>>(lq, lk, static_cast<const T*>(v), inv_temp, static_cast<const T*>(dout), lse, delta,
-                                                                   dlq, dlk, static_cast<T*>(dv), dinv_temp, heads, tq, tk);
+    const Strides s_d{sd[0], sd[1], sd[2]};
+    tau_delta<D><<<static_cast<unsigned>((rows + WARPS - 1) / WARPS), NT, 0, stream>>>(static_cast<const bf16*>(dout), s_d, out32, delta, heads, tq, rows);
+    if (cudaError_t e = cudaFuncSetAttribute(tau_backward<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) return e;
+    tau_backward<D><<<dim3(n_tiles(tk), bh), NT, smem, stream>>>(lq, lk, static_cast<const bf16*>(v), Strides{sv[0], sv[1], sv[2]}, inv_temp,
+                                                                 static_cast<const bf16*>(dout), s_d, mx, inv_l, delta, dlq, dlk, static_cast<bf16*>(dv),
+                                                                 Strides{sdv[0], sdv[1], sdv[2]}, dinv_temp, heads, tq, tk);
     return cudaGetLastError();
   });
 }
