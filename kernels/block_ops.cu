@@ -247,16 +247,20 @@ __device__ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t 
 }
 
 // Shared memory: M's B fragments, part-major, then k-chunk, then 8-column tile, then lane: {b0, b1} adjacent.
-template <int D> constexpr size_t lam_smem() { return sizeof(uint2) * LAM_PARTS * (D / 16) * (D / 8) * 32; }
+template <int D> constexpr size_t lam_smem() { return sizeof(uint2) * LAM_PARTS * (D / 16) * (D / 8) * 32; }  // = lam_words
 
 template <int D> __device__ inline const uint2& lam_frag(const uint2* sf, int part, int kc, int nt) {
   return sf[((part * (D / 16) + kc) * (D / 8) + nt) * 32 + threadIdx.x % 32];
 }
 
-// M (fp32 [D, D], row-major) split into its bf16 terms, laid out as lam_frag reads them. Lane (g, t) of tile (kc, nt)
-// holds M[k][n], M[k+1][n] and M[k+8][n], M[k+9][n] for k = 16kc + 2t, n = 8nt + g.
-template <int D> __device__ void lam_split(uint2* sf, const float* m) {
-  for (int w = threadIdx.x; w < LAM_PARTS * (D / 16) * (D / 8) * 32; w += LAM_NT) {
+template <int D> __host__ __device__ constexpr int lam_words() { return LAM_PARTS * (D / 16) * (D / 8) * 32; }
+
+// M (fp32 [D, D], row-major) split into its bf16 terms, laid out as lam_frag reads them, into global memory once a call
+// (every block of lambda_mma copies it). Lane (g, t) of tile (kc, nt) holds M[k][n], M[k+1][n] and M[k+8][n], M[k+9][n]
+// for k = 16kc + 2t, n = 8nt + g.
+template <int D> __global__ void __launch_bounds__(LAM_NT) lam_split(uint2* frags, const float* m) {
+  const int w = blockIdx.x * LAM_NT + threadIdx.x;
+  if (w < lam_words<D>()) {
     const int lane = w % 32, nt = w / 32 % (D / 8), kc = w / 32 / (D / 8) % (D / 16), part = w / 32 / (D / 8) / (D / 16);
     const int n = nt * 8 + lane / 4, k = kc * 16 + 2 * (lane % 4);
     float q[4] = {m[k * D + n], m[(k + 1) * D + n], m[(k + 8) * D + n], m[(k + 9) * D + n]};
@@ -265,17 +269,18 @@ template <int D> __device__ void lam_split(uint2* sf, const float* m) {
       float r = q[e];  // peel off part + 1 terms; keep the last
       for (int p = 0; p <= part; ++p) q[e] = bf16_round(r), r -= q[e];
     }
-    sf[w] = make_uint2(pack2(q[0], q[1]), pack2(q[2], q[3]));
+    frags[w] = make_uint2(pack2(q[0], q[1]), pack2(q[2], q[3]));
   }
 }
 
-// Forward (BWD false): e_out, lam_out [rows]. Backward: dx from e_in and dlam [rows]. m is L (forward) or L + Lᵀ.
+// Forward (BWD false): e_out, lam_out [rows]. Backward: dx from e_in and dlam [rows]. frags: lam_split of L (forward)
+// or L + Lᵀ.
 template <int D, bool BWD>
-__global__ void __launch_bounds__(LAM_NT) lambda_mma(const bf16* __restrict__ x, Rows rw, const float* __restrict__ m, const float* __restrict__ e_in,
+__global__ void __launch_bounds__(LAM_NT) lambda_mma(const bf16* __restrict__ x, Rows rw, const uint2* __restrict__ frags, const float* __restrict__ e_in,
                                                      const float* __restrict__ dlam, float* __restrict__ e_out, float* __restrict__ lam_out, bf16* __restrict__ dx,
                                                      int64_t rows, float eps, float tau) {
   extern __shared__ uint2 sf[];
-  lam_split<D>(sf, m);
+  for (int i = threadIdx.x; i < lam_words<D>(); i += LAM_NT) sf[i] = frags[i];
   __syncthreads();
   const int lane = threadIdx.x % 32, t = lane % 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * (LAM_NT / 32) * 16;
@@ -347,15 +352,17 @@ __global__ void __launch_bounds__(LAM_NT) lambda_mma(const bf16* __restrict__ x,
 }
 
 template <bool BWD>
-cudaError_t lam_launch(const void* x, Rows rw, const float* m, const float* e_in, const float* dlam, float* e_out, float* lam_out, void* dx, int64_t rows, int d,
-                       float eps, float tau, cudaStream_t s) {
+cudaError_t lam_launch(const void* x, Rows rw, const float* m, void* scratch, const float* e_in, const float* dlam, float* e_out, float* lam_out, void* dx,
+                       int64_t rows, int d, float eps, float tau, cudaStream_t s) {
   auto go = [&](auto dim) -> cudaError_t {
     constexpr int D = decltype(dim)::value;
     constexpr size_t smem = lam_smem<D>();
     if (cudaError_t err = cudaFuncSetAttribute(lambda_mma<D, BWD>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) return err;
     // each block splits M once, so blocks stride over many rows: a few blocks an SM
+    uint2* frags = static_cast<uint2*>(scratch);
+    lam_split<D><<<(lam_words<D>() + LAM_NT - 1) / LAM_NT, LAM_NT, 0, s>>>(frags, m);
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows + LAM_NT / 2 - 1) / (LAM_NT / 2), 132 * 4));
-    lambda_mma<D, BWD><<<blocks, LAM_NT, smem, s>>>(static_cast<const bf16*>(x), rw, m, e_in, dlam, e_out, lam_out, static_cast<bf16*>(dx), rows, eps, tau);
+    lambda_mma<D, BWD><<<blocks, LAM_NT, smem, s>>>(static_cast<const bf16*>(x), rw, frags, e_in, dlam, e_out, lam_out, static_cast<bf16*>(dx), rows, eps, tau);
     return cudaGetLastError();
   };
   switch (d) {
@@ -367,15 +374,17 @@ cudaError_t lam_launch(const void* x, Rows rw, const float* m, const float* e_in
 }
 }  // namespace
 
-// x (bf16) rows as described by (sb, sh, st, heads, t); e, lam [rows] fp32 out. lap [d, d] fp32, d ∈ {32, 64, 128}.
-// Returns a cudaError_t.
-extern "C" int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, float* e, float* lam, int64_t rows, int d,
-                             float eps, float tau, cudaStream_t s) {
-  return lam_launch<false>(x, Rows{sb, sh, st, heads, t}, lap, nullptr, nullptr, e, lam, nullptr, rows, d, eps, tau, s);
+// x (bf16) rows as described by (sb, sh, st, heads, t); e, lam [rows] fp32 out. lap [d, d] fp32, d ∈ {32, 64, 128};
+// scratch: tg_lambda_scratch_bytes(d) bytes on the device, 8-byte aligned. Returns a cudaError_t.
+extern "C" int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, void* scratch, float* e, float* lam, int64_t rows,
+                             int d, float eps, float tau, cudaStream_t s) {
+  return lam_launch<false>(x, Rows{sb, sh, st, heads, t}, lap, scratch, nullptr, nullptr, e, lam, nullptr, rows, d, eps, tau, s);
 }
 
+extern "C" int64_t tg_lambda_scratch_bytes(int d) { return static_cast<int64_t>(sizeof(uint2)) * LAM_PARTS * (d / 16) * (d / 8) * 32; }
+
 // dx (x's strides, bf16) from dlam [rows] fp32; lap_sym = L + Lᵀ.
-extern "C" int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, const float* e, const float* dlam, void* dx,
-                             int64_t rows, int d, float eps, float tau, cudaStream_t s) {
-  return lam_launch<true>(x, Rows{sb, sh, st, heads, t}, lap_sym, e, dlam, nullptr, nullptr, dx, rows, d, eps, tau, s);
+extern "C" int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, void* scratch, const float* e,
+                             const float* dlam, void* dx, int64_t rows, int d, float eps, float tau, cudaStream_t s) {
+  return lam_launch<true>(x, Rows{sb, sh, st, heads, t}, lap_sym, scratch, e, dlam, nullptr, nullptr, dx, rows, d, eps, tau, s);
 }

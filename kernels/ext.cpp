@@ -627,10 +627,11 @@ extern "C" int tg_foreach_zero_(at::Tensor** a, int n, char* err, size_t errlen)
 // ---- taumode's energies through kernels/block_ops.cu: x [B, heads, T, D] (bf16, D contiguous) → E and
 // λ = E/(E+τ), [B, heads, T] fp32; λ differentiable with respect to x, E a constant (calibration and diagnostics).
 extern "C" {
-int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, float* e, float* lam, int64_t rows, int d, float eps,
-                  float tau, cudaStream_t s);
-int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, const float* e, const float* dlam, void* dx,
-                  int64_t rows, int d, float eps, float tau, cudaStream_t s);
+int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, void* scratch, float* e, float* lam, int64_t rows, int d,
+                  float eps, float tau, cudaStream_t s);
+int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, void* scratch, const float* e, const float* dlam,
+                  void* dx, int64_t rows, int d, float eps, float tau, cudaStream_t s);
+int64_t tg_lambda_scratch_bytes(int d);
 }
 
 namespace {
@@ -650,7 +651,8 @@ struct TauLambda : public torch::autograd::Function<TauLambda> {
     TORCH_CHECK(h <= INT32_MAX && t <= INT32_MAX, "taumode (fused): too many heads or positions");
     auto e = at::empty({b, h, t}, x.options().dtype(at::kFloat)), lam = at::empty_like(e);
     if (rows > 0)
-      cuda_ok(tg_lambda_fwd(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(h), static_cast<int>(t), lap.data_ptr<float>(), e.data_ptr<float>(),
+      cuda_ok(tg_lambda_fwd(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(h), static_cast<int>(t), lap.data_ptr<float>(),
+                            at::empty({tg_lambda_scratch_bytes(static_cast<int>(d))}, x.options().dtype(at::kByte)).data_ptr(), e.data_ptr<float>(),
                             lam.data_ptr<float>(), rows, static_cast<int>(d), static_cast<float>(eps), static_cast<float>(tau), c10::cuda::getCurrentCUDAStream()),
               "taumode (fused) forward");
     ctx->save_for_backward({x, (lap + lap.t()).contiguous(), e});
@@ -671,7 +673,8 @@ struct TauLambda : public torch::autograd::Function<TauLambda> {
     if (!grads[1].defined()) return {dx.zero_(), at::Tensor(), at::Tensor(), at::Tensor()};
     auto dlam = grads[1].to(at::kFloat).contiguous();
     if (rows > 0)
-      cuda_ok(tg_lambda_bwd(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(h), static_cast<int>(t), lap_sym.data_ptr<float>(), e.data_ptr<float>(),
+      cuda_ok(tg_lambda_bwd(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(h), static_cast<int>(t), lap_sym.data_ptr<float>(),
+                            at::empty({tg_lambda_scratch_bytes(static_cast<int>(d))}, x.options().dtype(at::kByte)).data_ptr(), e.data_ptr<float>(),
                             dlam.data_ptr<float>(), dx.data_ptr(), rows, static_cast<int>(d), static_cast<float>(eps), static_cast<float>(tau),
                             c10::cuda::getCurrentCUDAStream()),
               "taumode (fused) backward");

@@ -38,7 +38,8 @@ __device__ inline float ex2(float x) {  // 2^x, one MUFU op (2 ulp)
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
-__device__ inline float signed_by(float s, float x) { return x != 0.f ? copysignf(s, x) : 0.f; }  // s·sign(x), sign(0) = 0 as abs's backward
+// s·sign(x), sign(0) = 0 as abs's backward: s with x's sign bit xored in
+__device__ inline float signed_by(float s, float x) { return x != 0.f ? __int_as_float(__float_as_int(s) ^ (__float_as_int(x) & 0x80000000)) : 0.f; }
 __device__ inline uint32_t pack(float lo, float hi) {  // two bf16, round to nearest even as torch, lo in the low half
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
@@ -92,9 +93,9 @@ template <int D> __device__ inline void load_rows(bf16* s, const bf16* g, int64_
     cp16(s + r * PITCH<D> + c, ok ? g + (r0 + r) * st + c : g, ok);
   }
 }
-// TILE floats x[r0..] into shared memory, asynchronously; past n as zeros.
-__device__ inline void load_floats(float* s, const float* x, int r0, int n) {
-  for (int r = threadIdx.x; r < TILE; r += NT) cp4(s + r, r0 + r < n ? x + r0 + r : x, r0 + r < n);
+// TILE floats x[r0..] into shared memory (every `step`-th float), asynchronously; past n as zeros.
+__device__ inline void load_floats(float* s, const float* x, int r0, int n, int step = 1) {
+  for (int r = threadIdx.x; r < TILE; r += NT) cp4(s + r * step, r0 + r < n ? x + r0 + r : x, r0 + r < n);
 }
 
 template <int D> struct FwdSmem {
@@ -194,37 +195,49 @@ __global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, 
   }
 }
 
-// Δ_i = dout_i · out_i (= Σ_j p_ij dP_ij), one warp a row, from the fp32 output: with bf16's rounded one, Δ's error
-// reaches every dS_ij of the row, and dinv_temp (a sum over all pairs, mostly cancelling) was off by 1.6% on the H200.
+// Δ_i = dout_i · out_i (= Σ_j p_ij dP_ij), D/8 lanes a row, 16-byte loads, from the fp32 output: with bf16's rounded
+// one, Δ's error reaches every dS_ij of the row, and dinv_temp (a sum over all pairs, mostly cancelling) was off by
+// 1.6% on the H200.
 template <int D>
 __global__ void __launch_bounds__(NT) tau_delta(const bf16* __restrict__ dout, Strides sd, const float* __restrict__ out32, float* __restrict__ delta, int heads,
                                                 int tq, int64_t rows) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * WARPS + threadIdx.x / 32;
-  if (row >= rows) return;  // a whole warp leaves together
-  const bf16* dr = dout + sd.base(static_cast<int>(row / tq), heads) + (row % tq) * sd.t;
+  constexpr int LANES = D / 8;  // lanes a row, 8 values each
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * NT + threadIdx.x) / LANES;
+  const int c = threadIdx.x % LANES * 8;
   float s = 0.f;
-  for (int d = threadIdx.x % 32; d < D; d += 32) s += __bfloat162float(dr[d]) * out32[row * D + d];
-  for (int o = 16; o > 0; o /= 2) s += __shfl_xor_sync(FULL, s, o);
-  if (threadIdx.x % 32 == 0) delta[row] = s;
+  if (row < rows) {
+    alignas(16) bf16 g[8];
+    *reinterpret_cast<uint4*>(g) = *reinterpret_cast<const uint4*>(dout + sd.base(static_cast<int>(row / tq), heads) + (row % tq) * sd.t + c);
+    const float4 o0 = *reinterpret_cast<const float4*>(out32 + row * D + c), o1 = *reinterpret_cast<const float4*>(out32 + row * D + c + 4);
+    const float o[8] = {o0.x, o0.y, o0.z, o0.w, o1.x, o1.y, o1.z, o1.w};
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s = fmaf(__bfloat162float(g[k]), o[k], s);
+  }
+  for (int o = LANES / 2; o > 0; o /= 2) s += __shfl_xor_sync(FULL, s, o);  // the row's lanes are adjacent
+  if (row < rows && threadIdx.x % LANES == 0) delta[row] = s;
 }
 
-// A query tile's dλq = −it·Σ over the block's keys, from each warp's partial sums (which are then zeroed for the tile
-// after next), added into global memory: other key blocks add theirs.
+// A query tile's dλq = −it·Σ over the block's keys, from the partial sums of each warp's 8 lane groups (zeroed here
+// for the tile after next: a warp that skips a tile writes none), added into global memory, where the other key
+// blocks add theirs. Two threads a query, 16 partials each.
 __device__ inline void flush_dlq(float* part, float* dlq, int q0, int tq, float it) {
-  for (int r = threadIdx.x; r < TILE; r += NT) {
-    float s = 0.f;
+  const int r = threadIdx.x % TILE, half = threadIdx.x / TILE;
+  static_assert(NT == 2 * TILE, "two threads a query");
+  float s = 0.f;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) s += part[w * TILE + r], part[w * TILE + r] = 0.f;
-    if (q0 + r < tq) atomicAdd(dlq + q0 + r, -it * s);
+  for (int k = 0; k < WARPS * 8 / 2; ++k) {
+    float* p = part + (half * WARPS * 8 / 2 + k) * TILE + r;
+    s += *p, *p = 0.f;
   }
+  if (q0 + r < tq) atomicAdd(dlq + q0 + r, -it * s);
 }
 
 template <int D> struct BwdSmem {
   static constexpr int v = 0;                                  // the block's keys' V [TILE][PITCH] bf16
   static constexpr int dout = v + TILE * PITCH<D> * 2;         // [2][TILE][PITCH] bf16
-  static constexpr int rows = dout + 2 * TILE * PITCH<D> * 2;  // [2][4][TILE] fp32: λq, max, 1/Σp̃, Δ of a query tile
-  static constexpr int dlq = rows + 2 * 4 * TILE * 4;          // [2][WARPS][TILE] fp32: a query tile's dλq over each warp's keys
-  static constexpr int red = dlq + 2 * WARPS * TILE * 4;       // [WARPS] fp32
+  static constexpr int rows = dout + 2 * TILE * PITCH<D> * 2;  // [2][TILE][4] fp32: λq, max, 1/Σp̃, Δ of a query tile's rows
+  static constexpr int dlq = rows + 2 * TILE * 4 * 4;          // [2][WARPS·8][TILE] fp32: dλq over each lane group's 2 keys
+  static constexpr int red = dlq + 2 * WARPS * 8 * TILE * 4;   // [WARPS] fp32
   static constexpr int bytes = red + WARPS * 4;
 };
 
@@ -254,15 +267,16 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
   auto prefetch = [&](int q0) {
     const int b = q0 / TILE & 1;
     load_rows<D>(sdo + b * TILE * PITCH<D>, dout, sd.t, q0, tq);
-    load_floats(srows + b * 4 * TILE, lq, q0, tq);
-    load_floats(srows + b * 4 * TILE + TILE, mx, q0, tq);
-    load_floats(srows + b * 4 * TILE + 2 * TILE, inv_l, q0, tq);
-    load_floats(srows + b * 4 * TILE + 3 * TILE, delta, q0, tq);
+    float* st = srows + b * 4 * TILE;  // a row's four numbers together: one 16-byte load
+    load_floats(st, lq, q0, tq, 4);
+    load_floats(st + 1, mx, q0, tq, 4);
+    load_floats(st + 2, inv_l, q0, tq, 4);
+    load_floats(st + 3, delta, q0, tq, 4);
     cp_commit();
   };
   load_rows<D>(sv_, v, sv.t, j0, tk);
   prefetch(q_first);
-  for (int i = threadIdx.x; i < 2 * WARPS * TILE; i += NT) sdlq[i] = 0.f;
+  for (int i = threadIdx.x; i < 2 * WARPS * 8 * TILE; i += NT) sdlq[i] = 0.f;
 
   // This thread's keys kA (row g of the warp's 16) and kB = kA + 8.
   const int wk = j0 + warp * 16, kA = wk + g, kB = kA + 8;
@@ -279,14 +293,14 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
     if (q0 > q_first) {
       cp_wait_all();
       __syncthreads();  // tile q0 landed; every warp is done with the previous tile
-      flush_dlq(sdlq + ((q0 / TILE - 1) & 1) * WARPS * TILE, dlq, q0 - TILE, tq, it);
+      flush_dlq(sdlq + ((q0 / TILE - 1) & 1) * WARPS * 8 * TILE, dlq, q0 - TILE, tq, it);
     }
     if (q0 + TILE < tq) prefetch(q0 + TILE);
     if (q0 + TILE - 1 + off < wk) continue;  // no query of the tile sees this warp's keys
     const int b = q0 / TILE & 1;
     const bf16* dot = sdo + b * TILE * PITCH<D>;
-    const float *xq = srows + b * 4 * TILE, *mq = xq + TILE, *il = mq + TILE, *dl = il + TILE;
-    float* wdlq = sdlq + (b * WARPS + warp) * TILE;
+    const float4* st = reinterpret_cast<const float4*>(srows + b * 4 * TILE);
+    float* wdlq = sdlq + ((b * WARPS + warp) * 8 + g) * TILE;
     const bool full = q0 + TILE <= tq && wk + 15 <= q0 + off;  // every query real and seeing every key of the warp
 #pragma unroll 1
     for (int h0 = 0; h0 < TILE; h0 += 32) {  // 32 queries at a time: fewer live registers, more warps resident
@@ -307,7 +321,8 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int c = h0 + n * 8 + 2 * t4 + e, i = q0 + c;
-          const float x = xq[c], m = mq[c], inv = il[c], del = dl[c];
+          const float4 q = st[c];  // λq, max, 1/Σp̃, Δ
+          const float x = q.x, m = q.y, inv = q.z, del = q.w;
           const float dA = x - yA, dB = x - yB;
           float pA = bf16_round(ex2(fmaf(-a, fabsf(dA), m))) * inv, pB = bf16_round(ex2(fmaf(-a, fabsf(dB), m))) * inv;
           if (!full) {
@@ -319,9 +334,7 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
           const float gA = signed_by(sA, dA), gB = signed_by(sB, dB);
           dlkA += gA, dlkB += gB;
           dit_part += sA * fabsf(dA) + sB * fabsf(dB);
-          float col = gA + gB;  // dλq_i's part from this warp's 16 keys: sum over the 8 lane groups
-          for (int s = 4; s < 32; s *= 2) col += __shfl_xor_sync(FULL, col, s);
-          if (g == 0) wdlq[c] = col;
+          wdlq[c] = gA + gB;  // dλq_i's part from this lane's two keys
           pk[e] = pA, pk[2 + e] = pB;
         }
         pa[n / 2][(n % 2) * 2] = pack(pk[0], pk[1]);
@@ -340,7 +353,7 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
   }
   __syncthreads();  // the last tile's dλq is complete
   const int last = (tq - 1) / TILE * TILE;
-  flush_dlq(sdlq + (last / TILE & 1) * WARPS * TILE, dlq, last, tq, it);
+  flush_dlq(sdlq + (last / TILE & 1) * WARPS * 8 * TILE, dlq, last, tq, it);
 
   for (int s = 1; s < 4; s *= 2) dlkA += __shfl_xor_sync(FULL, dlkA, s), dlkB += __shfl_xor_sync(FULL, dlkB, s);
   if (t4 == 0 && kA < tk) dlk[kA] = it * dlkA;  // dλk_j = it·Σ_i dS_ij·sign(λq_i − λk_j)
@@ -400,7 +413,7 @@ extern "C" int tg_tau_flash_backward(const float* lq, const float* lk, const voi
     constexpr int D = decltype(dim)::value, smem = BwdSmem<D>::bytes;
     const int64_t rows = static_cast<int64_t>(bh) * tq;
     const Strides s_d{sd[0], sd[1], sd[2]};
-    tau_delta<D><<<static_cast<unsigned>((rows + WARPS - 1) / WARPS), NT, 0, stream>>>(static_cast<const bf16*>(dout), s_d, out32, delta, heads, tq, rows);
+    tau_delta<D><<<static_cast<unsigned>((rows * (D / 8) + NT - 1) / NT), NT, 0, stream>>>(static_cast<const bf16*>(dout), s_d, out32, delta, heads, tq, rows);
     if (cudaError_t e = cudaFuncSetAttribute(tau_backward<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) return e;
     tau_backward<D><<<dim3(n_tiles(tk), bh), NT, smem, stream>>>(lq, lk, static_cast<const bf16*>(v), Strides{sv[0], sv[1], sv[2]}, inv_temp,
                                                                  static_cast<const bf16*>(dout), s_d, mx, inv_l, delta, dlq, dlk, static_cast<bf16*>(dv),
