@@ -1843,6 +1843,11 @@ fn launch(nproc: i64) -> Res<i32> {
         let mut c = std::process::Command::new(&exe);
         c.args(std::env::args().skip(1)).env("RANK", r.to_string()).env("LOCAL_RANK", r.to_string()).env("WORLD_SIZE", nproc.to_string())
             .env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", port.to_string());
+        if std::env::var_os("TORCH_CPP_LOG_LEVEL").is_none() {
+            // libtorch's store client logs a warning and a stack trace when a dead peer's socket resets; the rank's own
+            // error already says it in one line
+            c.env("TORCH_CPP_LOG_LEVEL", "ERROR");
+        }
         if r > 0 {
             c.stdout(std::process::Stdio::null()); // rank 0 speaks for the run; errors still reach stderr
         }
