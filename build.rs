@@ -9,6 +9,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels/ext.cpp");
+    println!("cargo:rerun-if-changed=kernels/mma_bf16.cuh"); // included by the .cu files
     for k in KERNELS {
         println!("cargo:rerun-if-changed={k}");
     }

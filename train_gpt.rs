@@ -16,7 +16,8 @@ use tch::{Device, Kind, Reduction, Tensor};
 
 const SOURCE: &str = include_str!("train_gpt.rs");
 const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp")), ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu")),
-                                         ("kernels/softcap_ce.cu", include_str!("kernels/softcap_ce.cu")), ("kernels/block_ops.cu", include_str!("kernels/block_ops.cu"))];
+                                         ("kernels/softcap_ce.cu", include_str!("kernels/softcap_ce.cu")), ("kernels/block_ops.cu", include_str!("kernels/block_ops.cu")),
+                                         ("kernels/mma_bf16.cuh", include_str!("kernels/mma_bf16.cuh"))];
 const SHARD_MAGIC: i32 = 20240520; // modded-nanogpt / llm.c token shard
 const SHARD_VERSION: i32 = 1;
 const HEADER_INTS: usize = 256;
@@ -948,7 +949,7 @@ fn tau_attention_chunked(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor
 }
 
 // The same attention through the CUDA kernels of kernels/tau_attn.cu: the scores are made tile by tile in registers,
-// fed to tensor cores and never stored; the backward recomputes them from λq, λk and each row's log-sum-exp. Memory
+// fed to tensor cores and never stored; the backward recomputes them from λq, λk and each row's max and softmax norm. Memory
 // O(B·H·T) beyond the inputs. λ and inv_temp fp32, head dim in FUSED_HEAD_DIMS. The kernel takes bf16 V (its products
 // are bf16 tensor-core ops); fp32 V, which wants fp32 products, goes through the chunked path with F32_TAU_CHUNK rows.
 // The output is a [B,H,Tq,D] view of [B,Tq,H,D] memory, as the output projection reads it.

@@ -11,7 +11,7 @@
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
+#include "mma_bf16.cuh"
 
 namespace {
 using bf16 = __nv_bfloat16;
@@ -226,6 +226,7 @@ extern "C" int tg_relu2_bwd(const void* u, const void* dh, void* du, int64_t n, 
 // quad's sum. x is [B, heads, T, D] with any strides but D's (q and k are transposed views of [B, T, heads, D]); dx
 // takes x's.
 namespace {
+using namespace tg;
 constexpr int LAM_NT = 128;
 constexpr int LAM_PARTS = 3;
 struct Rows {
@@ -234,33 +235,19 @@ struct Rows {
   __device__ int64_t at(int64_t r) const { return (r / (int64_t(heads) * t)) * sb + ((r / t) % heads) * sh + (r % t) * st; }
 };
 
-__device__ inline float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
-__device__ inline uint32_t pack2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ inline float2 unpack2(uint32_t w) { return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&w)); }
-__device__ inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // Shared memory: M's B fragments, part-major, then k-chunk, then 8-column tile, then lane: {b0, b1} adjacent.
-template <int D> constexpr size_t lam_smem() { return sizeof(uint2) * LAM_PARTS * (D / 16) * (D / 8) * 32; }  // = lam_words
+__host__ __device__ constexpr int lam_words(int d) { return LAM_PARTS * (d / 16) * (d / 8) * 32; }
 
 template <int D> __device__ inline const uint2& lam_frag(const uint2* sf, int part, int kc, int nt) {
   return sf[((part * (D / 16) + kc) * (D / 8) + nt) * 32 + threadIdx.x % 32];
 }
-
-template <int D> __host__ __device__ constexpr int lam_words() { return LAM_PARTS * (D / 16) * (D / 8) * 32; }
 
 // M (fp32 [D, D], row-major) split into its bf16 terms, laid out as lam_frag reads them, into global memory once a call
 // (every block of lambda_mma copies it). Lane (g, t) of tile (kc, nt) holds M[k][n], M[k+1][n] and M[k+8][n], M[k+9][n]
 // for k = 16kc + 2t, n = 8nt + g.
 template <int D> __global__ void __launch_bounds__(LAM_NT) lam_split(uint2* frags, const float* m) {
   const int w = blockIdx.x * LAM_NT + threadIdx.x;
-  if (w < lam_words<D>()) {
+  if (w < lam_words(D)) {
     const int lane = w % 32, nt = w / 32 % (D / 8), kc = w / 32 / (D / 8) % (D / 16), part = w / 32 / (D / 8) / (D / 16);
     const int n = nt * 8 + lane / 4, k = kc * 16 + 2 * (lane % 4);
     float q[4] = {m[k * D + n], m[(k + 1) * D + n], m[(k + 8) * D + n], m[(k + 9) * D + n]};
@@ -280,7 +267,7 @@ __global__ void __launch_bounds__(LAM_NT) lambda_mma(const bf16* __restrict__ x,
                                                      const float* __restrict__ dlam, float* __restrict__ e_out, float* __restrict__ lam_out, bf16* __restrict__ dx,
                                                      int64_t rows, float eps, float tau) {
   extern __shared__ uint2 sf[];
-  for (int i = threadIdx.x; i < lam_words<D>(); i += LAM_NT) sf[i] = frags[i];
+  for (int i = threadIdx.x; i < lam_words(D); i += LAM_NT) sf[i] = frags[i];
   __syncthreads();
   const int lane = threadIdx.x % 32, t = lane % 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * (LAM_NT / 32) * 16;
@@ -356,21 +343,16 @@ cudaError_t lam_launch(const void* x, Rows rw, const float* m, void* scratch, co
                        int64_t rows, int d, float eps, float tau, cudaStream_t s) {
   auto go = [&](auto dim) -> cudaError_t {
     constexpr int D = decltype(dim)::value;
-    constexpr size_t smem = lam_smem<D>();
+    constexpr size_t smem = sizeof(uint2) * lam_words(D);
     if (cudaError_t err = cudaFuncSetAttribute(lambda_mma<D, BWD>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) return err;
-    // each block splits M once, so blocks stride over many rows: a few blocks an SM
     uint2* frags = static_cast<uint2*>(scratch);
-    lam_split<D><<<(lam_words<D>() + LAM_NT - 1) / LAM_NT, LAM_NT, 0, s>>>(frags, m);
+    lam_split<D><<<(lam_words(D) + LAM_NT - 1) / LAM_NT, LAM_NT, 0, s>>>(frags, m);
+    // each block copies the fragments into shared memory once, so blocks stride over many rows: a few blocks an SM
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows + LAM_NT / 2 - 1) / (LAM_NT / 2), 132 * 4));
     lambda_mma<D, BWD><<<blocks, LAM_NT, smem, s>>>(static_cast<const bf16*>(x), rw, frags, e_in, dlam, e_out, lam_out, static_cast<bf16*>(dx), rows, eps, tau);
     return cudaGetLastError();
   };
-  switch (d) {
-    case 32: return go(std::integral_constant<int, 32>{});
-    case 64: return go(std::integral_constant<int, 64>{});
-    case 128: return go(std::integral_constant<int, 128>{});
-  }
-  return cudaErrorInvalidValue;
+  return with_head_dim(d, go);
 }
 }  // namespace
 
@@ -381,7 +363,7 @@ extern "C" int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, 
   return lam_launch<false>(x, Rows{sb, sh, st, heads, t}, lap, scratch, nullptr, nullptr, e, lam, nullptr, rows, d, eps, tau, s);
 }
 
-extern "C" int64_t tg_lambda_scratch_bytes(int d) { return static_cast<int64_t>(sizeof(uint2)) * LAM_PARTS * (d / 16) * (d / 8) * 32; }
+extern "C" int64_t tg_lambda_scratch_bytes(int d) { return static_cast<int64_t>(sizeof(uint2)) * lam_words(d); }
 
 // dx (x's strides, bf16) from dlam [rows] fp32; lap_sym = L + Lᵀ.
 extern "C" int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, void* scratch, const float* e,

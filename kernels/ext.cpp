@@ -309,6 +309,9 @@ void cuda_ok(int err, const char* what) {
   TORCH_CHECK(err == 0, what, ": ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
+// The head dims the tensor-core kernels (tau attention, taumode) are instantiated for (tg::with_head_dim).
+bool kernel_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }
+
 // Rows of D contiguous values that start on 16 bytes (the kernels load them as vectors) and tile memory without overlap
 // (empty_like then gives a gradient the same strides): x as it is, or a contiguous copy.
 at::Tensor row_vectors(const at::Tensor& x) {
@@ -328,7 +331,7 @@ struct TauFlash : public torch::autograd::Function<TauFlash> {
     TORCH_CHECK(lk_in.size(0) == b && lk_in.size(1) == h && v_in.size(0) == b && v_in.size(1) == h && v_in.size(2) == tk && it_in.size(0) == h,
                 "tau attention (fused): shapes disagree: λq ", lq_in.sizes(), ", λk ", lk_in.sizes(), ", V ", v_in.sizes(), ", inv_temp ", it_in.sizes());
     TORCH_CHECK(1 <= tq && tq <= tk && tk <= INT32_MAX && b * h <= INT32_MAX, "tau attention (fused): need 1 ≤ Tq ≤ Tk and Tk, B·H < 2³¹ (the queries are the last Tq of Tk positions); got Tq ", tq, ", Tk ", tk, ", B·H ", b * h);
-    TORCH_CHECK(d == 32 || d == 64 || d == 128, "tau attention (fused): head dim ", d, " unsupported; the kernels are built for 32, 64 and 128 (or use --kernels plain)");
+    TORCH_CHECK(kernel_head_dim(d), "tau attention (fused): head dim ", d, " unsupported; the kernels are built for 32, 64 and 128 (or use --kernels plain)");
     TORCH_CHECK(lq_in.is_cuda() && lk_in.device() == lq_in.device() && v_in.device() == lq_in.device() && it_in.device() == lq_in.device(),
                 "tau attention (fused): λq, λk, V and inv_temp must be on one CUDA device (got ", lq_in.device(), ", ", lk_in.device(), ", ", v_in.device(), ", ", it_in.device(), "); use --kernels plain off the GPU");
     TORCH_CHECK(lq_in.scalar_type() == at::kFloat && lk_in.scalar_type() == at::kFloat && it_in.scalar_type() == at::kFloat,
@@ -639,7 +642,7 @@ struct TauLambda : public torch::autograd::Function<TauLambda> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& lap_in, double tau, double eps) {
     check_block_input(x_in, "taumode (fused)");
     TORCH_CHECK(x_in.scalar_type() == at::kBFloat16, "taumode (fused): x must be bf16 (the kernel's products are on tensor cores); got ", x_in.scalar_type());
-    TORCH_CHECK(x_in.dim() == 4 && (x_in.size(3) == 32 || x_in.size(3) == 64 || x_in.size(3) == 128) && lap_in.dim() == 2 && lap_in.size(0) == x_in.size(3) &&
+    TORCH_CHECK(x_in.dim() == 4 && kernel_head_dim(x_in.size(3)) && lap_in.dim() == 2 && lap_in.size(0) == x_in.size(3) &&
                     lap_in.size(1) == x_in.size(3),
                 "taumode (fused): want x [B, heads, T, D ∈ {32, 64, 128}] and L [D, D]; got ", x_in.sizes(), " and ", lap_in.sizes());
     TORCH_CHECK(lap_in.device() == x_in.device(), "taumode (fused): L on ", lap_in.device(), ", x on ", x_in.device());

@@ -14,12 +14,10 @@
 //             dinv_temp are sums of dS·sign or dS·|λq − λk| (no dQ·K-style products: the keys are scalars).
 // V, dout, out and dV are [B, H, T, D] with any strides but D's (q, k, v are views of one [B, T, H, D] buffer).
 // Plain C ABI: kernels/ext.cpp owns the tensors, the checks and the stream.
-#include <cuda_bf16.h>
-#include <cuda_runtime.h>
-#include <cstdint>
-#include <type_traits>
+#include "mma_bf16.cuh"
 
 namespace {
+using namespace tg;
 using bf16 = __nv_bfloat16;
 constexpr int WARPS = 4;
 constexpr int NT = 32 * WARPS;  // threads a block
@@ -40,11 +38,6 @@ __device__ inline float ex2(float x) {  // 2^x, one MUFU op (2 ulp)
 }
 // s·sign(x), sign(0) = 0 as abs's backward: s with x's sign bit xored in
 __device__ inline float signed_by(float s, float x) { return x != 0.f ? __int_as_float(__float_as_int(s) ^ (__float_as_int(x) & 0x80000000)) : 0.f; }
-__device__ inline uint32_t pack(float lo, float hi) {  // two bf16, round to nearest even as torch, lo in the low half
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-__device__ inline float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 __device__ inline uint32_t saddr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 
 // Asynchronous copies into shared memory; an invalid source copies nothing and zero-fills (src stays a valid address).
@@ -63,13 +56,6 @@ __device__ inline void ldsm(uint32_t (&r)[4], const bf16* p) {
 }
 __device__ inline void ldsm_t(uint32_t (&r)[4], const bf16* p) {  // transposed
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr(p)));
-}
-// c (16×8 fp32) += a (16×16 bf16, row) · b (16×8 bf16, col). Lane l = 4g + t holds a = {(g, 2t..2t+1), (g+8, 2t..),
-// (g, 2t+8..), (g+8, 2t+8..)}, b = {(2t..2t+1, g), (2t+8.., g)}, c = {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}.
-__device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 // B fragments of two 8-column tiles (n, n + 8) for k rows k0..k0+15 of a row-major [k][n] matrix in shared memory:
 // {b0, b1} of columns n..n+7, then of n+8..n+15.
@@ -167,13 +153,13 @@ __global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, 
         for (int e = 0; e < 8; ++e) p[e] = jj[e] <= ((e / 2) % 2 ? last1 : last0) ? p[e] : 0.f;
       }
       l0 += (p[0] + p[1]) + (p[4] + p[5]), l1 += (p[2] + p[3]) + (p[6] + p[7]);  // unrounded: Σ p̃ is the softmax's norm
-      const uint32_t pa[4] = {pack(p[0], p[1]), pack(p[2], p[3]), pack(p[4], p[5]), pack(p[6], p[7])};
+      const uint32_t pa[4] = {pack2(p[0], p[1]), pack2(p[2], p[3]), pack2(p[4], p[5]), pack2(p[6], p[7])};
 #pragma unroll
       for (int n = 0; n < D / 16; ++n) {
         uint32_t b[4];
         ldsm_b_kn<D>(b, vt, kc * 16, n * 16);
-        mma(acc[2 * n], pa, b[0], b[1]);
-        mma(acc[2 * n + 1], pa, b[2], b[3]);
+        mma16816(acc[2 * n], pa, b[0], b[1]);
+        mma16816(acc[2 * n + 1], pa, b[2], b[3]);
       }
     }
   }
@@ -185,11 +171,11 @@ __global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, 
   for (int n = 0; n < D / 8; ++n) {
     const int c = n * 8 + 2 * t4;
     if (r0 < tq) {
-      *reinterpret_cast<uint32_t*>(out + r0 * so.t + c) = pack(acc[n][0] * i0, acc[n][1] * i0);
+      *reinterpret_cast<uint32_t*>(out + r0 * so.t + c) = pack2(acc[n][0] * i0, acc[n][1] * i0);
       *reinterpret_cast<float2*>(out32 + static_cast<int64_t>(r0) * D + c) = make_float2(acc[n][0] * i0, acc[n][1] * i0);
     }
     if (r1 < tq) {
-      *reinterpret_cast<uint32_t*>(out + r1 * so.t + c) = pack(acc[n][2] * i1, acc[n][3] * i1);
+      *reinterpret_cast<uint32_t*>(out + r1 * so.t + c) = pack2(acc[n][2] * i1, acc[n][3] * i1);
       *reinterpret_cast<float2*>(out32 + static_cast<int64_t>(r1) * D + c) = make_float2(acc[n][2] * i1, acc[n][3] * i1);
     }
   }
@@ -311,8 +297,8 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
         for (int n = 0; n < 2; ++n) {
           uint32_t r[4];
           ldsm_b_nk<D>(r, dot, kc * 16, h0 + n * 16);
-          mma(dp[2 * n], va[kc], r[0], r[1]);
-          mma(dp[2 * n + 1], va[kc], r[2], r[3]);
+          mma16816(dp[2 * n], va[kc], r[0], r[1]);
+          mma16816(dp[2 * n + 1], va[kc], r[2], r[3]);
         }
       uint32_t pa[2][4];  // Pᵀ in bf16, the A operand of dV += Pᵀ·dout
 #pragma unroll
@@ -337,8 +323,8 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
           wdlq[c] = gA + gB;  // dλq_i's part from this lane's two keys
           pk[e] = pA, pk[2 + e] = pB;
         }
-        pa[n / 2][(n % 2) * 2] = pack(pk[0], pk[1]);
-        pa[n / 2][(n % 2) * 2 + 1] = pack(pk[2], pk[3]);
+        pa[n / 2][(n % 2) * 2] = pack2(pk[0], pk[1]);
+        pa[n / 2][(n % 2) * 2 + 1] = pack2(pk[2], pk[3]);
       }
 #pragma unroll
       for (int kq = 0; kq < 2; ++kq)
@@ -346,8 +332,8 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
         for (int n = 0; n < D / 16; ++n) {
           uint32_t r[4];
           ldsm_b_kn<D>(r, dot, h0 + kq * 16, n * 16);
-          mma(dva[2 * n], pa[kq], r[0], r[1]);
-          mma(dva[2 * n + 1], pa[kq], r[2], r[3]);
+          mma16816(dva[2 * n], pa[kq], r[0], r[1]);
+          mma16816(dva[2 * n + 1], pa[kq], r[2], r[3]);
         }
     }
   }
@@ -369,21 +355,11 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
     const int c = n * 8 + 2 * t4;
-    if (kA < tk) *reinterpret_cast<uint32_t*>(dv + kA * sdv.t + c) = pack(dva[n][0], dva[n][1]);
-    if (kB < tk) *reinterpret_cast<uint32_t*>(dv + kB * sdv.t + c) = pack(dva[n][2], dva[n][3]);
+    if (kA < tk) *reinterpret_cast<uint32_t*>(dv + kA * sdv.t + c) = pack2(dva[n][0], dva[n][1]);
+    if (kB < tk) *reinterpret_cast<uint32_t*>(dv + kB * sdv.t + c) = pack2(dva[n][2], dva[n][3]);
   }
 }
 
-// Calls f(integral_constant<D>) for the head dim; an unsupported D is cudaErrorInvalidValue (kernels/ext.cpp refuses
-// it first, with a message).
-template <typename F> cudaError_t dispatch(int d, F f) {
-  switch (d) {
-    case 32: return f(std::integral_constant<int, 32>{});
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 constexpr unsigned n_tiles(int n) { return (n + TILE - 1) / TILE; }
 }  // namespace
@@ -394,7 +370,7 @@ constexpr unsigned n_tiles(int n) { return (n + TILE - 1) / TILE; }
 // cudaError_t.
 extern "C" int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, void* out, const int64_t* so,
                                     float* out32, float* mx, float* inv_l, int bh, int heads, int tq, int tk, int d, cudaStream_t stream) {
-  return dispatch(d, [&](auto dim) -> cudaError_t {
+  return with_head_dim(d, [&](auto dim) -> cudaError_t {
     constexpr int D = decltype(dim)::value, smem = FwdSmem<D>::bytes;
     if (cudaError_t e = cudaFuncSetAttribute(tau_forward<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)) return e;
     tau_forward<D><<<dim3(n_tiles(tq), bh), NT, smem, stream>>>(lq, lk, static_cast<const bf16*>(v), Strides{sv[0], sv[1], sv[2]}, inv_temp,
@@ -409,7 +385,7 @@ extern "C" int tg_tau_flash_forward(const float* lq, const float* lk, const void
 extern "C" int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, const float* out32,
                                      const void* dout, const int64_t* sd, const float* mx, const float* inv_l, float* delta, float* dlq, float* dlk, void* dv, const int64_t* sdv,
                                      float* dinv_temp, int bh, int heads, int tq, int tk, int d, cudaStream_t stream) {
-  return dispatch(d, [&](auto dim) -> cudaError_t {
+  return with_head_dim(d, [&](auto dim) -> cudaError_t {
     constexpr int D = decltype(dim)::value, smem = BwdSmem<D>::bytes;
     const int64_t rows = static_cast<int64_t>(bh) * tq;
     const Strides s_d{sd[0], sd[1], sd[2]};
