@@ -342,7 +342,7 @@ struct TauFlash : public torch::autograd::Function<TauFlash> {
     // out in [B,Tq,H,D] memory, returned as its [B,H,Tq,D] view: the output projection reads it as [B,Tq,H·D] without a copy
     auto out = at::empty({b, tq, h, d}, v.options()).transpose(1, 2);
     auto out32 = at::empty({b, h, tq, d}, lq.options());  // the backward's Δ wants the unrounded output
-    auto stats = at::empty({2, b, h, tq}, lq.options());  // each row's max score (log2 units) and 1/Σ exp(s − max)
+    auto stats = at::empty({2, b, h, tq}, lq.options());  // each row's shift (log2 units) and 1/Σ exp(s − shift)
     const auto sv = strides3(v), so = strides3(out);
     cuda_ok(tg_tau_flash_forward(lq.data_ptr<float>(), lk.data_ptr<float>(), v.data_ptr(), sv.data(), it.data_ptr<float>(), out.data_ptr(), so.data(),
                                  out32.data_ptr<float>(), stats[0].data_ptr<float>(), stats[1].data_ptr<float>(), b * h, h, tq, tk, d,

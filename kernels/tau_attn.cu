@@ -3,10 +3,11 @@
 // memory. A score is a function of two scalars, so no Q·Kᵀ product: each thread makes its scores straight in the
 // register layout of the tensor-core (mma.sync m16n8k16) operand that consumes them, as FlashAttention-2 reuses its
 // accumulators.
-//   forward:  a block is 64 query rows (16 a warp) of one (batch, head). A cheap first pass over λk finds each row's
-//             exact max (the nearest visible λk); then, tile by tile of 64 keys (V double-buffered by cp.async),
-//             p̃ = exp(s − max), rounded to bf16, times V on tensor cores, with no online rescaling; out = Σ p̃·V / Σ p̃.
-//             Each row keeps its max and 1/Σ p̃ for the backward.
+//   forward:  a block is 64 query rows (16 a warp) of one (batch, head). A cheap first pass over λk bounds each row's
+//             max score (the nearest visible λk) tightly enough that exp(s − bound) neither overflows nor vanishes;
+//             then, tile by tile of 64 keys (V double-buffered by cp.async), p̃ = exp(s − bound), rounded to bf16,
+//             times V on tensor cores, with no online rescaling; out = Σ p̃·V / Σ p̃. Each row keeps its shift and
+//             1/Σ p̃ for the backward.
 //   backward: a block is 64 keys (16 a warp) looping over the query tiles that see them (dout double-buffered).
 //             dPᵀ = V·doutᵀ and dV += Pᵀ·dout on tensor cores, P recomputed as the forward used it (bf16(p̃)/Σ p̃), so
 //             that Δ_i = dout_i·out_i is exactly Σ_j P_ij dP_ij and each row of dS = P∘(dP − Δ) sums to zero (with the
@@ -24,6 +25,7 @@ constexpr int NT = 32 * WARPS;  // threads a block
 constexpr int TILE = 16 * WARPS;  // a block's own rows (queries forward, keys backward), and the tiles it loops over
 constexpr unsigned FULL = 0xffffffffu;
 constexpr float LOG2E = 1.4426950408889634f;
+constexpr float SPAN = 64.f;  // log2 units: the forward's p̃ of a row's nearest key stays above 2^−SPAN (fp32 normals reach 2^−126)
 template <int D> constexpr int PITCH = D + 8;  // bf16 a shared-memory row: 16 bytes of padding put ldmatrix's 8 rows in 8 bank groups
 
 struct Strides {  // element strides of b, h and t in a [B, H, T, D] tensor whose D is contiguous
@@ -87,18 +89,22 @@ __device__ inline void load_floats(float* s, const float* x, int r0, int n, int 
 template <int D> struct FwdSmem {
   static constexpr int v = 0;                                  // [2][TILE][PITCH] bf16
   static constexpr int lk = v + 2 * TILE * PITCH<D> * 2;       // [2][TILE] fp32
-  static constexpr int bytes = lk + 2 * TILE * 4;
+  static constexpr int range = lk + 2 * TILE * 4;              // [2][WARPS] fp32: each warp's min and max λk
+  static constexpr int bytes = range + 2 * WARPS * 4;
 };
 
-// Grid (⌈Tq/TILE⌉, B·H), the longest rows first.
+// Grid (⌈Tq/TILE⌉, B·H), the longest rows first. At D ≤ 64 the registers are capped at 80 (six blocks an SM; left
+// alone it took 101, four blocks): 224 → 206 µs a speedrun layer on the H200, for a few bytes of spills.
+template <int D> constexpr int fwd_min_blocks() { return D <= 64 ? 6 : 1; }
 template <int D>
-__global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, const float* __restrict__ lk, const bf16* __restrict__ v, Strides sv,
+__global__ void __launch_bounds__(NT, fwd_min_blocks<D>()) tau_forward(const float* __restrict__ lq, const float* __restrict__ lk, const bf16* __restrict__ v, Strides sv,
                                                   const float* __restrict__ inv_temp, bf16* __restrict__ out, Strides so, float* __restrict__ out32,
                                                   float* __restrict__ mx, float* __restrict__ inv_l, int heads, int tq, int tk) {
   using S = FwdSmem<D>;
   extern __shared__ __align__(128) unsigned char smem[];
   bf16* sv_ = reinterpret_cast<bf16*>(smem + S::v);
   float* slk = reinterpret_cast<float*>(smem + S::lk);
+  float* srange = reinterpret_cast<float*>(smem + S::range);
   const int bh = blockIdx.y, q0 = (gridDim.x - 1 - blockIdx.x) * TILE, off = tk - tq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
   const float it = inv_temp[bh % heads], a = it * LOG2E;
@@ -118,16 +124,29 @@ __global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, 
   const int wr = q0 + warp * 16, r0 = wr + g, r1 = r0 + 8;
   const int last0 = min(r0 + off, tk - 1), last1 = min(r1 + off, tk - 1);
   const float x0 = r0 < tq ? lq[r0] : 0.f, x1 = r1 < tq ? lq[r1] : 0.f;
-  // Each row's max score −it·min|λq − λk| over its visible keys, the quad's four lanes taking every fourth key.
-  float n0 = INFINITY, n1 = INFINITY;
+  // Each row's shift n: p̃ = 2^(a·(n − |λq − λk|)) must not overflow (n ≤ min|λq − λk| over the row's keys) nor let
+  // every key underflow. The distance from λq to [lo, hi], the range of the keys the block sees, is such an n when
+  // a·(hi − lo) ≤ SPAN (p̃ of the nearest key ≥ 2^−SPAN): one pass over the keys for the block, not one per row (the
+  // per-row pass cost a quarter of the kernel). Wider ranges (a hot temperature) take each row's exact min.
+  const int blast = min(q0 + TILE - 1 + off, tk - 1);  // the last key a row of the block sees
+  float lo = INFINITY, hi = -INFINITY;
+  for (int j = threadIdx.x; j <= blast; j += NT) lo = fminf(lo, lk[j]), hi = fmaxf(hi, lk[j]);
+  for (int s = 16; s > 0; s /= 2) lo = fminf(lo, __shfl_xor_sync(FULL, lo, s)), hi = fmaxf(hi, __shfl_xor_sync(FULL, hi, s));
+  if (lane == 0) srange[warp] = lo, srange[WARPS + warp] = hi;
+  __syncthreads();
+  for (int w = 0; w < WARPS; ++w) lo = fminf(lo, srange[w]), hi = fmaxf(hi, srange[WARPS + w]);
+  float n0 = fmaxf(0.f, fmaxf(lo - x0, x0 - hi)), n1 = fmaxf(0.f, fmaxf(lo - x1, x1 - hi));
+  if (a * (hi - lo) > SPAN) {  // block-uniform
+    n0 = n1 = INFINITY;  // the quad's four lanes take every fourth key
 #pragma unroll 8
-  for (int j = t4; j <= last1; j += 4) {
-    const float y = lk[j];
-    if (j <= last0) n0 = fminf(n0, fabsf(x0 - y));
-    n1 = fminf(n1, fabsf(x1 - y));
+    for (int j = t4; j <= last1; j += 4) {
+      const float y = lk[j];
+      if (j <= last0) n0 = fminf(n0, fabsf(x0 - y));
+      n1 = fminf(n1, fabsf(x1 - y));
+    }
+    for (int s = 1; s < 4; s *= 2) n0 = fminf(n0, __shfl_xor_sync(FULL, n0, s)), n1 = fminf(n1, __shfl_xor_sync(FULL, n1, s));
   }
-  for (int s = 1; s < 4; s *= 2) n0 = fminf(n0, __shfl_xor_sync(FULL, n0, s)), n1 = fminf(n1, __shfl_xor_sync(FULL, n1, s));
-  const float c0 = a * n0, c1 = a * n1;  // p = 2^(a·(min − |λq − λk|)) ≤ 1
+  const float c0 = a * n0, c1 = a * n1;  // p̃ = 2^(c − a·|λq − λk|) ∈ (2^−SPAN, 1] for the nearest key
 
   float acc[D / 8][4] = {};
   float l0 = 0.f, l1 = 0.f;
@@ -164,7 +183,7 @@ __global__ void __launch_bounds__(NT) tau_forward(const float* __restrict__ lq, 
     }
   }
   for (int s = 1; s < 4; s *= 2) l0 += __shfl_xor_sync(FULL, l0, s), l1 += __shfl_xor_sync(FULL, l1, s);
-  const float i0 = 1.f / l0, i1 = 1.f / l1;  // a real row's nearest key gives p = 1, so l ≥ 1
+  const float i0 = 1.f / l0, i1 = 1.f / l1;  // a real row's nearest key gives p̃ > 2^−SPAN, so 1/l is finite
   if (t4 == 0 && r0 < tq) mx[r0] = c0, inv_l[r0] = i0;
   if (t4 == 0 && r1 < tq) mx[r1] = c1, inv_l[r1] = i1;
 #pragma unroll
@@ -203,17 +222,23 @@ __global__ void __launch_bounds__(NT) tau_delta(const bf16* __restrict__ dout, S
   if (row < rows && threadIdx.x % LANES == 0) delta[row] = s;
 }
 
-// A query tile's dλq = −it·Σ over the block's keys, from the partial sums of each warp's 8 lane groups (zeroed here
-// for the tile after next: a warp that skips a tile writes none), added into global memory, where the other key
-// blocks add theirs. Two threads a query, 16 partials each.
+// dλq partials of a query tile: [TILE queries][GROUPS lane groups, padded to DLQ_PITCH], each lane group's sum over
+// its 2 keys. Query-major with a pitch of 36 floats, the 32 lanes of a warp's store (queries 2t4 + e, groups g) hit 32
+// banks (8t4 + g + const); group-major they hit 4, an 8-way conflict that cost a sixth of the backward.
+constexpr int GROUPS = WARPS * 8;
+constexpr int DLQ_PITCH = GROUPS + 4;
+// A query tile's dλq = −it·Σ over the block's keys, from the partials (zeroed here for the tile after next: a warp
+// that skips a tile writes none), added into global memory, where the other key blocks add theirs. Two threads a
+// query, 16 partials each, in 16-byte loads.
 __device__ inline void flush_dlq(float* part, float* dlq, int q0, int tq, float it) {
   const int r = threadIdx.x % TILE, half = threadIdx.x / TILE;
-  static_assert(NT == 2 * TILE, "two threads a query");
+  static_assert(NT == 2 * TILE && DLQ_PITCH % 4 == 0, "two threads a query, 16-byte rows");
+  float4* p = reinterpret_cast<float4*>(part + r * DLQ_PITCH + half * GROUPS / 2);
   float s = 0.f;
 #pragma unroll
-  for (int k = 0; k < WARPS * 8 / 2; ++k) {
-    float* p = part + (half * WARPS * 8 / 2 + k) * TILE + r;
-    s += *p, *p = 0.f;
+  for (int k = 0; k < GROUPS / 8; ++k) {
+    const float4 v = p[k];
+    s += (v.x + v.y) + (v.z + v.w), p[k] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
   if (q0 + r < tq) atomicAdd(dlq + q0 + r, -it * s);
 }
@@ -221,9 +246,9 @@ __device__ inline void flush_dlq(float* part, float* dlq, int q0, int tq, float 
 template <int D> struct BwdSmem {
   static constexpr int v = 0;                                  // the block's keys' V [TILE][PITCH] bf16
   static constexpr int dout = v + TILE * PITCH<D> * 2;         // [2][TILE][PITCH] bf16
-  static constexpr int rows = dout + 2 * TILE * PITCH<D> * 2;  // [2][TILE][4] fp32: λq, max, 1/Σp̃, Δ of a query tile's rows
-  static constexpr int dlq = rows + 2 * TILE * 4 * 4;          // [2][WARPS·8][TILE] fp32: dλq over each lane group's 2 keys
-  static constexpr int red = dlq + 2 * WARPS * 8 * TILE * 4;   // [WARPS] fp32
+  static constexpr int rows = dout + 2 * TILE * PITCH<D> * 2;  // [2][TILE][4] fp32: λq, shift, 1/Σp̃, Δ of a query tile's rows
+  static constexpr int dlq = rows + 2 * TILE * 4 * 4;          // [2][TILE][DLQ_PITCH] fp32: dλq over each lane group's 2 keys
+  static constexpr int red = dlq + 2 * TILE * DLQ_PITCH * 4;   // [WARPS] fp32
   static constexpr int bytes = red + WARPS * 4;
 };
 
@@ -262,7 +287,7 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
   };
   load_rows<D>(sv_, v, sv.t, j0, tk);
   prefetch(q_first);
-  for (int i = threadIdx.x; i < 2 * WARPS * 8 * TILE; i += NT) sdlq[i] = 0.f;
+  for (int i = threadIdx.x; i < 2 * TILE * DLQ_PITCH; i += NT) sdlq[i] = 0.f;
 
   // This thread's keys kA (row g of the warp's 16) and kB = kA + 8.
   const int wk = j0 + warp * 16, kA = wk + g, kB = kA + 8;
@@ -279,14 +304,14 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
     if (q0 > q_first) {
       cp_wait_all();
       __syncthreads();  // tile q0 landed; every warp is done with the previous tile
-      flush_dlq(sdlq + ((q0 / TILE - 1) & 1) * WARPS * 8 * TILE, dlq, q0 - TILE, tq, it);
+      flush_dlq(sdlq + ((q0 / TILE - 1) & 1) * TILE * DLQ_PITCH, dlq, q0 - TILE, tq, it);
     }
     if (q0 + TILE < tq) prefetch(q0 + TILE);
     if (q0 + TILE - 1 + off < wk) continue;  // no query of the tile sees this warp's keys
     const int b = q0 / TILE & 1;
     const bf16* dot = sdo + b * TILE * PITCH<D>;
     const float4* st = reinterpret_cast<const float4*>(srows + b * 4 * TILE);
-    float* wdlq = sdlq + ((b * WARPS + warp) * 8 + g) * TILE;
+    float* wdlq = sdlq + b * TILE * DLQ_PITCH + warp * 8 + g;
     const bool full = q0 + TILE <= tq && wk + 15 <= q0 + off;  // every query real and seeing every key of the warp
 #pragma unroll 1
     for (int h0 = 0; h0 < TILE; h0 += 32) {  // 32 queries at a time: fewer live registers, more warps resident
@@ -307,7 +332,7 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int c = h0 + n * 8 + 2 * t4 + e, i = q0 + c;
-          const float4 q = st[c];  // λq, max, 1/Σp̃, Δ
+          const float4 q = st[c];  // λq, shift, 1/Σp̃, Δ
           const float x = q.x, m = q.y, inv = q.z, del = q.w;
           const float dA = x - yA, dB = x - yB;
           float pA = bf16_round(ex2(fmaf(-a, fabsf(dA), m))) * inv, pB = bf16_round(ex2(fmaf(-a, fabsf(dB), m))) * inv;
@@ -320,7 +345,7 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
           const float gA = signed_by(sA, dA), gB = signed_by(sB, dB);
           dlkA += gA, dlkB += gB;
           dit_part += sA * fabsf(dA) + sB * fabsf(dB);
-          wdlq[c] = gA + gB;  // dλq_i's part from this lane's two keys
+          wdlq[c * DLQ_PITCH] = gA + gB;  // dλq_i's part from this lane's two keys
           pk[e] = pA, pk[2 + e] = pB;
         }
         pa[n / 2][(n % 2) * 2] = pack2(pk[0], pk[1]);
@@ -339,7 +364,7 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
   }
   __syncthreads();  // the last tile's dλq is complete
   const int last = (tq - 1) / TILE * TILE;
-  flush_dlq(sdlq + (last / TILE & 1) * WARPS * 8 * TILE, dlq, last, tq, it);
+  flush_dlq(sdlq + (last / TILE & 1) * TILE * DLQ_PITCH, dlq, last, tq, it);
 
   for (int s = 1; s < 4; s *= 2) dlkA += __shfl_xor_sync(FULL, dlkA, s), dlkB += __shfl_xor_sync(FULL, dlkB, s);
   if (t4 == 0 && kA < tk) dlk[kA] = it * dlkA;  // dλk_j = it·Σ_i dS_ij·sign(λq_i − λk_j)
@@ -364,7 +389,7 @@ __global__ void __launch_bounds__(NT) tau_backward(const float* __restrict__ lq,
 constexpr unsigned n_tiles(int n) { return (n + TILE - 1) / TILE; }
 }  // namespace
 
-// out [B,H,Tq,D] (strides so, bf16) and each row's max (in log2 units) and 1/Σp̃ [BH, Tq] from lq [BH, Tq], lk [BH, Tk], v [B,H,Tk,D] (strides sv, bf16),
+// out [B,H,Tq,D] (strides so, bf16) and each row's shift (log2 units) and 1/Σp̃ [BH, Tq] from lq [BH, Tq], lk [BH, Tk], v [B,H,Tk,D] (strides sv, bf16),
 // inv_temp [heads] (head = bh % heads); out32 [BH, Tq, D] gets the same output in fp32 (for the backward's Δ). λ,
 // inv_temp, mx, inv_l, out32 contiguous; v and out start on 16 bytes, their strides multiples of 8; 1 ≤ Tq ≤ Tk. Returns a
 // cudaError_t.
