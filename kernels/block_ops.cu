@@ -220,19 +220,23 @@ extern "C" int tg_relu2_bwd(const void* u, const void* dh, void* du, int64_t n, 
 // ---- taumode on tensor cores: per row x (a head of q or k, D bf16 values) E = xᵀLx / (xᵀx + ε) and λ = E/(E + τ) in
 // fp32; backward dx = dλ·τ/(E+τ)² · ((L + Lᵀ)x − 2E·x)/(xᵀx + ε). Both are y = x·M (M = L, or L + Lᵀ) then a dot with
 // x: a warp takes 16 rows as the A operand of mma.sync m16n8k16, M the B operand. bf16 x is exact in bf16, and M is
-// split into three bf16 terms (M ≈ M₁ + M₂ + M₃, 24 bits of mantissa), each product exact in the fp32 accumulator: y
-// to fp32 accuracy at three tensor-core passes, where fp32 FMAs on the CUDA cores cost 20× the time (1.8 ms a step).
+// split into two bf16 terms M₁ = bf16(M), M₂ = bf16(M − M₁), each product exact in the fp32 accumulator: M₁ + M₂ is
+// within 2⁻¹⁸·|M| of M entrywise, the worst-case rounding of a 64-term fp32 dot product (64·2⁻²⁴), at two tensor-core
+// passes (a third term, 24 bits, cost 12 µs a call more on the H200), where fp32 FMAs on the CUDA cores cost 20× the time.
 // The thread holding y_rj in the accumulator also holds x_rj in its A fragment, so the dot needs no shuffle but a
 // quad's sum. x is [B, heads, T, D] with any strides but D's (q and k are transposed views of [B, T, heads, D]); dx
 // takes x's.
 namespace {
 using namespace tg;
 constexpr int LAM_NT = 128;
-constexpr int LAM_PARTS = 3;
+constexpr int LAM_PARTS = 2;
 struct Rows {
   int64_t sb, sh, st;  // element strides of b, head, t (even: rows start on 4 bytes)
-  int heads, t;
-  __device__ int64_t at(int64_t r) const { return (r / (int64_t(heads) * t)) * sb + ((r / t) % heads) * sh + (r % t) * st; }
+  uint32_t heads, t;   // rows < 2³¹ (kernels/ext.cpp checks): 32-bit divisions, a fifth of the 64-bit ones' cost
+  __device__ int64_t at(int64_t row) const {
+    const uint32_t r = static_cast<uint32_t>(row), bh = r / t;
+    return static_cast<int64_t>(bh / heads) * sb + static_cast<int64_t>(bh % heads) * sh + static_cast<int64_t>(r - bh * t) * st;
+  }
 };
 
 // Shared memory: M's B fragments, part-major, then k-chunk, then 8-column tile, then lane: {b0, b1} adjacent.
@@ -347,8 +351,12 @@ cudaError_t lam_launch(const void* x, Rows rw, const float* m, void* scratch, co
     if (cudaError_t err = cudaFuncSetAttribute(lambda_mma<D, BWD>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem))) return err;
     uint2* frags = static_cast<uint2*>(scratch);
     lam_split<D><<<(lam_words(D) + LAM_NT - 1) / LAM_NT, LAM_NT, 0, s>>>(frags, m);
-    // each block copies the fragments into shared memory once, so blocks stride over many rows: a few blocks an SM
-    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows + LAM_NT / 2 - 1) / (LAM_NT / 2), 132 * 4));
+    // each block copies the fragments into shared memory once, so blocks stride over many rows: as many as fit at once
+    int dev = 0, sms = 0, fit = 0;
+    if (cudaError_t err = cudaGetDevice(&dev)) return err;
+    if (cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) return err;
+    if (cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, lambda_mma<D, BWD>, LAM_NT, smem)) return err;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((rows + LAM_NT / 2 - 1) / (LAM_NT / 2), static_cast<int64_t>(sms) * std::max(fit, 1)));
     lambda_mma<D, BWD><<<blocks, LAM_NT, smem, s>>>(static_cast<const bf16*>(x), rw, frags, e_in, dlam, e_out, lam_out, static_cast<bf16*>(dx), rows, eps, tau);
     return cudaGetLastError();
   };
@@ -360,7 +368,7 @@ cudaError_t lam_launch(const void* x, Rows rw, const float* m, void* scratch, co
 // scratch: tg_lambda_scratch_bytes(d) bytes on the device, 8-byte aligned. Returns a cudaError_t.
 extern "C" int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, void* scratch, float* e, float* lam, int64_t rows,
                              int d, float eps, float tau, cudaStream_t s) {
-  return lam_launch<false>(x, Rows{sb, sh, st, heads, t}, lap, scratch, nullptr, nullptr, e, lam, nullptr, rows, d, eps, tau, s);
+  return lam_launch<false>(x, Rows{sb, sh, st, static_cast<uint32_t>(heads), static_cast<uint32_t>(t)}, lap, scratch, nullptr, nullptr, e, lam, nullptr, rows, d, eps, tau, s);
 }
 
 extern "C" int64_t tg_lambda_scratch_bytes(int d) { return static_cast<int64_t>(sizeof(uint2)) * lam_words(d); }
@@ -368,5 +376,5 @@ extern "C" int64_t tg_lambda_scratch_bytes(int d) { return static_cast<int64_t>(
 // dx (x's strides, bf16) from dlam [rows] fp32; lap_sym = L + Lᵀ.
 extern "C" int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, void* scratch, const float* e,
                              const float* dlam, void* dx, int64_t rows, int d, float eps, float tau, cudaStream_t s) {
-  return lam_launch<true>(x, Rows{sb, sh, st, heads, t}, lap_sym, scratch, e, dlam, nullptr, nullptr, dx, rows, d, eps, tau, s);
+  return lam_launch<true>(x, Rows{sb, sh, st, static_cast<uint32_t>(heads), static_cast<uint32_t>(t)}, lap_sym, scratch, e, dlam, nullptr, nullptr, dx, rows, d, eps, tau, s);
 }

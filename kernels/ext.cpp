@@ -651,7 +651,7 @@ struct TauLambda : public torch::autograd::Function<TauLambda> {
     auto x = row_vectors(x_in);
     auto lap = lap_in.to(at::kFloat).contiguous();
     const int64_t b = x.size(0), h = x.size(1), t = x.size(2), d = x.size(3), rows = b * h * t;
-    TORCH_CHECK(h <= INT32_MAX && t <= INT32_MAX, "taumode (fused): too many heads or positions");
+    TORCH_CHECK(rows <= INT32_MAX, "taumode (fused): B·heads·T = ", rows, " rows, the kernel indexes < 2³¹; use --kernels plain or fewer rows a step");
     auto e = at::empty({b, h, t}, x.options().dtype(at::kFloat)), lam = at::empty_like(e);
     if (rows > 0)
       cuda_ok(tg_lambda_fwd(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), static_cast<int>(h), static_cast<int>(t), lap.data_ptr<float>(),
