@@ -974,6 +974,16 @@ fn rmsnorm_fused(x: &Tensor, kind: Kind) -> Tensor {
     ext_tensor("rmsnorm (fused)", ffi(|e, n| unsafe { ext::tg_rmsnorm(handle(x), dtype, RMS_EPS, e, n) }))
 }
 
+// The residual add and the next RMSNorm: (s = x + y, rms(s).to_kind(kind)) for the fp32 stream x and a branch y (fp32 or
+// bf16), one CUDA kernel each way (kernels/block_ops.cu).
+fn add_rmsnorm_fused(x: &Tensor, y: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+    let dtype = match kind { Kind::Float => 6, Kind::BFloat16 => 15, k => panic!("add+rmsnorm (fused): output {k:?}; want fp32 or bf16") }; // c10::ScalarType
+    let mut out = [std::ptr::null_mut(); 2];
+    ext_ok("add+rmsnorm (fused)", ffi(|e, n| unsafe { ext::tg_add_rmsnorm(handle(x), handle(y), dtype, RMS_EPS, out.as_mut_ptr(), e, n) }));
+    let [s, h] = out.map(|p| unsafe { Tensor::from_ptr(p as *mut _) });
+    (s, h)
+}
+
 // The qkv projection's output y [B,T,(H+2G)·D] → q [B,T,H,D], k and v [B,T,G,D]: q and k rotated (positions pos..)
 // then RMS-normed per head, v copied; one CUDA kernel each way (kernels/block_ops.cu).
 fn rope_norm_fused(y: &Tensor, cos: &Tensor, sin: &Tensor, h: i64, g: i64, pos: i64) -> (Tensor, Tensor, Tensor) {
@@ -1166,6 +1176,15 @@ impl Model {
         if self.kernels == Kernels::Fused { rmsnorm_fused(x, self.cdt) } else { rms(x).to_kind(self.cdt) }
     }
 
+    // A residual add and the RMSNorm after it: (x + y, rms(x + y) in `kind`), the next sublayer's input (the compute
+    // dtype) or the final hidden states (fp32).
+    fn add_norm(&self, x: &Tensor, y: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        if self.kernels == Kernels::Fused { return add_rmsnorm_fused(x, y, kind) }
+        let s = x + y;
+        let h = rms(&s).to_kind(kind);
+        (s, h)
+    }
+
     fn embed(&self, idx: &Tensor) -> Tensor {
         rms(&Tensor::embedding(self.p("wte"), idx, -1, false, false))
     }
@@ -1179,11 +1198,13 @@ impl Model {
     // (causal: K and V; tau: λk and V) and their queries attend over all of it.
     fn forward(&self, idx: &Tensor, mut cache: Option<&mut Cache>, mut lams: Option<&mut Vec<Tensor>>) -> Tensor {
         let (b, t, c) = (idx.size()[0], idx.size()[1], self.cfg.n_embd);
+        assert!(self.cfg.n_layer >= 1, "a model has at least one layer");
         let pos = cache.as_ref().map_or(0, |c| c.len());
         assert!(pos + t <= self.cos.size()[0], "sequence longer than the RoPE table");
         let mut x = self.embed(idx);
+        let mut h = self.norm_in(&x); // the next sublayer's input
         for l in 0..self.cfg.n_layer {
-            let (q, k, v) = self.qkv(l, &self.norm_in(&x), pos);
+            let (q, k, v) = self.qkv(l, &h, pos);
             let y = if self.cfg.is_tau() {
                 let (_, lq) = self.energies(&q, self.tau);
                 let (_, lk) = self.energies(&k, self.tau);
@@ -1210,15 +1231,16 @@ impl Model {
                 Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, tk == t, None, self.cfg.kv_heads() < self.cfg.n_head)
             };
             let y = y.transpose(1, 2).reshape([b, t, c]);
-            x = x + y.matmul(&self.w(&format!("blocks.{l}.attn.o")).tr());
-            let u = self.norm_in(&x).matmul(&self.w(&format!("blocks.{l}.mlp.fc")).tr());
-            let h = if self.kernels == Kernels::Fused { relu2_fused(&u) } else { u.relu().square() };
-            x = x + h.matmul(&self.w(&format!("blocks.{l}.mlp.proj")).tr());
+            let (x1, h1) = self.add_norm(&x, &y.matmul(&self.w(&format!("blocks.{l}.attn.o")).tr()), self.cdt);
+            let u = h1.matmul(&self.w(&format!("blocks.{l}.mlp.fc")).tr());
+            let a = if self.kernels == Kernels::Fused { relu2_fused(&u) } else { u.relu().square() };
+            let last = l + 1 == self.cfg.n_layer;
+            (x, h) = self.add_norm(&x1, &a.matmul(&self.w(&format!("blocks.{l}.mlp.proj")).tr()), if last { Kind::Float } else { self.cdt });
         }
         if let Some(c) = cache {
             c.advance(t);
         }
-        rms(&x)
+        h // the last add_norm's: rms(x) in fp32
     }
 
     // Soft-capped fp32 logits through the tied embedding.
@@ -1642,6 +1664,7 @@ mod ext {
         pub fn tg_tau_flash(lq: *mut c_void, lk: *mut c_void, v: *mut c_void, it: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_softcap_ce(z: *mut c_void, y: *mut c_void, softcap: f64, scale: f64, grad: i32, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_rmsnorm(x: *mut c_void, out_dtype: i32, eps: f64, err: *mut c_char, errlen: usize) -> *mut c_void;
+        pub fn tg_add_rmsnorm(x: *mut c_void, y: *mut c_void, out_dtype: i32, eps: f64, out: *mut *mut c_void, err: *mut c_char, errlen: usize) -> i32;
         pub fn tg_rope_norm(qkv: *mut c_void, cos: *mut c_void, sin: *mut c_void, h: i64, g: i64, pos: i64, eps: f64, out: *mut *mut c_void, err: *mut c_char, errlen: usize) -> i32;
         pub fn tg_relu2(u: *mut c_void, err: *mut c_char, errlen: usize) -> *mut c_void;
         pub fn tg_taumode(x: *mut c_void, lap: *mut c_void, tau: f64, eps: f64, out: *mut *mut c_void, err: *mut c_char, errlen: usize) -> i32;
@@ -1984,6 +2007,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     for (ok, what) in [(a.steps > 0, "--steps must be > 0"), (a.batch_size > 0 && a.seq_len > 1, "--batch-size and --seq-len must be positive"),
                        (a.val_every > 0, "--val-every must be > 0"), ((0.0..=1.0).contains(&a.cooldown_frac), "--cooldown-frac must be in [0,1]"),
                        (a.tau_temp > 0.0 && a.inv_temp_init > 0.0, "--tau-temp and --inv-temp-init must be > 0"),
+                       (a.n_layer >= 1 && a.n_head >= 1, "--n-layer and --n-head must be ≥ 1"),
                        (a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head"),
                        (a.n_kv_head >= 0 && (a.n_kv_head == 0 || a.n_head % a.n_kv_head == 0), "--n-head must be a multiple of --n-kv-head"),
                        (a.batch_size % world_size == 0, "--batch-size must split evenly over the ranks"),
@@ -4243,6 +4267,32 @@ mod gpu_tests {
                 assert!(dy < tol && dg < tol, "rmsnorm {xk:?}→{yk:?} {shape:?}: forward {dy}, gradient {dg}");
                 let (dy, dg) = op_diff(&x.to_kind(yk), |u| vec![relu2_fused(u)], |u| vec![u.relu().square()]);
                 assert!(dy < tol && dg < tol, "relu² {yk:?} {shape:?}: forward {dy}, gradient {dg}");
+                // one element in: off the 16-byte vectors, the kernel's scalar path
+                let u = x.to_kind(yk).flatten(0, -1);
+                let u = u.narrow(0, 1, u.size()[0] - 1);
+                let (dy, dg) = op_diff(&u, |u| vec![relu2_fused(u)], |u| vec![u.relu().square()]);
+                assert!(dy < tol && dg < tol, "relu² {yk:?} {shape:?} from element 1: forward {dy}, gradient {dg}");
+            }
+        }
+        // add + RMSNorm against x + y and rms: both outputs and both inputs' gradients, with the stream's own gradient
+        // (s used later) and without it (only h used, as after the last layer)
+        for (yk, hk, tol) in [(Kind::Float, Kind::Float, 1e-5), (Kind::BFloat16, Kind::BFloat16, 2e-2), (Kind::BFloat16, Kind::Float, 1e-2)] {
+            for (shape, use_s) in [(vec![3, 50, 384], true), (vec![7, 130], false)] {
+                let x = Tensor::randn(shape.as_slice(), (Kind::Float, dev)) * 3.0;
+                let y = Tensor::randn(shape.as_slice(), (Kind::Float, dev)).to_kind(yk);
+                let run = |fused: bool| {
+                    let (xi, yi) = (x.detach().set_requires_grad(true), y.detach().set_requires_grad(true));
+                    let (s, h) = if fused { add_rmsnorm_fused(&xi, &yi, hk) } else { let s = &xi + &yi; let h = rms(&s).to_kind(hk); (s, h) };
+                    tch::manual_seed(7);
+                    let probe = |z: &Tensor| (z.to_kind(Kind::Float) * Tensor::randn(z.size(), (Kind::Float, dev))).sum(Kind::Float);
+                    let loss = if use_s { probe(&h) + probe(&s) } else { probe(&h) };
+                    loss.backward();
+                    [s.detach(), h.to_kind(Kind::Float), xi.grad(), yi.grad().to_kind(Kind::Float)]
+                };
+                let (plain, fused) = (run(false), run(true));
+                for (name, (p, f)) in ["s", "h", "dx", "dy"].iter().zip(plain.iter().zip(&fused)) {
+                    assert!(rel(p, f) < tol, "add+rmsnorm y {yk:?} h {hk:?} {shape:?} (s used: {use_s}): {name} differs by {}", rel(p, f));
+                }
             }
         }
         // taumode's λ (and E) against the plain ops (fp32 products of the same bf16 x): heads of 32, 64 and 128, x a transposed
@@ -4257,9 +4307,10 @@ mod gpu_tests {
             let (dy, dg) = op_diff(&x, |x| vec![taumode_fused(x, &lap, 0.8).1], |x| vec![taumode(x, &lap, 0.8).1]);
             assert!(rel(&e0, &e1) < 1e-4 && dy < 1e-4 && dg < 1e-2, "taumode D {d}: E {}, λ {dy}, gradient {dg}", rel(&e0, &e1));
         }
-        // RoPE + QK-norm against the plain path: heads of 32 and 64, grouped keys, positions after a prefix, T = 50
+        // RoPE + QK-norm against the plain path: heads of 32, 64, 96 (a lane's second pair on half the lanes) and 128,
+        // grouped keys, positions after a prefix, T = 50 (B·T not a multiple of a block's rows)
         for (kind, tol) in [(Kind::Float, 1e-5), (Kind::BFloat16, 3e-2)] {
-            for (h, g, d, pos) in [(4, 4, 32, 0), (6, 2, 64, 0), (2, 1, 64, 7)] {
+            for (h, g, d, pos) in [(4, 4, 32, 0), (6, 2, 64, 0), (2, 1, 64, 7), (2, 2, 96, 3), (2, 1, 128, 0)] {
                 let (cos, sin) = rope_tables(d, 64, dev);
                 let y = Tensor::randn([3, 50, (h + 2 * g) * d], (kind, dev));
                 let plain = |y: &Tensor| {

@@ -2,6 +2,7 @@
 // the output dtype): eager ATen spends several kernels and fp32 round trips on each (ATen's RMSNorm kernels are built
 // for wide rows; RoPE alone is eight elementwise kernels and a cat, and their backward as many).
 //   rmsnorm:   y = x·r, r = (mean x² + eps)^-½ over rows of C, x fp32 or bf16, y in another dtype (the cast fused in).
+//   add_rmsnorm: the residual add s = x + y and h = rmsnorm(s), the new stream and the next sublayer's input.
 //   rope_norm: the qkv projection's output [B,T,(H+2G)·D] → q, k rotated (RoPE, halves) then RMS-normed per head,
 //              and v copied, each [B,T,heads,D]: one pass instead of narrow/rope/cat/norm and three zero-filled grads.
 //   relu2:     h = max(u, 0)².
@@ -11,6 +12,8 @@
 #include <cuda_runtime.h>
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 #include "mma_bf16.cuh"
 
 namespace {
@@ -60,8 +63,53 @@ template <typename TI, typename TO> __global__ void __launch_bounds__(NT) rmsnor
   for (int j = lane; j < c; j += 32) dx[row * c + j] = from_f<TI>(r * (to_f(gr[j]) - to_f(xr[j]) * r * dot));
 }
 
-// ---- rope_norm. qkv [B·T rows of (H+2G)·D]; a warp takes one head slot s of one row: s < H is q head s, then G k heads
-// (rotated and normed), then G v heads (copied). Position of row i: pos + i mod T. cos, sin [*, D/2] fp32.
+// ---- add_rmsnorm: the residual add and the next RMSNorm in one pass. s = x + y (x the fp32 stream, y a branch's
+// output, fp32 or bf16) is the new stream, h = s·r in TO the next sublayer's input. Backward: ds = dh's part
+// r·(dh − ŝ·mean(dh·ŝ)) plus the stream's own gradient, written as x's gradient (fp32) and as y's (its dtype). One pass
+// each way instead of an add, a norm and (backward) the norm's backward, autograd's sum of the stream's two gradients
+// and the cast to y's dtype.
+template <typename TY, typename TO>
+__global__ void __launch_bounds__(NT) add_rmsnorm_fwd(const float* x, const TY* y, float* s, TO* h, float* rstd, int64_t n, int c, float eps) {
+  const int64_t row = warp_row();
+  if (row >= n) return;
+  const int lane = threadIdx.x % 32;
+  const float* xr = x + row * c;
+  const TY* yr = y + row * c;
+  float ss = 0.f;
+  for (int j = lane; j < c; j += 32) {
+    const float v = xr[j] + to_f(yr[j]);
+    s[row * c + j] = v, ss += v * v;
+  }
+  const float r = rsqrtf(warp_sum(ss) / c + eps);
+  for (int j = lane; j < c; j += 32) h[row * c + j] = from_f<TO>((xr[j] + to_f(yr[j])) * r);
+  if (lane == 0) rstd[row] = r;
+}
+
+// ds_in: the new stream's gradient from later layers (null: none)
+template <typename TY, typename TO>
+__global__ void __launch_bounds__(NT) add_rmsnorm_bwd(const float* s, const TO* dh, const float* ds_in, const float* rstd, float* dx, TY* dy, int64_t n, int c) {
+  const int64_t row = warp_row();
+  if (row >= n) return;
+  const int lane = threadIdx.x % 32;
+  const float r = rstd[row];
+  const float* sr = s + row * c;
+  const TO* gr = dh + row * c;
+  float dot = 0.f;
+  for (int j = lane; j < c; j += 32) dot += to_f(gr[j]) * sr[j] * r;
+  dot = warp_sum(dot) / c;
+  for (int j = lane; j < c; j += 32) {
+    const int64_t i = row * c + j;
+    const float g = r * (to_f(gr[j]) - sr[j] * r * dot) + (ds_in ? ds_in[i] : 0.f);
+    dx[i] = g, dy[i] = from_f<TY>(g);
+  }
+}
+
+// ---- rope_norm. qkv [B·T rows of (H+2G)·D]; head slot s < H is q head s, then G k heads (rotated and normed), then G
+// v heads (copied). Position of row i: pos + i mod T. cos, sin [*, D/2] fp32. Grid (⌈rows/(WARPS·RPW)⌉, H+2G): the
+// slot is the block's y and a warp takes RPW rows of it, lane l the pairs (l + 32p, l + 32p + D/2), p < PL. Every load
+// of the warp's rows is issued before the first reduction: with one row a warp (64 bf16, a few bytes a lane) the
+// kernels ran at a quarter of the memory bandwidth, waiting on one short load at a time. Rows < 2³¹ (ext.cpp checks).
+constexpr int RPW = 4;
 template <typename T> struct Heads {
   T *q, *k, *v;  // [rows, H|G|G, D]
   int h, g, d;
@@ -70,88 +118,182 @@ template <typename T> struct Heads {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(NT) rope_norm_fwd(const T* qkv, Heads<T> o, const float* cos, const float* sin, float* rstd, int64_t rows, int t, int pos, float eps) {
-  const int slots = o.h + 2 * o.g, d = o.d, half = d / 2;
-  const int64_t w = warp_row();
-  if (w >= rows * slots) return;
-  const int64_t row = w / slots;
-  const int s = static_cast<int>(w % slots), lane = threadIdx.x % 32;
-  const T* x = qkv + row * slots * d + static_cast<int64_t>(s) * d;
-  T* y = o.out(row, s);
-  if (s >= o.h + o.g) {
-    for (int j = lane; j < d; j += 32) y[j] = x[j];
+__device__ inline uint32_t slot_row0() { return (blockIdx.x * WARPS + threadIdx.x / 32) * RPW; }
+
+template <typename T, int PL>
+__global__ void __launch_bounds__(NT) rope_norm_fwd(const T* qkv, Heads<T> o, const float* cos, const float* sin, float* rstd, uint32_t rows, uint32_t t, int pos,
+                                                     float eps) {
+  const int slots = o.h + 2 * o.g, d = o.d, half = d / 2, s = blockIdx.y, lane = threadIdx.x % 32;
+  const uint32_t row0 = slot_row0();
+  if (row0 >= rows) return;
+  if (s >= o.h + o.g) {  // v: a copy
+    for (uint32_t row = row0; row < min(row0 + RPW, rows); ++row) {
+      const T* x = qkv + (static_cast<int64_t>(row) * slots + s) * d;
+      T* y = o.out(row, s);
+      for (int j = lane; j < d; j += 32) y[j] = x[j];
+    }
     return;
   }
-  const int64_t p = pos + row % t;
-  float ss = 0.f;
-  for (int j = lane; j < half; j += 32) {  // a lane rotates the pairs (j, j + D/2)
-    const float x1 = to_f(x[j]), x2 = to_f(x[j + half]), c = cos[p * half + j], sn = sin[p * half + j];
-    const float a = x1 * c + x2 * sn, b = -x1 * sn + x2 * c;
-    ss += a * a + b * b;
+  float x1[RPW][PL], x2[RPW][PL], c[RPW][PL], sn[RPW][PL];
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const uint32_t row = row0 + r;
+    const T* x = qkv + (static_cast<int64_t>(row) * slots + s) * d;
+    const int64_t p = static_cast<int64_t>(pos + row % t) * half;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      const int j = lane + 32 * i;
+      const bool ok = row < rows && j < half;
+      x1[r][i] = ok ? to_f(x[j]) : 0.f, x2[r][i] = ok ? to_f(x[j + half]) : 0.f, c[r][i] = ok ? cos[p + j] : 0.f, sn[r][i] = ok ? sin[p + j] : 0.f;
+    }
   }
-  const float r = rsqrtf(warp_sum(ss) / d + eps);
-  for (int j = lane; j < half; j += 32) {
-    const float x1 = to_f(x[j]), x2 = to_f(x[j + half]), c = cos[p * half + j], sn = sin[p * half + j];
-    y[j] = from_f<T>((x1 * c + x2 * sn) * r);
-    y[j + half] = from_f<T>((-x1 * sn + x2 * c) * r);
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const uint32_t row = row0 + r;
+    float a[PL], b[PL], ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) a[i] = x1[r][i] * c[r][i] + x2[r][i] * sn[r][i], b[i] = -x1[r][i] * sn[r][i] + x2[r][i] * c[r][i], ss += a[i] * a[i] + b[i] * b[i];
+    const float rs = rsqrtf(warp_sum(ss) / d + eps);
+    if (row >= rows) continue;
+    T* y = o.out(row, s);
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      const int j = lane + 32 * i;
+      if (j < half) y[j] = from_f<T>(a[i] * rs), y[j + half] = from_f<T>(b[i] * rs);
+    }
+    if (lane == 0) rstd[static_cast<int64_t>(row) * (o.h + o.g) + s] = rs;
   }
-  if (lane == 0) rstd[row * (o.h + o.g) + s] = r;
 }
 
 // dqkv [rows, (H+2G)·D] from dq, dk, dv (any strides for B, T and heads: SDPA's gradients come as [B,heads,T,D] views)
 template <typename T> struct Grads {
   const T *q, *k, *v;
   int64_t sq[3], sk[3], sv[3];  // strides (elements) of b, t, head; D is contiguous
-  __device__ const T* in(int64_t row, int s, int h, int g, int t) const {
-    const int64_t b = row / t, i = row % t;
+  __device__ const T* in(uint32_t row, int s, int h, int g, uint32_t t) const {
+    const uint32_t b = row / t, i = row - b * t;
     return s < h ? q + b * sq[0] + i * sq[1] + s * sq[2] : s < h + g ? k + b * sk[0] + i * sk[1] + (s - h) * sk[2] : v + b * sv[0] + i * sv[1] + (s - h - g) * sv[2];
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(NT) rope_norm_bwd(const T* qkv, Grads<T> gi, const float* cos, const float* sin, const float* rstd, T* dqkv, int64_t rows,
-                                                     int h, int g, int d, int t, int pos) {
-  const int slots = h + 2 * g, half = d / 2;
-  const int64_t w = warp_row();
-  if (w >= rows * slots) return;
-  const int64_t row = w / slots;
-  const int s = static_cast<int>(w % slots), lane = threadIdx.x % 32;
-  const T* gy = gi.in(row, s, h, g, t);
-  T* dx = dqkv + row * slots * d + static_cast<int64_t>(s) * d;
-  if (s >= h + g) {
-    for (int j = lane; j < d; j += 32) dx[j] = gy[j];
+template <typename T, int PL>
+__global__ void __launch_bounds__(NT) rope_norm_bwd(const T* qkv, Grads<T> gi, const float* cos, const float* sin, const float* rstd, T* dqkv, uint32_t rows,
+                                                     int h, int g, int d, uint32_t t, int pos) {
+  const int slots = h + 2 * g, half = d / 2, s = blockIdx.y, lane = threadIdx.x % 32;
+  const uint32_t row0 = slot_row0();
+  if (row0 >= rows) return;
+  if (s >= h + g) {  // v: a copy
+    for (uint32_t row = row0; row < min(row0 + RPW, rows); ++row) {
+      const T* gy = gi.in(row, s, h, g, t);
+      T* dx = dqkv + (static_cast<int64_t>(row) * slots + s) * d;
+      for (int j = lane; j < d; j += 32) dx[j] = gy[j];
+    }
     return;
   }
-  const T* x = qkv + row * slots * d + static_cast<int64_t>(s) * d;
-  const int64_t p = pos + row % t;
-  const float r = rstd[row * (h + g) + s];
-  float dot = 0.f;  // Σ dy·ŷ, ŷ the normed rotation
-  for (int j = lane; j < half; j += 32) {
-    const float x1 = to_f(x[j]), x2 = to_f(x[j + half]), c = cos[p * half + j], sn = sin[p * half + j];
-    dot += to_f(gy[j]) * (x1 * c + x2 * sn) * r + to_f(gy[j + half]) * (-x1 * sn + x2 * c) * r;
+  float x1[RPW][PL], x2[RPW][PL], c[RPW][PL], sn[RPW][PL], g1[RPW][PL], g2[RPW][PL], rs[RPW];
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const uint32_t row = row0 + r;
+    const bool real = row < rows;
+    const T* x = qkv + (static_cast<int64_t>(row) * slots + s) * d;
+    const T* gy = real ? gi.in(row, s, h, g, t) : nullptr;
+    const int64_t p = static_cast<int64_t>(pos + row % t) * half;
+    rs[r] = real ? rstd[static_cast<int64_t>(row) * (h + g) + s] : 0.f;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      const int j = lane + 32 * i;
+      const bool ok = real && j < half;
+      x1[r][i] = ok ? to_f(x[j]) : 0.f, x2[r][i] = ok ? to_f(x[j + half]) : 0.f, c[r][i] = ok ? cos[p + j] : 0.f, sn[r][i] = ok ? sin[p + j] : 0.f;
+      g1[r][i] = ok ? to_f(gy[j]) : 0.f, g2[r][i] = ok ? to_f(gy[j + half]) : 0.f;
+    }
   }
-  dot = warp_sum(dot) / d;
-  for (int j = lane; j < half; j += 32) {
-    const float x1 = to_f(x[j]), x2 = to_f(x[j + half]), c = cos[p * half + j], sn = sin[p * half + j];
-    const float da = r * (to_f(gy[j]) - (x1 * c + x2 * sn) * r * dot), db = r * (to_f(gy[j + half]) - (-x1 * sn + x2 * c) * r * dot);
-    dx[j] = from_f<T>(da * c - db * sn);  // the rotation's transpose
-    dx[j + half] = from_f<T>(da * sn + db * c);
+#pragma unroll
+  for (int r = 0; r < RPW; ++r) {
+    const uint32_t row = row0 + r;
+    float a[PL], b[PL], dot = 0.f;  // ŷ = (a, b)·r, the normed rotation; dot = Σ dy·ŷ
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      a[i] = (x1[r][i] * c[r][i] + x2[r][i] * sn[r][i]) * rs[r], b[i] = (-x1[r][i] * sn[r][i] + x2[r][i] * c[r][i]) * rs[r];
+      dot += g1[r][i] * a[i] + g2[r][i] * b[i];
+    }
+    dot = warp_sum(dot) / d;
+    if (row >= rows) continue;
+    T* dx = dqkv + (static_cast<int64_t>(row) * slots + s) * d;
+#pragma unroll
+    for (int i = 0; i < PL; ++i) {
+      const int j = lane + 32 * i;
+      const float da = rs[r] * (g1[r][i] - a[i] * dot), db = rs[r] * (g2[r][i] - b[i] * dot);
+      if (j < half) dx[j] = from_f<T>(da * c[r][i] - db * sn[r][i]), dx[j + half] = from_f<T>(da * sn[r][i] + db * c[r][i]);  // the rotation's transpose
+    }
   }
 }
 
-// ---- relu2, elementwise over n
-template <typename T> __global__ void __launch_bounds__(NT) relu2_fwd(const T* u, T* h, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(NT) + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * NT) {
-    const float a = fmaxf(to_f(u[i]), 0.f);
-    h[i] = from_f<T>(a * a);
+// Calls f(integral_constant<PL>) for the pairs a lane takes at head dim d (even, ≤ 256: ext.cpp checks).
+template <typename F> cudaError_t with_pairs(int d, F f) {
+  switch ((d / 2 + 31) / 32) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+// ---- relu2, elementwise over n: 16 bytes a thread an iteration where all pointers are 16-byte aligned (2-byte bf16
+// accesses left the kernels at 60% of the memory bandwidth), then the tail.
+template <typename T, int VEC> struct Pack {
+  alignas(16) T v[VEC];
+};
+template <typename T, int VEC> __device__ inline Pack<T, VEC> ld(const T* p) {
+  Pack<T, VEC> r;
+  if constexpr (VEC * sizeof(T) == 16) *reinterpret_cast<uint4*>(r.v) = *reinterpret_cast<const uint4*>(p);
+  else for (int e = 0; e < VEC; ++e) r.v[e] = p[e];
+  return r;
+}
+template <typename T, int VEC> __device__ inline void st(T* p, const Pack<T, VEC>& r) {
+  if constexpr (VEC * sizeof(T) == 16) *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(r.v);
+  else for (int e = 0; e < VEC; ++e) p[e] = r.v[e];
+}
+__device__ inline int64_t thread_id() { return static_cast<int64_t>(blockIdx.x) * NT + threadIdx.x; }
+__device__ inline int64_t threads() { return static_cast<int64_t>(gridDim.x) * NT; }
+
+template <typename T, int VEC> __global__ void __launch_bounds__(NT) relu2_fwd(const T* u, T* h, int64_t n) {
+  for (int64_t i = thread_id() * VEC; i < n; i += threads() * VEC) {
+    if (i + VEC <= n) {
+      Pack<T, VEC> a = ld<T, VEC>(u + i);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float x = fmaxf(to_f(a.v[e]), 0.f);
+        a.v[e] = from_f<T>(x * x);
+      }
+      st<T, VEC>(h + i, a);
+    } else {
+      for (int64_t j = i; j < n; ++j) {
+        const float x = fmaxf(to_f(u[j]), 0.f);
+        h[j] = from_f<T>(x * x);
+      }
+    }
   }
 }
 
-template <typename T> __global__ void __launch_bounds__(NT) relu2_bwd(const T* u, const T* dh, T* du, int64_t n) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(NT) + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * NT) {
-    du[i] = from_f<T>(2.f * fmaxf(to_f(u[i]), 0.f) * to_f(dh[i]));
+template <typename T, int VEC> __global__ void __launch_bounds__(NT) relu2_bwd(const T* u, const T* dh, T* du, int64_t n) {
+  for (int64_t i = thread_id() * VEC; i < n; i += threads() * VEC) {
+    if (i + VEC <= n) {
+      const Pack<T, VEC> a = ld<T, VEC>(u + i), g = ld<T, VEC>(dh + i);
+      Pack<T, VEC> r;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) r.v[e] = from_f<T>(2.f * fmaxf(to_f(a.v[e]), 0.f) * to_f(g.v[e]));
+      st<T, VEC>(du + i, r);
+    } else {
+      for (int64_t j = i; j < n; ++j) du[j] = from_f<T>(2.f * fmaxf(to_f(u[j]), 0.f) * to_f(dh[j]));
+    }
   }
+}
+
+bool aligned16(std::initializer_list<const void*> ps) {
+  for (const void* p : ps)
+    if (reinterpret_cast<uintptr_t>(p) % 16) return false;
+  return true;
 }
 
 unsigned blocks_for_warps(int64_t warps) { return static_cast<unsigned>((warps + WARPS - 1) / WARPS); }
@@ -178,42 +320,85 @@ extern "C" int tg_rmsnorm_bwd(const void* x, const void* dy, const float* rstd, 
   return cudaGetLastError();
 }
 
-// qkv [rows = B·T, (h+2g)·d] → q [rows, h, d], k and v [rows, g, d]; rstd [rows, h+g]; positions pos + (row mod t).
+// x, s [n, c] fp32; y and dy in y's dtype, h and dh in h's (bf16 flags), rstd [n].
+extern "C" int tg_add_rmsnorm_fwd(const float* x, const void* y, float* s, void* h, float* rstd, int64_t n, int c, float eps, int y_bf16, int h_bf16, cudaStream_t st) {
+  auto go = [&](auto ty, auto to) {
+    using TY = decltype(ty);
+    using TO = decltype(to);
+    add_rmsnorm_fwd<TY, TO><<<blocks_for_warps(n), NT, 0, st>>>(x, static_cast<const TY*>(y), s, static_cast<TO*>(h), rstd, n, c, eps);
+  };
+  if (y_bf16) h_bf16 ? go(bf16{}, bf16{}) : go(bf16{}, 0.f);
+  else h_bf16 ? go(0.f, bf16{}) : go(0.f, 0.f);
+  return cudaGetLastError();
+}
+
+extern "C" int tg_add_rmsnorm_bwd(const float* s, const void* dh, const float* ds_in, const float* rstd, float* dx, void* dy, int64_t n, int c, int y_bf16, int h_bf16,
+                                  cudaStream_t st) {
+  auto go = [&](auto ty, auto to) {
+    using TY = decltype(ty);
+    using TO = decltype(to);
+    add_rmsnorm_bwd<TY, TO><<<blocks_for_warps(n), NT, 0, st>>>(s, static_cast<const TO*>(dh), ds_in, rstd, dx, static_cast<TY*>(dy), n, c);
+  };
+  if (y_bf16) h_bf16 ? go(bf16{}, bf16{}) : go(bf16{}, 0.f);
+  else h_bf16 ? go(0.f, bf16{}) : go(0.f, 0.f);
+  return cudaGetLastError();
+}
+
+// qkv [rows = B·T < 2³¹, (h+2g)·d] → q [rows, h, d], k and v [rows, g, d]; rstd [rows, h+g]; positions pos + (row mod t).
 extern "C" int tg_rope_norm_fwd(const void* qkv, void* q, void* k, void* v, const float* cos, const float* sin, float* rstd, int64_t rows, int h, int g, int d,
                                 int t, int pos, float eps, int bf16_, cudaStream_t st) {
-  const unsigned nb = blocks_for_warps(rows * (h + 2 * g));
-  if (bf16_)
-    rope_norm_fwd<bf16><<<nb, NT, 0, st>>>(static_cast<const bf16*>(qkv), Heads<bf16>{static_cast<bf16*>(q), static_cast<bf16*>(k), static_cast<bf16*>(v), h, g, d},
-                                           cos, sin, rstd, rows, t, pos, eps);
-  else
-    rope_norm_fwd<float><<<nb, NT, 0, st>>>(static_cast<const float*>(qkv), Heads<float>{static_cast<float*>(q), static_cast<float*>(k), static_cast<float*>(v), h, g, d},
-                                            cos, sin, rstd, rows, t, pos, eps);
-  return cudaGetLastError();
+  const dim3 grid(blocks_for_warps((rows + RPW - 1) / RPW), static_cast<unsigned>(h + 2 * g));
+  const auto n = static_cast<uint32_t>(rows), tt = static_cast<uint32_t>(t);
+  return with_pairs(d, [&](auto pl) {
+    constexpr int PL = decltype(pl)::value;
+    if (bf16_)
+      rope_norm_fwd<bf16, PL><<<grid, NT, 0, st>>>(static_cast<const bf16*>(qkv), Heads<bf16>{static_cast<bf16*>(q), static_cast<bf16*>(k), static_cast<bf16*>(v), h, g, d},
+                                                   cos, sin, rstd, n, tt, pos, eps);
+    else
+      rope_norm_fwd<float, PL><<<grid, NT, 0, st>>>(static_cast<const float*>(qkv),
+                                                    Heads<float>{static_cast<float*>(q), static_cast<float*>(k), static_cast<float*>(v), h, g, d}, cos, sin, rstd, n, tt,
+                                                    pos, eps);
+  });
 }
 
 // dq, dk, dv with strides (b, t, head) as 3 int64 each → dqkv [rows, (h+2g)·d].
 extern "C" int tg_rope_norm_bwd(const void* qkv, const void* dq, const void* dk, const void* dv, const int64_t* strides, const float* cos, const float* sin,
                                 const float* rstd, void* dqkv, int64_t rows, int h, int g, int d, int t, int pos, int bf16_, cudaStream_t st) {
-  const unsigned nb = blocks_for_warps(rows * (h + 2 * g));
-  auto launch = [&](auto zero) {
-    using T = decltype(zero);
-    Grads<T> gi{static_cast<const T*>(dq), static_cast<const T*>(dk), static_cast<const T*>(dv), {}, {}, {}};
-    for (int i = 0; i < 3; ++i) gi.sq[i] = strides[i], gi.sk[i] = strides[3 + i], gi.sv[i] = strides[6 + i];
-    rope_norm_bwd<T><<<nb, NT, 0, st>>>(static_cast<const T*>(qkv), gi, cos, sin, rstd, static_cast<T*>(dqkv), rows, h, g, d, t, pos);
-  };
-  if (bf16_) launch(bf16{}); else launch(0.f);
-  return cudaGetLastError();
+  const dim3 grid(blocks_for_warps((rows + RPW - 1) / RPW), static_cast<unsigned>(h + 2 * g));
+  return with_pairs(d, [&](auto pl) {
+    constexpr int PL = decltype(pl)::value;
+    auto launch = [&](auto zero) {
+      using T = decltype(zero);
+      Grads<T> gi{static_cast<const T*>(dq), static_cast<const T*>(dk), static_cast<const T*>(dv), {}, {}, {}};
+      for (int i = 0; i < 3; ++i) gi.sq[i] = strides[i], gi.sk[i] = strides[3 + i], gi.sv[i] = strides[6 + i];
+      rope_norm_bwd<T, PL><<<grid, NT, 0, st>>>(static_cast<const T*>(qkv), gi, cos, sin, rstd, static_cast<T*>(dqkv), static_cast<uint32_t>(rows), h, g, d,
+                                                static_cast<uint32_t>(t), pos);
+    };
+    if (bf16_) launch(bf16{}); else launch(0.f);
+  });
 }
 
 extern "C" int tg_relu2_fwd(const void* u, void* h, int64_t n, int bf16_, cudaStream_t st) {
-  if (bf16_) relu2_fwd<bf16><<<blocks_for(n), NT, 0, st>>>(static_cast<const bf16*>(u), static_cast<bf16*>(h), n);
-  else relu2_fwd<float><<<blocks_for(n), NT, 0, st>>>(static_cast<const float*>(u), static_cast<float*>(h), n);
+  auto go = [&](auto zero, auto vec) {
+    using T = decltype(zero);
+    constexpr int V = decltype(vec)::value;
+    relu2_fwd<T, V><<<blocks_for((n + V - 1) / V), NT, 0, st>>>(static_cast<const T*>(u), static_cast<T*>(h), n);
+  };
+  const bool wide = aligned16({u, h});
+  if (bf16_) wide ? go(bf16{}, std::integral_constant<int, 8>{}) : go(bf16{}, std::integral_constant<int, 1>{});
+  else wide ? go(0.f, std::integral_constant<int, 4>{}) : go(0.f, std::integral_constant<int, 1>{});
   return cudaGetLastError();
 }
 
 extern "C" int tg_relu2_bwd(const void* u, const void* dh, void* du, int64_t n, int bf16_, cudaStream_t st) {
-  if (bf16_) relu2_bwd<bf16><<<blocks_for(n), NT, 0, st>>>(static_cast<const bf16*>(u), static_cast<const bf16*>(dh), static_cast<bf16*>(du), n);
-  else relu2_bwd<float><<<blocks_for(n), NT, 0, st>>>(static_cast<const float*>(u), static_cast<const float*>(dh), static_cast<float*>(du), n);
+  auto go = [&](auto zero, auto vec) {
+    using T = decltype(zero);
+    constexpr int V = decltype(vec)::value;
+    relu2_bwd<T, V><<<blocks_for((n + V - 1) / V), NT, 0, st>>>(static_cast<const T*>(u), static_cast<const T*>(dh), static_cast<T*>(du), n);
+  };
+  const bool wide = aligned16({u, dh, du});
+  if (bf16_) wide ? go(bf16{}, std::integral_constant<int, 8>{}) : go(bf16{}, std::integral_constant<int, 1>{});
+  else wide ? go(0.f, std::integral_constant<int, 4>{}) : go(0.f, std::integral_constant<int, 1>{});
   return cudaGetLastError();
 }
 

@@ -418,6 +418,9 @@ extern "C" at::Tensor* tg_softcap_ce(at::Tensor* z, at::Tensor* y, double softca
 extern "C" {
 int tg_rmsnorm_fwd(const void* x, void* y, float* rstd, int64_t n, int c, float eps, int x_bf16, int y_bf16, cudaStream_t st);
 int tg_rmsnorm_bwd(const void* x, const void* dy, const float* rstd, void* dx, int64_t n, int c, int x_bf16, int y_bf16, cudaStream_t st);
+int tg_add_rmsnorm_fwd(const float* x, const void* y, float* s, void* h, float* rstd, int64_t n, int c, float eps, int y_bf16, int h_bf16, cudaStream_t st);
+int tg_add_rmsnorm_bwd(const float* s, const void* dh, const float* ds_in, const float* rstd, float* dx, void* dy, int64_t n, int c, int y_bf16, int h_bf16,
+                       cudaStream_t st);
 int tg_rope_norm_fwd(const void* qkv, void* q, void* k, void* v, const float* cos, const float* sin, float* rstd, int64_t rows, int h, int g, int d, int t,
                      int pos, float eps, int bf16_, cudaStream_t st);
 int tg_rope_norm_bwd(const void* qkv, const void* dq, const void* dk, const void* dv, const int64_t* strides, const float* cos, const float* sin,
@@ -476,11 +479,13 @@ struct RopeNorm : public torch::autograd::Function<RopeNorm> {
     TORCH_CHECK(qkv_in.dim() == 3 && h >= 1 && g >= 1 && qkv_in.size(2) % (h + 2 * g) == 0, "rope+qk-norm (fused): want qkv [B,T,(H+2G)·D]; got ",
                 qkv_in.sizes(), " for H ", h, ", G ", g);
     const int64_t b = qkv_in.size(0), t = qkv_in.size(1), d = qkv_in.size(2) / (h + 2 * g);
-    TORCH_CHECK(d % 2 == 0 && cos_in.dim() == 2 && cos_in.size(1) == d / 2 && sin_in.sizes() == cos_in.sizes() && pos >= 0 && pos + t <= cos_in.size(0),
+    TORCH_CHECK(d % 2 == 0 && d <= 256, "rope+qk-norm (fused): head dim ", d, " must be even and ≤ 256 (the kernel's pairs a lane); use --kernels plain");
+    TORCH_CHECK(cos_in.dim() == 2 && cos_in.size(1) == d / 2 && sin_in.sizes() == cos_in.sizes() && pos >= 0 && pos + t <= cos_in.size(0),
                 "rope+qk-norm (fused): want cos, sin [≥ pos+T, D/2] for D ", d, ", pos ", pos, ", T ", t, "; got ", cos_in.sizes());
     TORCH_CHECK(cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat && cos_in.device() == qkv_in.device() && sin_in.device() == qkv_in.device(),
                 "rope+qk-norm (fused): cos and sin must be fp32 on the input's device");
-    TORCH_CHECK(b * t * (h + 2 * g) <= INT32_MAX * 8LL && t <= INT32_MAX && pos + t <= INT32_MAX, "rope+qk-norm (fused): too many rows");
+    TORCH_CHECK(b * t <= INT32_MAX && h + 2 * g <= 65535 && pos + t <= INT32_MAX, "rope+qk-norm (fused): B·T ", b * t, ", heads ", h + 2 * g, " or positions ", pos + t,
+                " past the kernel's 32-bit rows, 65535 head slots or 2³¹ positions");
     c10::cuda::CUDAGuard guard(qkv_in.device());
     auto qkv = qkv_in.contiguous(), cos = cos_in.contiguous(), sin = sin_in.contiguous();
     auto q = at::empty({b, t, h, d}, qkv.options()), k = at::empty({b, t, g, d}, qkv.options()), v = at::empty({b, t, g, d}, qkv.options());
@@ -522,6 +527,47 @@ struct RopeNorm : public torch::autograd::Function<RopeNorm> {
   }
 };
 
+// (x fp32, y fp32|bf16 of x's shape) → {s = x + y (fp32), h = rmsnorm(s) in out_dtype}
+struct AddRmsNorm : public torch::autograd::Function<AddRmsNorm> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& y_in, int64_t out_dtype, double eps) {
+    check_block_input(y_in, "add+rmsnorm (fused)");
+    const auto odt = static_cast<at::ScalarType>(out_dtype);
+    TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.device() == y_in.device() && x_in.sizes() == y_in.sizes(),
+                "add+rmsnorm (fused): want the fp32 stream x and a branch y of its shape on its device; got ", x_in.scalar_type(), " ", x_in.sizes(), " and ",
+                y_in.scalar_type(), " ", y_in.sizes(), " on ", x_in.device(), ", ", y_in.device());
+    TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, "add+rmsnorm (fused): output must be fp32 or bf16; got ", odt);
+    TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) >= 1 && x_in.size(-1) <= INT32_MAX, "add+rmsnorm (fused): want rows of 1 to 2³¹ elements; got ", x_in.sizes());
+    c10::cuda::CUDAGuard guard(x_in.device());
+    auto x = x_in.contiguous(), y = y_in.contiguous();
+    const int64_t c = x.size(-1), n = x.numel() / c;
+    auto s = at::empty_like(x), h = at::empty(x.sizes(), x.options().dtype(odt)), rstd = at::empty({n}, x.options());
+    if (n > 0)
+      cuda_ok(tg_add_rmsnorm_fwd(x.data_ptr<float>(), y.data_ptr(), s.data_ptr<float>(), h.data_ptr(), rstd.data_ptr<float>(), n, static_cast<int>(c),
+                                 static_cast<float>(eps), y.scalar_type() == at::kBFloat16, odt == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+              "add+rmsnorm (fused) forward");
+    ctx->save_for_backward({s, rstd});
+    ctx->saved_data["out_dtype"] = out_dtype;
+    ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
+    return {s, h};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    auto &s = saved[0], &rstd = saved[1];
+    const auto odt = static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt()), ydt = static_cast<at::ScalarType>(ctx->saved_data["y_dtype"].toInt());
+    c10::cuda::CUDAGuard guard(s.device());
+    auto ds = grads[0].defined() ? grads[0].to(at::kFloat).contiguous() : at::Tensor();
+    auto dh = grads[1].defined() ? grads[1].to(odt).contiguous() : at::zeros(s.sizes(), s.options().dtype(odt));  // h unused: only the stream's gradient
+    auto dx = at::empty_like(s), dy = at::empty(s.sizes(), s.options().dtype(ydt));
+    const int64_t c = s.size(-1), n = s.numel() / c;
+    if (n > 0)
+      cuda_ok(tg_add_rmsnorm_bwd(s.data_ptr<float>(), dh.data_ptr(), ds.defined() ? ds.data_ptr<float>() : nullptr, rstd.data_ptr<float>(), dx.data_ptr<float>(),
+                                 dy.data_ptr(), n, static_cast<int>(c), ydt == at::kBFloat16, odt == at::kBFloat16, c10::cuda::getCurrentCUDAStream()),
+              "add+rmsnorm (fused) backward");
+    return {dx, dy, at::Tensor(), at::Tensor()};
+  }
+};
+
 struct Relu2 : public torch::autograd::Function<Relu2> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& u_in) {
     check_block_input(u_in, "relu² (fused)");
@@ -554,6 +600,18 @@ extern "C" at::Tensor* tg_rmsnorm(at::Tensor* x, int out_dtype, double eps, char
   } catch (const std::exception& e) {
     tg_err(err, errlen, e);
     return nullptr;
+  }
+}
+
+// Writes s and h into out[0..2]; 0 on success.
+extern "C" int tg_add_rmsnorm(at::Tensor* x, at::Tensor* y, int out_dtype, double eps, at::Tensor** out, char* err, size_t errlen) {
+  try {
+    auto r = AddRmsNorm::apply(*x, *y, out_dtype, eps);
+    for (int i = 0; i < 2; ++i) out[i] = new at::Tensor(r[i]);
+    return 0;
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return 1;
   }
 }
 
