@@ -10,6 +10,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels/ext.cpp");
     println!("cargo:rerun-if-changed=kernels/mma_bf16.cuh"); // included by the .cu files
+    println!("cargo:rerun-if-changed=kernels/launchers.h"); // included by the .cu files and ext.cpp
     for k in KERNELS {
         println!("cargo:rerun-if-changed={k}");
     }

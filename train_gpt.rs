@@ -17,7 +17,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 const SOURCE: &str = include_str!("train_gpt.rs");
 const KERNEL_FILES: &[(&str, &str)] = &[("kernels/ext.cpp", include_str!("kernels/ext.cpp")), ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu")),
                                          ("kernels/softcap_ce.cu", include_str!("kernels/softcap_ce.cu")), ("kernels/block_ops.cu", include_str!("kernels/block_ops.cu")),
-                                         ("kernels/mma_bf16.cuh", include_str!("kernels/mma_bf16.cuh"))];
+                                         ("kernels/mma_bf16.cuh", include_str!("kernels/mma_bf16.cuh")), ("kernels/launchers.h", include_str!("kernels/launchers.h"))];
 const SHARD_MAGIC: i32 = 20240520; // modded-nanogpt / llm.c token shard
 const SHARD_VERSION: i32 = 1;
 const HEADER_INTS: usize = 256;

@@ -1,8 +1,8 @@
 // The transformer block's memory-bound steps, fused, for sm_90 (forward and backward; fp32 arithmetic, one rounding to
 // the output dtype): eager ATen spends several kernels and fp32 round trips on each (ATen's RMSNorm kernels are built
 // for wide rows; RoPE alone is eight elementwise kernels and a cat, and their backward as many).
-//   rmsnorm:   y = x·r, r = (mean x² + eps)^-½ over rows of C, x fp32 or bf16, y in another dtype (the cast fused in).
-//   add_rmsnorm: the residual add s = x + y and h = rmsnorm(s), the new stream and the next sublayer's input.
+//   rmsnorm:   y = x·r, r = (mean x² + eps)^-½ over rows of C, x fp32 or bf16, y in another dtype (the cast fused in);
+//              with a branch y, the residual add s = x + y first (the new stream), h = rmsnorm(s) the next input.
 //   rope_norm: the qkv projection's output [B,T,(H+2G)·D] → q, k rotated (RoPE, halves) then RMS-normed per head,
 //              and v copied, each [B,T,heads,D]: one pass instead of narrow/rope/cat/norm and three zero-filled grads.
 //   relu2:     h = max(u, 0)².
@@ -15,6 +15,7 @@
 #include <initializer_list>
 #include <type_traits>
 #include "mma_bf16.cuh"
+#include "launchers.h"
 
 namespace {
 using bf16 = __nv_bfloat16;
@@ -36,71 +37,46 @@ __device__ inline float warp_sum(float x) {
 
 __device__ inline int64_t warp_row() { return static_cast<int64_t>(blockIdx.x) * WARPS + threadIdx.x / 32; }
 
-// ---- rmsnorm over rows of c; rstd [n] kept for the backward.
-template <typename TI, typename TO> __global__ void __launch_bounds__(NT) rmsnorm_fwd(const TI* x, TO* y, float* rstd, int64_t n, int c, float eps) {
+// ---- rmsnorm over rows of c, h = v·r with r = (mean v² + eps)^-½, rstd [n] kept for the backward. v = x, or, with
+// y, the residual add v = x + y, written to s as the new stream: one pass instead of an add and a norm. Backward: dx =
+// r·(dh − v̂·mean(dh·v̂)), v̂ = v·r, plus the stream's own gradient ds_in if any, also written to dy in y's dtype: one
+// pass instead of the norm's backward, autograd's sum of the stream's two gradients and the cast to y's dtype.
+template <typename TI, typename TY, typename TO>
+__global__ void __launch_bounds__(NT) rmsnorm_fwd(const TI* x, const TY* y, float* s, TO* h, float* rstd, int64_t n, int c, float eps) {
   const int64_t row = warp_row();
   if (row >= n) return;
   const int lane = threadIdx.x % 32;
   const TI* xr = x + row * c;
+  const TY* yr = y ? y + row * c : nullptr;
+  auto v = [&](int j) { return yr ? to_f(xr[j]) + to_f(yr[j]) : to_f(xr[j]); };
   float ss = 0.f;
-  for (int j = lane; j < c; j += 32) ss += to_f(xr[j]) * to_f(xr[j]);
+  for (int j = lane; j < c; j += 32) {
+    const float vj = v(j);
+    ss += vj * vj;
+    if (s) s[row * c + j] = vj;
+  }
   const float r = rsqrtf(warp_sum(ss) / c + eps);
-  for (int j = lane; j < c; j += 32) y[row * c + j] = from_f<TO>(to_f(xr[j]) * r);
+  for (int j = lane; j < c; j += 32) h[row * c + j] = from_f<TO>(v(j) * r);
   if (lane == 0) rstd[row] = r;
 }
 
-// dx = r·(dy − ŷ·mean(dy·ŷ)), ŷ = x·r
-template <typename TI, typename TO> __global__ void __launch_bounds__(NT) rmsnorm_bwd(const TI* x, const TO* dy, const float* rstd, TI* dx, int64_t n, int c) {
+// x: the normed rows (x, or s after an add); ds_in and dy may be null
+template <typename TI, typename TY, typename TO>
+__global__ void __launch_bounds__(NT) rmsnorm_bwd(const TI* x, const TO* dh, const float* ds_in, const float* rstd, TI* dx, TY* dy, int64_t n, int c) {
   const int64_t row = warp_row();
   if (row >= n) return;
   const int lane = threadIdx.x % 32;
   const float r = rstd[row];
   const TI* xr = x + row * c;
-  const TO* gr = dy + row * c;
+  const TO* gr = dh + row * c;
   float dot = 0.f;
   for (int j = lane; j < c; j += 32) dot += to_f(gr[j]) * to_f(xr[j]) * r;
   dot = warp_sum(dot) / c;
-  for (int j = lane; j < c; j += 32) dx[row * c + j] = from_f<TI>(r * (to_f(gr[j]) - to_f(xr[j]) * r * dot));
-}
-
-// ---- add_rmsnorm: the residual add and the next RMSNorm in one pass. s = x + y (x the fp32 stream, y a branch's
-// output, fp32 or bf16) is the new stream, h = s·r in TO the next sublayer's input. Backward: ds = dh's part
-// r·(dh − ŝ·mean(dh·ŝ)) plus the stream's own gradient, written as x's gradient (fp32) and as y's (its dtype). One pass
-// each way instead of an add, a norm and (backward) the norm's backward, autograd's sum of the stream's two gradients
-// and the cast to y's dtype.
-template <typename TY, typename TO>
-__global__ void __launch_bounds__(NT) add_rmsnorm_fwd(const float* x, const TY* y, float* s, TO* h, float* rstd, int64_t n, int c, float eps) {
-  const int64_t row = warp_row();
-  if (row >= n) return;
-  const int lane = threadIdx.x % 32;
-  const float* xr = x + row * c;
-  const TY* yr = y + row * c;
-  float ss = 0.f;
-  for (int j = lane; j < c; j += 32) {
-    const float v = xr[j] + to_f(yr[j]);
-    s[row * c + j] = v, ss += v * v;
-  }
-  const float r = rsqrtf(warp_sum(ss) / c + eps);
-  for (int j = lane; j < c; j += 32) h[row * c + j] = from_f<TO>((xr[j] + to_f(yr[j])) * r);
-  if (lane == 0) rstd[row] = r;
-}
-
-// ds_in: the new stream's gradient from later layers (null: none)
-template <typename TY, typename TO>
-__global__ void __launch_bounds__(NT) add_rmsnorm_bwd(const float* s, const TO* dh, const float* ds_in, const float* rstd, float* dx, TY* dy, int64_t n, int c) {
-  const int64_t row = warp_row();
-  if (row >= n) return;
-  const int lane = threadIdx.x % 32;
-  const float r = rstd[row];
-  const float* sr = s + row * c;
-  const TO* gr = dh + row * c;
-  float dot = 0.f;
-  for (int j = lane; j < c; j += 32) dot += to_f(gr[j]) * sr[j] * r;
-  dot = warp_sum(dot) / c;
   for (int j = lane; j < c; j += 32) {
     const int64_t i = row * c + j;
-    const float g = r * (to_f(gr[j]) - sr[j] * r * dot) + (ds_in ? ds_in[i] : 0.f);
-    dx[i] = g, dy[i] = from_f<TY>(g);
+    const float g = r * (to_f(gr[j]) - to_f(xr[j]) * r * dot) + (ds_in ? ds_in[i] : 0.f);
+    dx[i] = from_f<TI>(g);
+    if (dy) dy[i] = from_f<TY>(g);
   }
 }
 
@@ -302,45 +278,47 @@ unsigned blocks_for(int64_t n) { return static_cast<unsigned>(std::min<int64_t>(
 
 // Each returns a cudaError_t. Pointers are on the current device; rows, heads and d as the kernels above describe.
 // bf16 flags: x/in (first) and y/out (second) dtypes, else fp32.
+// Calls f(A{}, B{}) with A, B each bf16 or float by the flags.
+template <typename F> void with_dtypes(int a_bf16, int b_bf16, F f) {
+  if (a_bf16) b_bf16 ? f(bf16{}, bf16{}) : f(bf16{}, 0.f);
+  else b_bf16 ? f(0.f, bf16{}) : f(0.f, 0.f);
+}
+
 extern "C" int tg_rmsnorm_fwd(const void* x, void* y, float* rstd, int64_t n, int c, float eps, int x_bf16, int y_bf16, cudaStream_t st) {
-  const unsigned nb = blocks_for_warps(n);
-  if (!x_bf16 && y_bf16) rmsnorm_fwd<float, bf16><<<nb, NT, 0, st>>>(static_cast<const float*>(x), static_cast<bf16*>(y), rstd, n, c, eps);
-  else if (!x_bf16) rmsnorm_fwd<float, float><<<nb, NT, 0, st>>>(static_cast<const float*>(x), static_cast<float*>(y), rstd, n, c, eps);
-  else if (y_bf16) rmsnorm_fwd<bf16, bf16><<<nb, NT, 0, st>>>(static_cast<const bf16*>(x), static_cast<bf16*>(y), rstd, n, c, eps);
-  else rmsnorm_fwd<bf16, float><<<nb, NT, 0, st>>>(static_cast<const bf16*>(x), static_cast<float*>(y), rstd, n, c, eps);
+  with_dtypes(x_bf16, y_bf16, [&](auto ti, auto to) {
+    using TI = decltype(ti);
+    using TO = decltype(to);
+    rmsnorm_fwd<TI, TI, TO><<<blocks_for_warps(n), NT, 0, st>>>(static_cast<const TI*>(x), nullptr, nullptr, static_cast<TO*>(y), rstd, n, c, eps);
+  });
   return cudaGetLastError();
 }
 
 extern "C" int tg_rmsnorm_bwd(const void* x, const void* dy, const float* rstd, void* dx, int64_t n, int c, int x_bf16, int y_bf16, cudaStream_t st) {
-  const unsigned nb = blocks_for_warps(n);
-  if (!x_bf16 && y_bf16) rmsnorm_bwd<float, bf16><<<nb, NT, 0, st>>>(static_cast<const float*>(x), static_cast<const bf16*>(dy), rstd, static_cast<float*>(dx), n, c);
-  else if (!x_bf16) rmsnorm_bwd<float, float><<<nb, NT, 0, st>>>(static_cast<const float*>(x), static_cast<const float*>(dy), rstd, static_cast<float*>(dx), n, c);
-  else if (y_bf16) rmsnorm_bwd<bf16, bf16><<<nb, NT, 0, st>>>(static_cast<const bf16*>(x), static_cast<const bf16*>(dy), rstd, static_cast<bf16*>(dx), n, c);
-  else rmsnorm_bwd<bf16, float><<<nb, NT, 0, st>>>(static_cast<const bf16*>(x), static_cast<const float*>(dy), rstd, static_cast<bf16*>(dx), n, c);
+  with_dtypes(x_bf16, y_bf16, [&](auto ti, auto to) {
+    using TI = decltype(ti);
+    using TO = decltype(to);
+    rmsnorm_bwd<TI, TI, TO><<<blocks_for_warps(n), NT, 0, st>>>(static_cast<const TI*>(x), static_cast<const TO*>(dy), nullptr, rstd, static_cast<TI*>(dx), nullptr, n, c);
+  });
   return cudaGetLastError();
 }
 
-// x, s [n, c] fp32; y and dy in y's dtype, h and dh in h's (bf16 flags), rstd [n].
+// x, s [n, c] fp32; y and dy in y's dtype, h and dh in h's (bf16 flags), rstd [n]; ds_in may be null.
 extern "C" int tg_add_rmsnorm_fwd(const float* x, const void* y, float* s, void* h, float* rstd, int64_t n, int c, float eps, int y_bf16, int h_bf16, cudaStream_t st) {
-  auto go = [&](auto ty, auto to) {
+  with_dtypes(y_bf16, h_bf16, [&](auto ty, auto to) {
     using TY = decltype(ty);
     using TO = decltype(to);
-    add_rmsnorm_fwd<TY, TO><<<blocks_for_warps(n), NT, 0, st>>>(x, static_cast<const TY*>(y), s, static_cast<TO*>(h), rstd, n, c, eps);
-  };
-  if (y_bf16) h_bf16 ? go(bf16{}, bf16{}) : go(bf16{}, 0.f);
-  else h_bf16 ? go(0.f, bf16{}) : go(0.f, 0.f);
+    rmsnorm_fwd<float, TY, TO><<<blocks_for_warps(n), NT, 0, st>>>(x, static_cast<const TY*>(y), s, static_cast<TO*>(h), rstd, n, c, eps);
+  });
   return cudaGetLastError();
 }
 
 extern "C" int tg_add_rmsnorm_bwd(const float* s, const void* dh, const float* ds_in, const float* rstd, float* dx, void* dy, int64_t n, int c, int y_bf16, int h_bf16,
                                   cudaStream_t st) {
-  auto go = [&](auto ty, auto to) {
+  with_dtypes(y_bf16, h_bf16, [&](auto ty, auto to) {
     using TY = decltype(ty);
     using TO = decltype(to);
-    add_rmsnorm_bwd<TY, TO><<<blocks_for_warps(n), NT, 0, st>>>(s, static_cast<const TO*>(dh), ds_in, rstd, dx, static_cast<TY*>(dy), n, c);
-  };
-  if (y_bf16) h_bf16 ? go(bf16{}, bf16{}) : go(bf16{}, 0.f);
-  else h_bf16 ? go(0.f, bf16{}) : go(0.f, 0.f);
+    rmsnorm_bwd<float, TY, TO><<<blocks_for_warps(n), NT, 0, st>>>(s, static_cast<const TO*>(dh), ds_in, rstd, dx, static_cast<TY*>(dy), n, c);
+  });
   return cudaGetLastError();
 }
 

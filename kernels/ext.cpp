@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include "launchers.h"
 
 static void tg_err(char* err, size_t len, const std::exception& e) {
   std::string m = e.what();
@@ -289,14 +290,6 @@ extern "C" at::Tensor* tg_tau_attention(at::Tensor* lq, at::Tensor* lk, at::Tens
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-extern "C" {
-int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, void* out, const int64_t* so,
-                         float* out32, float* mx, float* inv_l, int bh, int heads, int tq, int tk, int d, cudaStream_t stream);
-int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, const float* out32,
-                          const void* dout, const int64_t* sd, const float* mx, const float* inv_l, float* delta, float* dlq, float* dlk, void* dv, const int64_t* sdv,
-                          float* dinv_temp, int bh, int heads, int tq, int tk, int d, cudaStream_t stream);
-}
-
 namespace {
 // Contiguous and 16-byte aligned, as the kernels read and write rows in 16-byte vectors (a contiguous view may
 // start mid-allocation).
@@ -382,9 +375,6 @@ extern "C" at::Tensor* tg_tau_flash(at::Tensor* lq, at::Tensor* lk, at::Tensor* 
 
 // ---- Soft-capped cross-entropy through the fused kernel of kernels/softcap_ce.cu: the logits are read twice (loss, then
 // gradient) and the gradient overwrites them, so the head needs no fp32 [N, V] tensor.
-extern "C" int tg_softcap_ce_launch(void* z, const int64_t* y, float* loss, int n, int v, float cap, float scale, int grad, int is_bf16,
-                                    cudaStream_t stream);
-
 // Per-row losses (fp32 [N]) of soft-capped logits cap·tanh(z/cap), z [N, V] bf16 or fp32, against targets y [N] (int64);
 // with grad != 0, z is overwritten with d(scale·Σ loss)/dz. A target outside [0, V) gives its row a NaN loss and
 // gradient (checking here would read y back and sync the stream). Null + err on failure.
@@ -414,21 +404,8 @@ extern "C" at::Tensor* tg_softcap_ce(at::Tensor* z, at::Tensor* y, double softca
 }
 
 // ---- The block's memory-bound steps through kernels/block_ops.cu: RMSNorm with the cast to the compute dtype fused
-// in, RoPE + QK-norm over the qkv projection's output (q, k and v out in one pass, dqkv in one pass back), ReLU².
-extern "C" {
-int tg_rmsnorm_fwd(const void* x, void* y, float* rstd, int64_t n, int c, float eps, int x_bf16, int y_bf16, cudaStream_t st);
-int tg_rmsnorm_bwd(const void* x, const void* dy, const float* rstd, void* dx, int64_t n, int c, int x_bf16, int y_bf16, cudaStream_t st);
-int tg_add_rmsnorm_fwd(const float* x, const void* y, float* s, void* h, float* rstd, int64_t n, int c, float eps, int y_bf16, int h_bf16, cudaStream_t st);
-int tg_add_rmsnorm_bwd(const float* s, const void* dh, const float* ds_in, const float* rstd, float* dx, void* dy, int64_t n, int c, int y_bf16, int h_bf16,
-                       cudaStream_t st);
-int tg_rope_norm_fwd(const void* qkv, void* q, void* k, void* v, const float* cos, const float* sin, float* rstd, int64_t rows, int h, int g, int d, int t,
-                     int pos, float eps, int bf16_, cudaStream_t st);
-int tg_rope_norm_bwd(const void* qkv, const void* dq, const void* dk, const void* dv, const int64_t* strides, const float* cos, const float* sin,
-                     const float* rstd, void* dqkv, int64_t rows, int h, int g, int d, int t, int pos, int bf16_, cudaStream_t st);
-int tg_relu2_fwd(const void* u, void* h, int64_t n, int bf16_, cudaStream_t st);
-int tg_relu2_bwd(const void* u, const void* dh, void* du, int64_t n, int bf16_, cudaStream_t st);
-}
-
+// in (and the residual add before it), RoPE + QK-norm over the qkv projection's output (q, k and v out in one pass,
+// dqkv in one pass back), ReLU².
 namespace {
 void check_block_input(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.is_cuda(), what, ": input on ", x.device(), "; the fused kernels need CUDA (use --kernels plain off the GPU)");
@@ -687,14 +664,6 @@ extern "C" int tg_foreach_zero_(at::Tensor** a, int n, char* err, size_t errlen)
 
 // ---- taumode's energies through kernels/block_ops.cu: x [B, heads, T, D] (bf16, D contiguous) → E and
 // λ = E/(E+τ), [B, heads, T] fp32; λ differentiable with respect to x, E a constant (calibration and diagnostics).
-extern "C" {
-int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, void* scratch, float* e, float* lam, int64_t rows, int d,
-                  float eps, float tau, cudaStream_t s);
-int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, void* scratch, const float* e, const float* dlam,
-                  void* dx, int64_t rows, int d, float eps, float tau, cudaStream_t s);
-int64_t tg_lambda_scratch_bytes(int d);
-}
-
 namespace {
 struct TauLambda : public torch::autograd::Function<TauLambda> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& lap_in, double tau, double eps) {

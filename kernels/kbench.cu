@@ -14,24 +14,7 @@
 #include <cstdint>
 #include <vector>
 #include <cmath>
-extern "C" {
-int tg_tau_flash_forward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, void* out, const int64_t* so,
-                         float* out32, float* mx, float* inv_l, int bh, int heads, int tq, int tk, int d, cudaStream_t stream);
-int tg_tau_flash_backward(const float* lq, const float* lk, const void* v, const int64_t* sv, const float* inv_temp, const float* out32,
-                          const void* dout, const int64_t* sd, const float* mx, const float* inv_l, float* delta, float* dlq, float* dlk, void* dv, const int64_t* sdv,
-                          float* dinv_temp, int bh, int heads, int tq, int tk, int d, cudaStream_t stream);
-int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap, void* scratch, float* e, float* lam, int64_t rows, int d,
-                  float eps, float tau, cudaStream_t s);
-int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, void* scratch, const float* e, const float* dlam,
-                  void* dx, int64_t rows, int d, float eps, float tau, cudaStream_t s);
-int64_t tg_lambda_scratch_bytes(int d);
-int tg_rope_norm_fwd(const void* qkv, void* q, void* k, void* v, const float* cos, const float* sin, float* rstd, int64_t rows, int h, int g, int d, int t,
-                     int pos, float eps, int bf16_, cudaStream_t st);
-int tg_rope_norm_bwd(const void* qkv, const void* dq, const void* dk, const void* dv, const int64_t* strides, const float* cos, const float* sin,
-                     const float* rstd, void* dqkv, int64_t rows, int h, int g, int d, int t, int pos, int bf16_, cudaStream_t st);
-int tg_relu2_fwd(const void* u, void* h, int64_t n, int bf16_, cudaStream_t st);
-int tg_relu2_bwd(const void* u, const void* dh, void* du, int64_t n, int bf16_, cudaStream_t st);
-}
+#include "launchers.h"
 #define CK(x) do { int e_ = (x); if (e_) { printf("error %s at %s:%d\n", cudaGetErrorString((cudaError_t)e_), __FILE__, __LINE__); exit(1); } } while (0)
 static uint64_t rs = 12345;
 static float urand() { rs = rs * 6364136223846793005ull + 1442695040888963407ull; return (rs >> 40) / 16777216.f; }

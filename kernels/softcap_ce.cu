@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 #include <cstdint>
 #include <type_traits>
+#include "launchers.h"
 
 namespace {
 using bf16 = __nv_bfloat16;

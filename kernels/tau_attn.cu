@@ -16,6 +16,7 @@
 // V, dout, out and dV are [B, H, T, D] with any strides but D's (q, k, v are views of one [B, T, H, D] buffer).
 // Plain C ABI: kernels/ext.cpp owns the tensors, the checks and the stream.
 #include "mma_bf16.cuh"
+#include "launchers.h"
 
 namespace {
 using namespace tg;
