@@ -2008,7 +2008,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
                        (a.val_every > 0, "--val-every must be > 0"), ((0.0..=1.0).contains(&a.cooldown_frac), "--cooldown-frac must be in [0,1]"),
                        (a.tau_temp > 0.0 && a.inv_temp_init > 0.0, "--tau-temp and --inv-temp-init must be > 0"),
                        (a.n_layer >= 1 && a.n_head >= 1, "--n-layer and --n-head must be ≥ 1"),
-                       (a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head"),
+                       (a.n_head < 1 || a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head"), // the line above refuses --n-head 0
                        (a.n_kv_head >= 0 && (a.n_kv_head == 0 || a.n_head % a.n_kv_head == 0), "--n-head must be a multiple of --n-kv-head"),
                        (a.batch_size % world_size == 0, "--batch-size must split evenly over the ranks"),
                        (a.micro_batch >= 0 && (a.micro_batch == 0 || (a.batch_size / world_size) % a.micro_batch == 0), "--micro-batch must divide batch_size / ranks")] {

@@ -134,6 +134,9 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
     let o = run(&["train", "--no-such-option"]);
     assert_one_line_error(&o, 2, "--help");
     assert_one_line_error(&run(&["train", "--nproc", "0"]), 2, "--nproc");
+    for bad in ["--n-layer", "--n-head"] {
+        assert_one_line_error(&run(&["train", bad, "0", "--device", "cpu"]), 1, "--n-layer and --n-head must be ≥ 1");
+    }
     let dir = tmp("bad");
     let d = dir.to_str().unwrap();
     assert_one_line_error(&run(&["train", "--data", "/nonexistent/shards", "--log-dir", d, "--device", "cpu"]), 1, "train_gpt prepare");
