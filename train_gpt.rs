@@ -970,14 +970,19 @@ fn softcap_ce_fused(z: &mut Tensor, y: &Tensor, scale: f64, grad: bool) -> Tenso
 // RMSNorm of x (fp32 or bf16) over its last dim, written in `kind` (fp32 or bf16): rms(x).to_kind(kind) in one CUDA
 // kernel each way (kernels/block_ops.cu).
 fn rmsnorm_fused(x: &Tensor, kind: Kind) -> Tensor {
-    let dtype = match kind { Kind::Float => 6, Kind::BFloat16 => 15, k => panic!("rmsnorm (fused): output {k:?}; want fp32 or bf16") }; // c10::ScalarType
+    let dtype = norm_out_dtype("rmsnorm (fused)", kind);
     ext_tensor("rmsnorm (fused)", ffi(|e, n| unsafe { ext::tg_rmsnorm(handle(x), dtype, RMS_EPS, e, n) }))
+}
+
+// The RMSNorm kernels' output dtype as the c10::ScalarType code kernels/ext.cpp takes: fp32 or bf16.
+fn norm_out_dtype(what: &str, kind: Kind) -> i32 {
+    match kind { Kind::Float => 6, Kind::BFloat16 => 15, k => panic!("{what}: output {k:?}; want fp32 or bf16") }
 }
 
 // The residual add and the next RMSNorm: (s = x + y, rms(s).to_kind(kind)) for the fp32 stream x and a branch y (fp32 or
 // bf16), one CUDA kernel each way (kernels/block_ops.cu).
 fn add_rmsnorm_fused(x: &Tensor, y: &Tensor, kind: Kind) -> (Tensor, Tensor) {
-    let dtype = match kind { Kind::Float => 6, Kind::BFloat16 => 15, k => panic!("add+rmsnorm (fused): output {k:?}; want fp32 or bf16") }; // c10::ScalarType
+    let dtype = norm_out_dtype("add+rmsnorm (fused)", kind);
     let mut out = [std::ptr::null_mut(); 2];
     ext_ok("add+rmsnorm (fused)", ffi(|e, n| unsafe { ext::tg_add_rmsnorm(handle(x), handle(y), dtype, RMS_EPS, out.as_mut_ptr(), e, n) }));
     let [s, h] = out.map(|p| unsafe { Tensor::from_ptr(p as *mut _) });
@@ -1002,7 +1007,6 @@ fn relu2_fused(u: &Tensor) -> Tensor {
 fn handles(ts: &[&Tensor]) -> Vec<*mut std::os::raw::c_void> {
     ts.iter().map(|t| handle(t)).collect()
 }
-
 
 // a[i] ← lerp(a[i], b[i], w)
 fn foreach_lerp_(a: &[&Tensor], b: &[&Tensor], w: f64) {
