@@ -412,12 +412,17 @@ void check_block_input(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, what, ": input must be fp32 or bf16; got ", x.scalar_type());
 }
 
+// An RMSNorm's input rows and output dtype, as the kernels take them: rows of 1 to 2³¹ elements, fp32 or bf16 out.
+void check_norm(const at::Tensor& x, at::ScalarType odt, const char* what) {
+  TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, what, ": output must be fp32 or bf16; got ", odt);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1 && x.size(-1) <= INT32_MAX, what, ": want rows of 1 to 2³¹ elements; got ", x.sizes());
+}
+
 struct RmsNorm : public torch::autograd::Function<RmsNorm> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, int64_t out_dtype, double eps) {
     check_block_input(x_in, "rmsnorm (fused)");
     const auto odt = static_cast<at::ScalarType>(out_dtype);
-    TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, "rmsnorm (fused): output must be fp32 or bf16; got ", odt);
-    TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) >= 1 && x_in.size(-1) <= INT32_MAX, "rmsnorm (fused): want rows of 1 to 2³¹ elements; got ", x_in.sizes());
+    check_norm(x_in, odt, "rmsnorm (fused)");
     c10::cuda::CUDAGuard guard(x_in.device());
     auto x = x_in.contiguous();
     const int64_t c = x.size(-1), n = x.numel() / c;
@@ -512,8 +517,7 @@ struct AddRmsNorm : public torch::autograd::Function<AddRmsNorm> {
     TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.device() == y_in.device() && x_in.sizes() == y_in.sizes(),
                 "add+rmsnorm (fused): want the fp32 stream x and a branch y of its shape on its device; got ", x_in.scalar_type(), " ", x_in.sizes(), " and ",
                 y_in.scalar_type(), " ", y_in.sizes(), " on ", x_in.device(), ", ", y_in.device());
-    TORCH_CHECK(odt == at::kFloat || odt == at::kBFloat16, "add+rmsnorm (fused): output must be fp32 or bf16; got ", odt);
-    TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) >= 1 && x_in.size(-1) <= INT32_MAX, "add+rmsnorm (fused): want rows of 1 to 2³¹ elements; got ", x_in.sizes());
+    check_norm(x_in, odt, "add+rmsnorm (fused)");
     c10::cuda::CUDAGuard guard(x_in.device());
     auto x = x_in.contiguous(), y = y_in.contiguous();
     const int64_t c = x.size(-1), n = x.numel() / c;
