@@ -1,6 +1,6 @@
 // Builds kernels/ext.cpp against the venv's libtorch headers and the CUDA kernels (KERNELS) with the venv's nvcc (into
-// one archive), and embeds an rpath to torch/lib and the CUDA runtime beside it, so that `cargo run`/`cargo test` need no
-// LD_LIBRARY_PATH. The tag is RUNPATH: LD_LIBRARY_PATH still wins on the GPU box. No GPU is needed to build.
+// one archive), and embeds an rpath to torch/lib and the CUDA runtime beside it, so that `cargo run`/`cargo test` need
+// no LD_LIBRARY_PATH. The tag is RUNPATH: LD_LIBRARY_PATH still wins on the GPU box. No GPU is needed to build.
 use std::path::{Path, PathBuf};
 
 const KERNELS: [&str; 3] = ["kernels/tau_attn.cu", "kernels/softcap_ce.cu", "kernels/block_ops.cu"];
@@ -52,15 +52,24 @@ fn main() {
 }
 
 // Compiles a .cu file for the H200 (sm_90) with nvcc from the venv (pip's nvidia-cuda-nvcc, beside torch); returns
-// the object. No --use_fast_math: a kernel that takes fast intrinsics says where and why (softcap_ce.cu); elsewhere expf/logf match torch to fp32 rounding.
+// the object. No --use_fast_math: a kernel that takes fast intrinsics says where and why (softcap_ce.cu); elsewhere
+// expf/logf match torch to fp32 rounding.
 fn nvcc(torch: &Path, src: &str) -> PathBuf {
     let nvcc = torch.join("../nvidia/cu13/bin/nvcc");
     assert!(nvcc.exists(), "{} missing: run ./run.sh setup (it installs cuda-toolkit[nvcc])", nvcc.display());
-    let obj = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join(Path::new(src).with_extension("o").file_name().unwrap());
+    let obj =
+        PathBuf::from(std::env::var("OUT_DIR").unwrap()).join(Path::new(src).with_extension("o").file_name().unwrap());
     let status = std::process::Command::new(&nvcc)
         .args(["-c", src, "-o"])
         .arg(&obj)
-        .args(["-gencode=arch=compute_90,code=sm_90", "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "-D_GLIBCXX_USE_CXX11_ABI=1"])
+        .args([
+            "-gencode=arch=compute_90,code=sm_90",
+            "-std=c++17",
+            "-O3",
+            "-Xcompiler",
+            "-fPIC",
+            "-D_GLIBCXX_USE_CXX11_ABI=1",
+        ])
         .status()
         .unwrap_or_else(|e| panic!("{}: {e}", nvcc.display()));
     assert!(status.success(), "nvcc failed on {src}");

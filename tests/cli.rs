@@ -5,8 +5,32 @@ use std::sync::OnceLock;
 
 const BIN: &str = env!("CARGO_BIN_EXE_train_gpt");
 // A model small enough that a run takes seconds on two cores.
-const SMALL: &[&str] = &["--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--batch-size", "4",
-                         "--steps", "20", "--val-every", "10", "--val-tokens", "512", "--warmup-steps", "2", "--lr-adam", "0.1", "--sample-tokens", "0"];
+const SMALL: &[&str] = &[
+    "--device",
+    "cpu",
+    "--n-layer",
+    "1",
+    "--n-head",
+    "2",
+    "--n-embd",
+    "32",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--steps",
+    "20",
+    "--val-every",
+    "10",
+    "--val-tokens",
+    "512",
+    "--warmup-steps",
+    "2",
+    "--lr-adam",
+    "0.1",
+    "--sample-tokens",
+    "0",
+];
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("train_gpt-cli-{}", std::process::id())).join(name);
@@ -70,9 +94,14 @@ fn a_run_writes_a_self_describing_log() {
     let config: serde_json::Value = serde_json::from_str(config).unwrap();
     assert_eq!(config["steps"], 20);
     assert_eq!(config["lr_muon"], 0.02);
-    let data: serde_json::Value = serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
+    let data: serde_json::Value =
+        serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("data: ")).unwrap()).unwrap();
     assert_eq!(data["sha256"].as_str().unwrap().len(), 64);
-    let vals: Vec<f64> = s.lines().filter(|l| l.starts_with("step:")).filter_map(|l| l.split("val_loss:").nth(1)?.split(' ').next()?.parse().ok()).collect();
+    let vals: Vec<f64> = s
+        .lines()
+        .filter(|l| l.starts_with("step:"))
+        .filter_map(|l| l.split("val_loss:").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
     assert_eq!(vals.len(), 3, "validation at 0, 10 and 20");
     assert!(vals[2] < vals[0] - 0.3, "val loss falls: {vals:?}");
     assert!(s.contains("step:4/20 train_loss:") && s.contains("step_avg:"));
@@ -84,7 +113,8 @@ fn tau_run_logs_laplacian_tau_and_diagnostics() {
     let dir = tmp("tau");
     let log = train(&dir, &["--attn", "tau-lt", "--laplacian", "corpus", "--lap-k", "512", "--lap-tokens", "200000"]);
     let s = std::fs::read_to_string(&log).unwrap();
-    let lap: serde_json::Value = serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("laplacian: ")).unwrap()).unwrap();
+    let lap: serde_json::Value =
+        serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("laplacian: ")).unwrap()).unwrap();
     assert_eq!(lap["source"], "corpus");
     assert_eq!(lap["connected"], true);
     assert!(lap["lambda2"].as_f64().unwrap() > 0.0 && lap["build_ms"].as_f64().unwrap() > 0.0);
@@ -104,8 +134,12 @@ fn stats_diff_and_plot_read_logs() {
     assert!(out.contains("runs: 2") && out.contains("p_value: "), "{out}");
     let o = run(&["stats", a.to_str().unwrap(), b.to_str().unwrap(), "--vs", a.to_str().unwrap(), b.to_str().unwrap()]);
     let out = text(&o.stdout);
-    assert!(o.status.success() && out.contains("compare: causal (2 runs) vs causal (2 runs)")
-        && out.lines().any(|l| l.starts_with("final_val_loss:") && l.contains("diff 0.0000 welch_t 0.000")), "{out}");
+    assert!(
+        o.status.success()
+            && out.contains("compare: causal (2 runs) vs causal (2 runs)")
+            && out.lines().any(|l| l.starts_with("final_val_loss:") && l.contains("diff 0.0000 welch_t 0.000")),
+        "{out}"
+    );
     let o = run(&["diff", a.to_str().unwrap(), b.to_str().unwrap()]);
     let out = text(&o.stdout);
     assert!(o.status.success() && out.contains("seed: 1 -> 2"), "{out}");
@@ -122,7 +156,21 @@ fn checkpoint_and_reproducible_sample() {
     let dir = tmp("ckpt");
     let ck = dir.join("m.safetensors");
     train(&dir, &["--save-checkpoint", ck.to_str().unwrap()]);
-    let sample = || run(&["sample", "--checkpoint", ck.to_str().unwrap(), "--prompt", "The", "--tokens", "12", "--seed", "3", "--device", "cpu"]);
+    let sample = || {
+        run(&[
+            "sample",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--prompt",
+            "The",
+            "--tokens",
+            "12",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+        ])
+    };
     let (x, y) = (sample(), sample());
     assert!(x.status.success(), "{}", text(&x.stderr));
     assert_eq!(x.stdout, y.stdout, "same seed, same sample");
@@ -139,7 +187,11 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
     }
     let dir = tmp("bad");
     let d = dir.to_str().unwrap();
-    assert_one_line_error(&run(&["train", "--data", "/nonexistent/shards", "--log-dir", d, "--device", "cpu"]), 1, "train_gpt prepare");
+    assert_one_line_error(
+        &run(&["train", "--data", "/nonexistent/shards", "--log-dir", d, "--device", "cpu"]),
+        1,
+        "train_gpt prepare",
+    );
     // a corrupt shard: right size, wrong magic
     let corrupt = tmp("corrupt");
     for f in ["train_000000.bin", "val_000000.bin"] {
@@ -147,16 +199,40 @@ fn bad_input_gets_one_line_and_leaves_nothing() {
         b[0] = 0;
         std::fs::write(corrupt.join(f), b).unwrap();
     }
-    assert_one_line_error(&run(&["train", "--data", corrupt.to_str().unwrap(), "--log-dir", d, "--device", "cpu"]), 1, "magic");
+    assert_one_line_error(
+        &run(&["train", "--data", corrupt.to_str().unwrap(), "--log-dir", d, "--device", "cpu"]),
+        1,
+        "magic",
+    );
     let mut diverge = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", d];
     diverge.extend_from_slice(SMALL);
     diverge.extend_from_slice(&["--lr-adam", "1e30", "--lr-muon", "1e30"]);
     assert_one_line_error(&run(&diverge), 1, "diverged");
-    assert_one_line_error(&run(&["train", "--attn", "tau", "--laplacian", "file:/nope.npy", "--data", tiny_shards().to_str().unwrap(), "--log-dir", d, "--device", "cpu"]), 1, "not found");
+    assert_one_line_error(
+        &run(&[
+            "train",
+            "--attn",
+            "tau",
+            "--laplacian",
+            "file:/nope.npy",
+            "--data",
+            tiny_shards().to_str().unwrap(),
+            "--log-dir",
+            d,
+            "--device",
+            "cpu",
+        ]),
+        1,
+        "not found",
+    );
     assert!(logs_in(&dir).is_empty(), "failed runs leave no log: {:?}", logs_in(&dir));
     let o = run(&["prepare", "data/tiny", "--out", tiny_shards().to_str().unwrap()]);
     assert_one_line_error(&o, 1, "already holds shards");
-    assert_one_line_error(&run(&["prepare", "/nonexistent.jsonl.zst", "--out", tmp("p").to_str().unwrap()]), 1, "check the path");
+    assert_one_line_error(
+        &run(&["prepare", "/nonexistent.jsonl.zst", "--out", tmp("p").to_str().unwrap()]),
+        1,
+        "check the path",
+    );
 }
 
 #[test]
@@ -164,7 +240,15 @@ fn cuda_asked_for_where_none_exists() {
     if run(&["has-cuda"]).status.success() {
         return; // a GPU box: nothing to refuse
     }
-    let o = run(&["train", "--device", "cuda", "--data", tiny_shards().to_str().unwrap(), "--log-dir", tmp("nocuda").to_str().unwrap()]);
+    let o = run(&[
+        "train",
+        "--device",
+        "cuda",
+        "--data",
+        tiny_shards().to_str().unwrap(),
+        "--log-dir",
+        tmp("nocuda").to_str().unwrap(),
+    ]);
     assert_one_line_error(&o, 1, "--device cpu");
 }
 
@@ -172,25 +256,46 @@ fn cuda_asked_for_where_none_exists() {
 fn fused_kernels_need_cuda_and_no_tau_chunk() {
     let dir = tmp("fused");
     let train = |extra: &[&str]| {
-        let mut args = vec!["train", "--attn", "tau", "--kernels", "fused", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap()];
+        let mut args = vec![
+            "train",
+            "--attn",
+            "tau",
+            "--kernels",
+            "fused",
+            "--data",
+            tiny_shards().to_str().unwrap(),
+            "--log-dir",
+            dir.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         run(&args)
     };
     assert_one_line_error(&train(&["--tau-chunk", "64"]), 1, "pass one of them");
     assert_one_line_error(&train(&["--device", "cpu"]), 1, "needs CUDA (the device is Cpu); pass --kernels plain");
-    assert_one_line_error(&run(&["bench", "--device", "cpu", "--variants", "tau", "--kernels", "fused"]), 1, "pass --kernels plain");
+    assert_one_line_error(
+        &run(&["bench", "--device", "cpu", "--variants", "tau", "--kernels", "fused"]),
+        1,
+        "pass --kernels plain",
+    );
     assert!(logs_in(&dir).is_empty());
 }
 
 #[test]
 fn readme_records_table_matches_the_logs() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
-    let (begin, end) = ("<!-- records-table: generated by `train_gpt records-table`, checked by tests/cli.rs -->\n", "<!-- records-table end -->");
+    let (begin, end) = (
+        "<!-- records-table: generated by `train_gpt records-table`, checked by tests/cli.rs -->\n",
+        "<!-- records-table end -->",
+    );
     let start = readme.find(begin).expect("README has the records table markers") + begin.len();
     let table = &readme[start..start + readme[start..].find(end).expect("end marker")];
     let o = run(&["records-table", "records"]);
     assert!(o.status.success(), "{}", text(&o.stderr));
-    assert_eq!(table, text(&o.stdout), "README records table differs from the logs under records/: regenerate it with `train_gpt records-table`");
+    assert_eq!(
+        table,
+        text(&o.stdout),
+        "README records table differs from the logs under records/: regenerate it with `train_gpt records-table`"
+    );
     assert!(table.lines().count() >= 2, "at least the header");
 }
 
@@ -198,21 +303,56 @@ fn readme_records_table_matches_the_logs() {
 fn bench_reports_each_variant_as_json() {
     let out = tmp("bench").join("bench.json");
     let prof = tmp("bench").join("profile");
-    let o = run(&["bench", "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--batch-size", "2",
-                  "--bench-steps", "2", "--bench-warmup", "1", "--out", out.to_str().unwrap(), "--profile", prof.to_str().unwrap()]);
+    let o = run(&[
+        "bench",
+        "--device",
+        "cpu",
+        "--n-layer",
+        "1",
+        "--n-head",
+        "2",
+        "--n-embd",
+        "32",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--bench-steps",
+        "2",
+        "--bench-warmup",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+        "--profile",
+        prof.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     // --profile: one Chrome trace a variant, holding the step's ops, forward (matmuls) and backward (autograd's nodes)
     for v in ["causal", "tau", "tau-lt"] {
-        let trace: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(prof.join(format!("{v}_rank0.json"))).unwrap()).unwrap();
-        let names: Vec<&str> = trace["traceEvents"].as_array().unwrap().iter().filter(|e| e["cat"] == "cpu_op").filter_map(|e| e["name"].as_str()).collect();
-        assert!(names.contains(&"aten::mm") && names.iter().any(|n| n.contains("Backward")), "{v}: {} ops", names.len());
+        let trace: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(prof.join(format!("{v}_rank0.json"))).unwrap()).unwrap();
+        let names: Vec<&str> = trace["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["cat"] == "cpu_op")
+            .filter_map(|e| e["name"].as_str())
+            .collect();
+        assert!(
+            names.contains(&"aten::mm") && names.iter().any(|n| n.contains("Backward")),
+            "{v}: {} ops",
+            names.len()
+        );
     }
     assert_eq!(std::fs::read_dir(&prof).unwrap().count(), 3, "only the three traces, no .partial");
     let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let attns: Vec<&str> = rows.iter().map(|r| r["attn"].as_str().unwrap()).collect();
     assert_eq!(attns, ["causal", "tau", "tau-lt"]);
     for r in &rows {
-        assert_eq!((r["impl"].as_str(), r["batch"].as_i64(), r["seq"].as_i64(), r["kernels"].as_str()), (Some("rust"), Some(2), Some(32), Some("plain")));
+        assert_eq!(
+            (r["impl"].as_str(), r["batch"].as_i64(), r["seq"].as_i64(), r["kernels"].as_str()),
+            (Some("rust"), Some(2), Some(32), Some("plain"))
+        );
         assert!(r["ms_per_step"].as_f64().unwrap() > 0.0 && r["tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!(r["forward_backward_ms"].as_f64().unwrap() > 0.0 && r["optimizer_ms"].as_f64().unwrap() > 0.0, "{r}");
         // one process: no all-reduce to speak of, the whole batch on this rank
@@ -228,8 +368,24 @@ fn bench_decode_measures_cache_and_speed_for_both_variants() {
     train(&dir, &["--steps", "2", "--save-checkpoint", c.to_str().unwrap()]);
     train(&dir, &["--steps", "2", "--attn", "tau", "--laplacian", "chain", "--save-checkpoint", t.to_str().unwrap()]);
     let out = dir.join("decode.json");
-    let o = run(&["bench-decode", "--checkpoint", c.to_str().unwrap(), t.to_str().unwrap(), "--prompt-lens", "4,40", "--gen-lens", "6",
-                  "--batch-sizes", "1,3", "--repeats", "2", "--device", "cpu", "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "bench-decode",
+        "--checkpoint",
+        c.to_str().unwrap(),
+        t.to_str().unwrap(),
+        "--prompt-lens",
+        "4,40",
+        "--gen-lens",
+        "6",
+        "--batch-sizes",
+        "1,3",
+        "--repeats",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let rows: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     assert_eq!(rows.len(), 8, "2 checkpoints × 2 batch sizes × 2 prompt lengths");
@@ -240,9 +396,14 @@ fn bench_decode_measures_cache_and_speed_for_both_variants() {
         // 40 + 6 tokens run past the trained context of 32 (a longer RoPE table) and say so
         assert_eq!(r["beyond_trained_context"].as_bool(), Some(r["prompt_len"] == 40), "{r}");
         assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
-        assert_eq!(r["ms_per_token_at_position"].as_array().unwrap().len(), 6, "{r}"); // 6 steps: every one is a mark
+        assert_eq!(r["ms_per_token_at_position"].as_array().unwrap().len(), 6, "{r}");
+        // 6 steps: every one is a mark
     }
-    let bytes = |attn: &str, b: i64| rows.iter().find(|r| r["attn"] == attn && r["batch"] == b && r["prompt_len"] == 4).unwrap()["cache_bytes"].as_i64().unwrap();
+    let bytes = |attn: &str, b: i64| {
+        rows.iter().find(|r| r["attn"] == attn && r["batch"] == b && r["prompt_len"] == 4).unwrap()["cache_bytes"]
+            .as_i64()
+            .unwrap()
+    };
     // f32 on CPU, head dim 16: V plus one λ per head is (16·4+4)/(2·16·4) = 53% of K plus V
     assert_eq!(bytes("tau", 3) * 128, bytes("causal", 3) * 68);
     // the fused kernels are CUDA only, for decoding too
@@ -261,7 +422,13 @@ fn launcher_rendezvous_and_a_dead_rank() {
     assert_one_line_error(&o, 1, "rank 1 of 3 failed");
     assert!(t0.elapsed().as_secs_f64() < 15.0, "stopped well inside the timeout: {:?}", t0.elapsed());
     // started by hand (as across hosts) with a rank that never comes: an error after the timeout, not a hang
-    let o = Command::new(BIN).args(["dist-check", "--dist-timeout", "2"]).env("WORLD_SIZE", "2").env("RANK", "0").env("MASTER_PORT", "29613").output().unwrap();
+    let o = Command::new(BIN)
+        .args(["dist-check", "--dist-timeout", "2"])
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "0")
+        .env("MASTER_PORT", "29613")
+        .output()
+        .unwrap();
     assert_one_line_error(&o, 1, "1/2 clients joined");
 }
 
@@ -271,7 +438,8 @@ fn several_ranks_need_gpus() {
         return;
     }
     let dir = tmp("ranks");
-    let mut args = vec!["train", "--nproc", "2", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap()];
+    let mut args =
+        vec!["train", "--nproc", "2", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap()];
     args.extend_from_slice(SMALL);
     let out = dir.join("bench.json");
     for o in [run(&args), run(&["bench", "--nproc", "2", "--variants", "causal", "--out", out.to_str().unwrap()])] {
@@ -290,23 +458,74 @@ fn parity_with_the_pytorch_reference() {
         let dir = tmp(&format!("parity-{attn}"));
         let init = dir.join("init.safetensors");
         let shape = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--seq-len", "32", "--batch-size", "4"];
-        let mut common = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap(), "--device", "cpu", "--dtype", "f32",
-                              "--warmup-steps", "1", "--cooldown-frac", "0", "--val-every", "1000", "--val-tokens", "256", "--sample-tokens", "0",
-                              "--attn", attn, "--laplacian", lap];
+        let mut common = vec![
+            "train",
+            "--data",
+            tiny_shards().to_str().unwrap(),
+            "--log-dir",
+            dir.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--warmup-steps",
+            "1",
+            "--cooldown-frac",
+            "0",
+            "--val-every",
+            "1000",
+            "--val-tokens",
+            "256",
+            "--sample-tokens",
+            "0",
+            "--attn",
+            attn,
+            "--laplacian",
+            lap,
+        ];
         common.extend_from_slice(&shape);
         // lr 0 for one step: the checkpoint holds the initial weights (and L)
         let mut a = common.clone();
-        a.extend_from_slice(&["--steps", "1", "--lr-muon", "0", "--lr-adam", "0", "--save-checkpoint", init.to_str().unwrap()]);
+        a.extend_from_slice(&[
+            "--steps",
+            "1",
+            "--lr-muon",
+            "0",
+            "--lr-adam",
+            "0",
+            "--save-checkpoint",
+            init.to_str().unwrap(),
+        ]);
         assert!(run(&a).status.success());
         let mut b = common.clone();
         b.extend_from_slice(&["--steps", "6", "--lr-muon", "0.1", "--lr-adam", "0.05"]);
         let o = run(&b);
         assert!(o.status.success(), "{}", text(&o.stderr));
-        let ours: Vec<String> = text(&o.stdout).lines().filter(|l| l.contains("train_loss:")).map(|l| l.split(" train_time").next().unwrap().to_string()).collect();
+        let ours: Vec<String> = text(&o.stdout)
+            .lines()
+            .filter(|l| l.contains("train_loss:"))
+            .map(|l| l.split(" train_time").next().unwrap().to_string())
+            .collect();
         let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
         let shard = tiny_shards().join("train_000000.bin");
-        let o = Command::new(python).current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["tests/reference/parity.py", init.to_str().unwrap(), shard.to_str().unwrap(), "2", "2", "64", "32", "4", "6", "0.1", "0.05", attn]).output().unwrap();
+        let o = Command::new(python)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args([
+                "tests/reference/parity.py",
+                init.to_str().unwrap(),
+                shard.to_str().unwrap(),
+                "2",
+                "2",
+                "64",
+                "32",
+                "4",
+                "6",
+                "0.1",
+                "0.05",
+                attn,
+            ])
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{}", text(&o.stderr));
         let theirs: Vec<String> = text(&o.stdout).lines().map(str::to_string).collect();
         assert_eq!(ours.len(), 6);

@@ -1,0 +1,298 @@
+// Unit tests of tools.rs (records tooling).
+use super::*;
+use std::path::PathBuf;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("records-test-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn write(name: &str, text: &str) -> PathBuf {
+    let p = tmp(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+// The 40-dash rule is put in at run time: a literal one in this file would end the embedded source early.
+static SRC: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| SRC_TEMPLATE.replace("<RULE>", &"-".repeat(40)));
+const SRC_TEMPLATE: &str = r##"use std::fmt;
+
+/// lr schedule
+fn lr(step: usize) -> f64 {
+    let s = format!("{{ not a brace {}", step);
+    0.02 * (1.0 - step as f64 / 1200.0)
+}
+
+trait Opt {
+    fn update(&mut self, g: &[f32; 4]);
+}
+
+fn muon_step(w: &mut [f32], g: &[f32]) {
+    let c = '}';
+    for (a, b) in w.iter_mut().zip(g) {
+        *a -= 0.02 * b;
+    }
+}
+
+struct Cfg {
+    steps: usize,
+}
+
+fn main() {
+    let k = r#"kernel { "#;
+    println!("{}", lr(0));
+}
+<RULE>
+# kernels/foo.cu
+__global__ void foo(float* x) { x[0] = 1.0f; }"##;
+
+fn log_text(src: &str, cfg: &str, vals: &[(u64, f64, f64)], summary: Option<&str>, header: bool) -> String {
+    let eq = "=".repeat(100);
+    let mut s = format!("{src}\n{eq}\n");
+    if header {
+        s +=
+            "rustc: rustc 1.95.0 (59807616e 2026-04-14)\ntch: 0.24.0\nlibtorch: 2.11.0\ncuda: 13.0\ngpu: NVIDIA H200\n\
+              nvidia-smi:\n+------------------------------------------------------------------------------+\n\
+              | NVIDIA-SMI 580.65.06              Driver Version: 580.65.06      CUDA Version: 13.0     |\n\
+              |   0  NVIDIA H200                    On  |   00000000:19:00.0 Off |                    0 |\n";
+        s += &format!("{eq}\n");
+    }
+    s += &format!("config: {cfg}\n");
+    if header {
+        s += "data: {\"train_tokens\":91322169,\"val_tokens\":890787,\"shards\":[\"a.bin\"],\"sha256\":\"ab\"}\n";
+        s += "laplacian: {\"source\":\"chain\",\"nnz\":190}\ntau: 1.234\n";
+    }
+    for &(step, t, v) in vals {
+        s += &format!("step:{step}/1200 train_time:{t}ms step_avg:130.00ms\n");
+        s += &format!("step:{step}/1200 val_loss:{v} train_time:{t}ms step_avg:130.00ms\n");
+        s += "diag: {\"step\":100,\"lambda_p05\":[0.1]}\n";
+    }
+    if let Some(sm) = summary {
+        s += "peak memory allocated: 30220 MiB reserved: 38672 MiB\n";
+        s += &format!("summary: {sm}\n");
+    }
+    s
+}
+
+const CFG: &str =
+    r#"{"variant":"causal","attn":"causal","steps":1200,"lr_muon":0.02,"target_val_loss":2.0,"seed":0,"new_key":[1]}"#;
+const VALS: &[(u64, f64, f64)] =
+    &[(0, 0.0, 10.8253), (100, 13000.0, 4.5476), (1100, 143000.0, 1.999), (1200, 156000.0, 1.9824)];
+const SUMMARY: &str = concat!(
+    r#"{"variant":"causal","track":"linux-c_1xH200","steps":1200,"final_val_loss":1.9824,"target_val_loss":2.0,"#,
+    r#""time_to_target_ms":150000.0,"#,
+    r#""train_time_ms":156000.0,"ms_per_step":130.0,"#,
+    r#""tokens_per_s":504000.0,"mfu":0.2,"peak_alloc_mib":30220,"world_size":1,"#,
+    r#""laplacian_build_ms":null,"extra":{"x":1}}"#
+);
+
+#[test]
+fn parses_full_log_with_crlf() {
+    let text = log_text(&SRC, CFG, VALS, Some(SUMMARY), true).replace('\n', "\r\n");
+    let l = parse_log(&write("full.txt", &text)).unwrap();
+    assert_eq!(l.source, *SRC);
+    assert_eq!(l.config["lr_muon"], json!(0.02));
+    assert_eq!(l.data.as_ref().unwrap()["train_tokens"], json!(91322169));
+    assert_eq!(l.val.len(), 4);
+    assert_eq!(l.val[1], (100, 13000.0, 4.5476));
+    assert_eq!(l.step_avg_ms, Some(130.0));
+    assert_eq!(l.peak_alloc_mib, Some(30220.0));
+    let v: Vec<(&str, &str)> = l.versions.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(
+        v,
+        [
+            ("rustc", "rustc 1.95.0 (59807616e 2026-04-14)"),
+            ("tch", "0.24.0"),
+            ("libtorch", "2.11.0"),
+            ("cuda", "13.0"),
+            ("gpu", "NVIDIA H200"),
+            ("driver", "580.65.06")
+        ]
+    );
+    assert_eq!(l.variant(), "causal");
+    assert_eq!(l.final_val_loss(), Some(1.9824));
+    assert_eq!(l.time_to_target_ms(), Some(150000.0)); // from the summary, not the 143000 val line
+    assert_eq!(l.train_time_ms(), Some(156000.0));
+    assert_eq!(l.target(), Some(2.0));
+}
+
+#[test]
+fn parses_truncated_log_and_derives_from_step_lines() {
+    let cfg = r#"{"attn":"tau","target_val_loss":1.999}"#; // reached exactly at step 1100
+    let text = log_text("fn main() {}", cfg, &VALS[..3], None, false) + "step:1101/1200 train_ti"; // crashed mid-line
+    let l = parse_log(&write("trunc.txt", &text)).unwrap();
+    assert!(l.summary.is_none() && l.data.is_none() && l.versions.is_empty());
+    assert_eq!(l.variant(), "tau");
+    assert_eq!(l.val.len(), 3);
+    assert_eq!(l.final_val_loss(), Some(1.999));
+    assert_eq!(l.time_to_target_ms(), Some(143000.0));
+    assert_eq!(l.train_time_ms(), Some(143000.0));
+    assert_eq!(l.peak_alloc_mib, None);
+    // summary says null: target not reached, even though nothing else is known
+    let l =
+        parse_log(&write("null.txt", &log_text("", "{}", &[], Some(r#"{"time_to_target_ms":null}"#), false))).unwrap();
+    assert_eq!((l.time_to_target_ms(), l.variant().as_str(), l.target()), (None, "unknown", None));
+}
+
+#[test]
+fn rejects_non_log() {
+    let p = write("notes.txt", "hello\n");
+    assert_eq!(
+        parse_log(&p).err().unwrap(),
+        format!("{}: not a train_gpt log (no '=' separator line); pass a file from logs/", p.display())
+    );
+}
+
+fn run(name: &str, loss: f64, ttt: Option<f64>) -> RunLog {
+    let ttt = ttt.map_or("null".into(), |t| t.to_string());
+    let sm = format!(
+        concat!(
+            r#"{{"variant":"causal","final_val_loss":{loss},"target_val_loss":3.28,"#,
+            r#""time_to_target_ms":{ttt},"train_time_ms":1000.0}}"#
+        ),
+        loss = loss,
+        ttt = ttt
+    );
+    parse_log(&write(name, &log_text("", "{}", &[], Some(&sm), false))).unwrap()
+}
+
+#[test]
+fn welch_without_spread() {
+    assert_eq!(welch(&[5.0, 5.0], &[5.0, 5.0, 5.0]).unwrap(), (0.0, 3.0, 1.0));
+    assert_eq!(welch(&[4.0, 4.0], &[5.0, 5.0]).unwrap(), (f64::NEG_INFINITY, 2.0, 0.0));
+}
+
+#[test]
+fn welch_matches_scipy() {
+    // scipy 1.17.1: stats.ttest_ind(a, b, equal_var=False) -> statistic, pvalue, df
+    let cases: [(&[f64], &[f64], f64, f64, f64); 2] = [
+        (
+            &[2.0163, 2.0078, 1.9766],
+            &[3.3666, 3.3777, 3.3452],
+            -88.60267806607668,
+            1.9451275655668673e-07,
+            3.7971790007406008,
+        ),
+        (
+            &[3.279, 3.2785, 3.2778, 3.2792, 3.2781],
+            &[3.2801, 3.2810, 3.2795, 3.2806],
+            -4.262326969235371,
+            0.00486629538893782,
+            6.233818191506601,
+        ),
+    ];
+    for (a, b, t, p, df) in cases {
+        let (t1, df1, p1) = welch(a, b).unwrap();
+        assert!(
+            (t1 - t).abs() < 1e-9 * t.abs() && (df1 - df).abs() < 1e-9 * df && (p1 - p).abs() < 1e-6 * p,
+            "{t1} {df1} {p1}"
+        );
+    }
+    assert!(welch(&[1.0], &[1.0, 2.0]).is_err());
+}
+
+#[test]
+fn t_test_matches_scipy() {
+    // Expected values from scipy 1.17.1:
+    //   scipy.stats.ttest_1samp([3.279, 3.2785, 3.2778, 3.2792, 3.2781], 3.28, alternative='less')
+    //   -> statistic=-5.618003173209976, pvalue=0.0024672206297135144; numpy std(ddof=1)=0.0005890670590008984
+    let losses = [3.279, 3.2785, 3.2778, 3.2792, 3.2781];
+    let logs: Vec<RunLog> =
+        losses.iter().enumerate().map(|(i, &x)| run(&format!("r{i}.txt"), x, Some(900.0 + i as f64))).collect();
+    let s = stats(&logs).unwrap();
+    assert_eq!((s.n, s.time_kind, s.target), (5, "time_to_target_ms", 3.28));
+    assert!((s.loss_mean - 3.27852).abs() < 1e-12);
+    assert!((s.loss_std - 0.0005890670590008984).abs() < 1e-12);
+    assert!((s.t - -5.618003173209976).abs() < 1e-9, "t={}", s.t);
+    assert!((s.p_value - 0.0024672206297135144).abs() < 1e-9, "p={}", s.p_value);
+    assert_eq!((s.time_mean, s.time_std), (902.0, 2.5f64.sqrt()));
+    let r = stats_report(&s);
+    assert!(r.contains("t: -5.6180\np_value: 0.0025\n") && r.contains("time_to_target_ms_mean: 902.0"), "{r}");
+    let j: Value = serde_json::from_str(r.lines().last().unwrap().strip_prefix("stats: ").unwrap()).unwrap();
+    assert_eq!(j["n"], json!(5));
+    // one run missed the target: times fall back to train_time_ms
+    let mut logs = logs;
+    logs.push(run("miss.txt", 3.29, None));
+    assert_eq!(stats(&logs).unwrap().time_kind, "train_time_ms");
+}
+
+#[test]
+fn stats_errors() {
+    let a = run("e1.txt", 3.27, Some(1.0));
+    assert!(stats(std::slice::from_ref(&a)).unwrap_err().contains("at least 2"));
+    let mut b = run("e2.txt", 3.27, Some(1.0));
+    b.summary.as_mut().unwrap()["variant"] = json!("tau");
+    assert_eq!(stats(&[a, b]).err().unwrap(), "stats: mixed variants (causal, tau); pass logs of one variant");
+    let (a, mut b) = (run("e3.txt", 3.27, Some(1.0)), run("e4.txt", 3.27, Some(1.0)));
+    b.summary.as_mut().unwrap()["target_val_loss"] = json!(3.3);
+    assert!(stats(&[a, b]).unwrap_err().contains("mixed targets (3.28, 3.3)"));
+}
+
+#[test]
+fn fn_owners_track_bodies() {
+    let o = fn_owners(&SRC);
+    let at = |needle: &str| o[SRC.lines().position(|l| l.contains(needle)).unwrap()].as_deref();
+    assert_eq!(at("not a brace"), Some("lr"));
+    assert_eq!(at("0.02 * (1.0"), Some("lr"));
+    assert_eq!(at("steps: usize"), None); // struct between functions
+    assert_eq!(at("fn update"), Some("update"));
+    assert_eq!(at("trait Opt"), None);
+    assert_eq!(at("*a -= 0.02"), Some("muon_step")); // after a '}' char literal
+    assert_eq!(at("println!"), Some("main")); // after a raw string with a brace
+    assert_eq!(at("__global__"), Some("kernels/foo.cu"));
+}
+
+#[test]
+fn diff_names_key_and_function() {
+    // 3 lines become 1, so old and new line numbers disagree after the change
+    let loop_a = "for (a, b) in w.iter_mut().zip(g) {\n        *a -= 0.02 * b;\n    }";
+    let src_b = SRC.replace(loop_a, "w.iter_mut().zip(g).for_each(|(a, b)| *a -= 0.03 * b);");
+    assert_ne!(src_b, *SRC);
+    let a = parse_log(&write("da.txt", &log_text(&SRC, CFG, VALS, Some(SUMMARY), true))).unwrap();
+    let b =
+        parse_log(&write("db.txt", &log_text(&src_b, &CFG.replace("0.02", "0.03"), &VALS[..2], None, false))).unwrap();
+    let r = diff_report(&a, &b);
+    assert!(r.contains("config: 1 key(s) differ\n  lr_muon: 0.02 -> 0.03\n"), "{r}");
+    assert!(r.contains("source: +1 -3 lines; functions touched: muon_step\n"), "{r}");
+    assert!(r.contains("     100    4.5476    4.5476   +0.0000\n") && !r.contains("    1200 "), "{r}");
+    assert!(r.contains("ms_per_step              130.00       130.00    1.000\n"), "{r}");
+    assert!(r.contains("tokens_per_s          504000.00            -        -\n"), "{r}");
+    // a key present on one side only
+    let mut c = parse_log(&write("dc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap();
+    c.config.remove("seed");
+    assert!(diff_report(&a, &c).contains("  seed: 0 -> -\n"));
+    assert!(diff_report(&a, &c).contains("source: identical\n"));
+}
+
+#[test]
+fn plot_writes_svg_atomically() {
+    let a = parse_log(&write("pa.txt", &log_text(&SRC, CFG, VALS, Some(SUMMARY), true))).unwrap();
+    let mut b =
+        parse_log(&write("pb.txt", &log_text(&SRC, &CFG.replace("causal", "tau"), &VALS[..3], None, false))).unwrap();
+    b.val.iter_mut().for_each(|v| v.2 += 0.1);
+    let out = tmp("plot.svg");
+    plot_svg(&[a, b], &out).unwrap();
+    let svg = std::fs::read_to_string(&out).unwrap();
+    assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{}", &svg[..50]);
+    assert!(svg.trim_end().ends_with("</svg>"));
+    let texts: Vec<&str> = svg.lines().map(str::trim).collect(); // plotters puts <text> content on its own line
+    for t in ["causal pa", "tau pb", "val loss vs step", "training time (s)", "val loss", "2.5", "10"] {
+        assert!(texts.contains(&t), "no text {t:?}");
+    }
+    // each log: one curve per panel + one legend swatch per panel, in its own colour
+    for RGBColor(r, g, b) in &COLORS[..2] {
+        let stroke = format!("stroke=\"#{r:02X}{g:02X}{b:02X}\"");
+        assert_eq!(svg.lines().filter(|l| l.starts_with("<polyline") && l.contains(&stroke)).count(), 4, "{stroke}");
+    }
+    let [a, b] = [out.parent().unwrap().join("no-such-dir/plot.svg"), tmp("empty.svg")];
+    assert!(plot_svg(&[], &b).is_err()); // nothing to plot
+    assert!(plot_svg(&[parse_log(&write("pc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap()], &a).is_err());
+    assert!(!a.exists() && !b.exists() && !a.parent().unwrap().exists());
+    let left: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty());
+}

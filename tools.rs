@@ -1,0 +1,642 @@
+// tools.rs: records tooling (parse logs of any harness version, statistics against the target, log diffs, SVG
+// plots, the README leaderboard) and the decode bench. Not part of the speedrun: logs do not embed it.
+
+use super::*;
+use plotters::prelude::*;
+use serde_json::{json, Map, Value};
+use similar::{ChangeTag, TextDiff};
+use statrs::distribution::{ContinuousCDF, StudentsT};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+pub struct RunLog {
+    pub path: String,
+    pub source: String,
+    pub config: Map<String, Value>,
+    pub data: Option<Value>,
+    pub summary: Option<Value>,
+    pub val: Vec<(u64 /*step*/, f64 /*train_time_ms*/, f64 /*val_loss*/)>,
+    pub step_avg_ms: Option<f64>, // last step line
+    pub peak_alloc_mib: Option<f64>,
+    pub versions: Vec<(String, String)>,
+}
+
+/// A separator line: exactly `n` copies of `c` (trailing blanks tolerated).
+fn is_rule(l: &str, c: u8, n: usize) -> bool {
+    let l = l.trim_end();
+    l.len() == n && l.bytes().all(|b| b == c)
+}
+
+pub fn parse_log(path: &Path) -> Result<RunLog, String> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{p}: {e}; pass a train_gpt log (logs/ or records/)"))?
+        .replace("\r\n", "\n");
+    let lines: Vec<&str> = text.lines().collect();
+    let eq = lines
+        .iter()
+        .position(|l| is_rule(l, b'=', 100))
+        .ok_or_else(|| format!("{p}: not a train_gpt log (no '=' separator line); pass a file from logs/"))?;
+    let mut log = RunLog {
+        path: p,
+        source: lines[..eq].join("\n"),
+        config: Map::new(),
+        data: None,
+        summary: None,
+        val: vec![],
+        step_avg_ms: None,
+        peak_alloc_mib: None,
+        versions: vec![],
+    };
+    // The version block ends at the second '=' rule; older or truncated logs may lack it, so it also ends
+    // at the first record line.
+    let rest = &lines[eq + 1..];
+    let hdr = rest
+        .iter()
+        .position(|l| is_rule(l, b'=', 100) || l.starts_with("config:") || l.starts_with("step:"))
+        .unwrap_or(rest.len());
+    let mut smi = false;
+    for l in &rest[..hdr] {
+        if let Some(v) = l.split("Driver Version:").nth(1) {
+            log.versions.push(("driver".into(), v.split_whitespace().next().unwrap_or("").into()));
+        } else if smi {
+            // the rest of the raw nvidia-smi table is not a version
+        } else if let Some((k, v)) = l.split_once(':').filter(|(k, _)| !k.is_empty() && !k.contains(' ')) {
+            smi = k == "nvidia-smi";
+            if !smi {
+                log.versions.push((k.into(), v.trim().into()));
+            }
+        }
+    }
+    for l in &rest[hdr..] {
+        // A record whose JSON doesn't parse (e.g. cut off by a crash) counts as missing.
+        let rec = |k: &str| l.strip_prefix(k).and_then(|s| serde_json::from_str::<Value>(s).ok());
+        if let Some(Value::Object(m)) = rec("config:") {
+            log.config = m;
+        } else if let Some(v) = rec("data:") {
+            log.data = Some(v);
+        } else if let Some(v) = rec("summary:") {
+            log.summary = Some(v);
+        } else if let Some(s) = l.strip_prefix("peak memory allocated:") {
+            log.peak_alloc_mib = s.split_whitespace().next().and_then(|x| x.parse().ok());
+        } else if l.starts_with("step:") {
+            let kv: BTreeMap<&str, &str> = l.split_whitespace().filter_map(|t| t.split_once(':')).collect();
+            let num = |k: &str| kv.get(k).and_then(|v| v.trim_end_matches("ms").parse::<f64>().ok());
+            let Some(step) = kv["step"].split('/').next().and_then(|s| s.parse().ok()) else {
+                continue;
+            };
+            if let Some(v) = num("val_loss") {
+                log.val.push((step, num("train_time").unwrap_or(f64::NAN), v));
+            }
+            log.step_avg_ms = num("step_avg").or(log.step_avg_ms);
+        }
+    }
+    log.peak_alloc_mib = log.peak_alloc_mib.or_else(|| log.sum("peak_alloc_mib"));
+    Ok(log)
+}
+
+impl RunLog {
+    fn sum(&self, k: &str) -> Option<f64> {
+        self.summary.as_ref()?.get(k)?.as_f64()
+    }
+    pub fn variant(&self) -> String {
+        let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        s(self.summary.as_ref().and_then(|m| m.get("variant")))
+            .or_else(|| s(self.config.get("variant")))
+            .or_else(|| s(self.config.get("attn")))
+            .unwrap_or_else(|| "unknown".into())
+    }
+    pub fn final_val_loss(&self) -> Option<f64> {
+        self.sum("final_val_loss").or(self.val.last().map(|v| v.2))
+    }
+    pub fn target(&self) -> Option<f64> {
+        self.sum("target_val_loss").or_else(|| self.config.get("target_val_loss")?.as_f64())
+    }
+    pub fn time_to_target_ms(&self) -> Option<f64> {
+        // A summary's null means "not reached"; only logs without the key are re-derived from val lines.
+        match self.summary.as_ref().and_then(|s| s.get("time_to_target_ms")) {
+            Some(v) => v.as_f64(),
+            None => self.val.iter().find(|v| v.2 <= self.target().unwrap_or(f64::NAN)).map(|v| v.1),
+        }
+    }
+    pub fn train_time_ms(&self) -> Option<f64> {
+        self.sum("train_time_ms").or(self.val.last().map(|v| v.1).filter(|t| t.is_finite()))
+    }
+    fn ms_per_step(&self) -> Option<f64> {
+        self.sum("ms_per_step").or(self.step_avg_ms)
+    }
+    fn tokens_per_s(&self) -> Option<f64> {
+        self.sum("tokens_per_s")
+    }
+    /// The variant, and for tau runs the Laplacian source: `tau/chain`.
+    fn label(&self) -> String {
+        match self.summary.as_ref().and_then(|s| s.get("laplacian")).and_then(Value::as_str) {
+            Some(lap) => format!("{}/{lap}", self.variant()),
+            None => self.variant(),
+        }
+    }
+    /// Log file stem, cut to a uuid's first group, to tell runs of one variant apart.
+    fn short_id(&self) -> String {
+        Path::new(&self.path).file_stem().map_or(String::new(), |s| s.to_string_lossy().chars().take(8).collect())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub n: usize,
+    pub loss_mean: f64,
+    pub loss_std: f64,
+    pub time_mean: f64,
+    pub time_std: f64,
+    pub time_kind: &'static str,
+    pub target: f64,
+    pub t: f64,
+    pub p_value: f64,
+}
+
+type Metric = fn(&RunLog) -> Option<f64>;
+
+fn mean_std(x: &[f64]) -> (f64, f64) {
+    let m = x.iter().sum::<f64>() / x.len() as f64;
+    (m, (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64).sqrt())
+}
+
+/// One-sided one-sample t-test of final val loss, H0: mean >= target vs H1: mean < target.
+pub fn stats(logs: &[RunLog]) -> Result<Stats, String> {
+    if logs.len() < 2 {
+        return Err(format!("stats: need at least 2 logs, got {}", logs.len()));
+    }
+    let one = |what: &str, set: BTreeSet<String>| match set.len() {
+        1 => Ok(()),
+        _ => Err(format!(
+            "stats: mixed {what}s ({}); pass logs of one {what}",
+            set.into_iter().collect::<Vec<_>>().join(", ")
+        )),
+    };
+    one("variant", logs.iter().map(RunLog::variant).collect())?;
+    let each = |what: &str, f: &dyn Fn(&RunLog) -> Option<f64>| -> Result<Vec<f64>, String> {
+        logs.iter().map(|l| f(l).ok_or_else(|| format!("{}: no {what}", l.path))).collect()
+    };
+    let targets = each("target_val_loss", &RunLog::target)?;
+    one("target", targets.iter().map(f64::to_string).collect())?;
+    let loss = each("final val loss", &RunLog::final_val_loss)?;
+    let reached = logs.iter().all(|l| l.time_to_target_ms().is_some());
+    let (time_kind, f): (&str, Metric) = match reached {
+        true => ("time_to_target_ms", RunLog::time_to_target_ms),
+        false => ("train_time_ms", RunLog::train_time_ms),
+    };
+    let time = each(time_kind, &f)?;
+    let ((loss_mean, loss_std), (time_mean, time_std), n) = (mean_std(&loss), mean_std(&time), logs.len());
+    let t = (loss_mean - targets[0]) / (loss_std / (n as f64).sqrt());
+    // identical losses equal to the target give t = 0/0; statrs would be fed a NaN
+    let p_value =
+        if t.is_nan() { f64::NAN } else { StudentsT::new(0.0, 1.0, (n - 1) as f64).map_err(|e| e.to_string())?.cdf(t) };
+    Ok(Stats { n, loss_mean, loss_std, time_mean, time_std, time_kind, target: targets[0], t, p_value })
+}
+
+/// Welch's unequal-variance t-test, two-sided: (t, Welch–Satterthwaite df, p).
+pub fn welch(a: &[f64], b: &[f64]) -> Result<(f64, f64, f64), String> {
+    if a.len() < 2 || b.len() < 2 {
+        return Err(format!("compare: need at least 2 runs a side, got {} and {}", a.len(), b.len()));
+    }
+    let ((ma, sa), (mb, sb)) = (mean_std(a), mean_std(b));
+    let (va, vb) = (sa * sa / a.len() as f64, sb * sb / b.len() as f64);
+    if va + vb == 0.0 {
+        // no spread on either side (e.g. times rounded to the same ms): equal means do not differ, unequal ones surely
+        // do
+        let df = (a.len() + b.len() - 2) as f64;
+        return Ok(if ma == mb { (0.0, df, 1.0) } else { ((ma - mb).signum() * f64::INFINITY, df, 0.0) });
+    }
+    let t = (ma - mb) / (va + vb).sqrt();
+    let df = (va + vb).powi(2) / (va * va / (a.len() - 1) as f64 + vb * vb / (b.len() - 1) as f64);
+    let p = 2.0 * StudentsT::new(0.0, 1.0, df).map_err(|e| e.to_string())?.cdf(-t.abs());
+    Ok((t, df, p))
+}
+
+/// Two sets of runs side by side: final val loss and training time (time-to-target when every run of both reached
+/// it), each with Welch's two-sided test of the difference.
+pub fn compare_report(a: &[RunLog], b: &[RunLog]) -> Result<String, String> {
+    let col = |logs: &[RunLog], f: Metric, what: &str| -> Result<Vec<f64>, String> {
+        logs.iter().map(|l| f(l).ok_or_else(|| format!("{}: no {what}", l.path))).collect()
+    };
+    let reached = a.iter().chain(b).all(|l| l.time_to_target_ms().is_some());
+    let (tk, tf): (&str, Metric) = if reached {
+        ("time_to_target_ms", RunLog::time_to_target_ms)
+    } else {
+        ("train_time_ms", RunLog::train_time_ms)
+    };
+    let mut out = format!("compare: {} ({} runs) vs {} ({} runs)\n", a[0].label(), a.len(), b[0].label(), b.len());
+    let mut j = Map::new();
+    for (name, f) in [("final_val_loss", RunLog::final_val_loss as Metric), (tk, tf)] {
+        let (x, y) = (col(a, f, name)?, col(b, f, name)?);
+        let (t, df, p) = welch(&x, &y)?;
+        let (mx, my) = (mean_std(&x).0, mean_std(&y).0);
+        out +=
+            &format!("{name}: {mx:.4} vs {my:.4} diff {:.4} welch_t {t:.3} df {df:.2} p_two_sided {p:.3e}\n", mx - my);
+        j.insert(name.to_string(), json!({"a": mx, "b": my, "t": t, "df": df, "p": p}));
+    }
+    out += &format!("compare_json: {}", Value::Object(j));
+    Ok(out)
+}
+
+pub fn stats_report(s: &Stats) -> String {
+    let k = s.time_kind;
+    let j = json!({"n": s.n, "loss_mean": s.loss_mean, "loss_std": s.loss_std, "time_kind": k, "time_mean": s.time_mean,
+        "time_std": s.time_std, "target": s.target, "t": s.t, "p_value": s.p_value});
+    format!(
+        "runs: {}\ntarget_val_loss: {}\nval_loss_mean: {:.6}\nval_loss_std: {:.6}\n{k}_mean: {:.1}\n{k}_std: {:.1}\n\
+         t: {:.4}\np_value: {}\nstats: {j}\n",
+        s.n,
+        s.target,
+        s.loss_mean,
+        s.loss_std,
+        s.time_mean,
+        s.time_std,
+        s.t,
+        if s.p_value >= 1e-3 { format!("{:.4}", s.p_value) } else { format!("{:.3e}", s.p_value) }
+    )
+}
+
+/// For each line of an embedded source, the innermost Rust `fn` around it (syn parses the source; a source that
+/// does not parse owns nothing); lines after the 40-dash rule belong to the kernel file named by the `# kernels/..`
+/// header above them.
+fn fn_owners(src: &str) -> Vec<Option<String>> {
+    let lines: Vec<&str> = src.lines().collect();
+    let rust = lines.iter().position(|l| is_rule(l, b'-', 40)).unwrap_or(lines.len());
+    let mut out = vec![None; lines.len()];
+    struct Fns(Vec<(String, usize, usize)>); // (name, first line, last line), 1-based
+    impl<'a> syn::visit::Visit<'a> for Fns {
+        fn visit_item_fn(&mut self, f: &'a syn::ItemFn) {
+            self.0.push((f.sig.ident.to_string(), f.span_lines().0, f.span_lines().1));
+            syn::visit::visit_item_fn(self, f);
+        }
+        fn visit_impl_item_fn(&mut self, f: &'a syn::ImplItemFn) {
+            self.0.push((f.sig.ident.to_string(), f.span_lines().0, f.span_lines().1));
+            syn::visit::visit_impl_item_fn(self, f);
+        }
+        fn visit_trait_item_fn(&mut self, f: &'a syn::TraitItemFn) {
+            self.0.push((f.sig.ident.to_string(), f.span_lines().0, f.span_lines().1));
+            syn::visit::visit_trait_item_fn(self, f);
+        }
+    }
+    trait SpanLines {
+        fn span_lines(&self) -> (usize, usize);
+    }
+    impl<T: syn::spanned::Spanned> SpanLines for T {
+        fn span_lines(&self) -> (usize, usize) {
+            let s = self.span();
+            (s.start().line, s.end().line)
+        }
+    }
+    if let Ok(file) = syn::parse_file(&lines[..rust].join("\n")) {
+        let mut fns = Fns(vec![]);
+        syn::visit::Visit::visit_file(&mut fns, &file);
+        // outer functions come first in visiting order, so later (inner) ones overwrite them
+        for (name, first, last) in fns.0 {
+            (first..=last).for_each(|l| out[l - 1] = Some(name.clone()));
+        }
+    }
+    let mut kernel = None::<String>;
+    for (i, l) in lines.iter().enumerate().skip(rust) {
+        kernel = l.strip_prefix("# ").map(|k| k.trim().to_string()).or(kernel);
+        out[i] = kernel.clone();
+    }
+    out
+}
+
+fn opt(x: Option<f64>, prec: usize) -> String {
+    x.map_or("-".into(), |x| format!("{x:.prec$}"))
+}
+
+/// The README records table: one row per record folder `<root>/<track>/<YYYY-MM-DD>_<Name>/` of run logs,
+/// every figure recomputed from the logs (a test holds the README to it).
+pub fn records_table(root: &Path) -> Result<String, String> {
+    let dirs = |p: &Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut out = String::from(
+        "| track | record | variant | laplacian | runs | final val loss | p (< target) | \
+        time-to-target (s) | ms/step | peak MiB | date |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for track in dirs(root) {
+        for rec in dirs(&track) {
+            let mut files: Vec<_> = std::fs::read_dir(&rec)
+                .map_err(|e| e.to_string())?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                continue;
+            }
+            let logs = files.iter().map(|p| parse_log(p)).collect::<Result<Vec<_>, _>>()?;
+            let col = |f: &dyn Fn(&RunLog) -> Option<f64>| -> Vec<f64> { logs.iter().filter_map(f).collect() };
+            let pm = |x: &[f64], prec: usize| match x.len() {
+                0 => "-".to_string(),
+                1 => format!("{:.prec$}", x[0]),
+                _ => {
+                    let (m, s) = mean_std(x);
+                    format!("{m:.prec$} ± {s:.prec$}")
+                }
+            };
+            let s = |k: &str| {
+                logs[0].summary.as_ref().and_then(|v| v.get(k)).and_then(Value::as_str).unwrap_or("-").to_string()
+            };
+            let reached = col(&|l: &RunLog| l.time_to_target_ms().map(|t| t / 1e3));
+            let ttt = if reached.len() == logs.len() {
+                pm(&reached, 1)
+            } else {
+                format!("not reached ({}/{})", reached.len(), logs.len())
+            };
+            let p = stats(&logs)
+                .map(|st| if st.p_value >= 1e-3 { format!("{:.4}", st.p_value) } else { format!("{:.1e}", st.p_value) })
+                .unwrap_or("-".into());
+            let name = rec.file_name().unwrap().to_string_lossy().to_string();
+            let rel = rec.strip_prefix(root.parent().unwrap_or(Path::new(""))).unwrap_or(&rec).display().to_string();
+            out += &format!(
+                "| {} | [{}]({}/) | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                track.file_name().unwrap().to_string_lossy(),
+                name.get(11..).unwrap_or(&name),
+                rel,
+                logs[0].variant(),
+                s("laplacian"),
+                logs.len(),
+                pm(&col(&RunLog::final_val_loss), 4),
+                p,
+                ttt,
+                pm(&col(&RunLog::ms_per_step), 1),
+                pm(&col(&|l: &RunLog| l.peak_alloc_mib), 0),
+                name.get(..10).unwrap_or("-")
+            );
+        }
+    }
+    Ok(out)
+}
+
+pub fn diff_report(a: &RunLog, b: &RunLog) -> String {
+    let mut o = format!("a: {} ({})\nb: {} ({})\n", a.path, a.variant(), b.path, b.variant());
+
+    let js = |v: Option<&Value>| v.map_or("-".to_string(), Value::to_string);
+    let keys: BTreeSet<&String> = a.config.keys().chain(b.config.keys()).collect();
+    let cfg: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.config.get(*k) != b.config.get(*k))
+        .map(|k| format!("  {k}: {} -> {}\n", js(a.config.get(k)), js(b.config.get(k))))
+        .collect();
+    o += &format!("config: {} key(s) differ\n{}", cfg.len(), cfg.concat());
+
+    let (oa, ob) = (fn_owners(&a.source), fn_owners(&b.source));
+    let (mut add, mut del, mut fns) = (0, 0, Vec::<String>::new());
+    for c in TextDiff::from_lines(&a.source, &b.source).iter_all_changes() {
+        let (owners, line) = match c.tag() {
+            ChangeTag::Equal => continue,
+            ChangeTag::Delete => {
+                del += 1;
+                (&oa, c.old_index())
+            }
+            ChangeTag::Insert => {
+                add += 1;
+                (&ob, c.new_index())
+            }
+        };
+        let name = line.and_then(|i| owners.get(i).cloned().flatten()).unwrap_or_else(|| "<top level>".into());
+        if !fns.contains(&name) {
+            fns.push(name);
+        }
+    }
+    o += &match add + del {
+        0 => "source: identical\n".to_string(),
+        _ => format!("source: +{add} -{del} lines; functions touched: {}\n", fns.join(", ")),
+    };
+
+    let bv: BTreeMap<u64, f64> = b.val.iter().map(|v| (v.0, v.2)).collect();
+    let rows: Vec<String> = a
+        .val
+        .iter()
+        .filter_map(|&(s, _, x)| bv.get(&s).map(|y| format!("{s:>8} {x:>9.4} {y:>9.4} {:>+9.4}\n", y - x)))
+        .collect();
+    o += &match rows.len() {
+        0 => "val_loss: no matched steps\n".to_string(),
+        _ => format!("val_loss at matched steps:\n{:>8} {:>9} {:>9} {:>9}\n{}", "step", "a", "b", "b-a", rows.concat()),
+    };
+
+    o += &format!("{:<18} {:>12} {:>12} {:>8}\n", "metric", "a", "b", "b/a");
+    let metrics: [(&str, Metric); 4] = [
+        ("time_to_target_ms", RunLog::time_to_target_ms),
+        ("ms_per_step", RunLog::ms_per_step),
+        ("tokens_per_s", RunLog::tokens_per_s),
+        ("peak_alloc_mib", |l| l.peak_alloc_mib),
+    ];
+    for (name, f) in metrics {
+        let (x, y) = (f(a), f(b));
+        let r = x.zip(y).filter(|(x, _)| *x != 0.0).map(|(x, y)| y / x);
+        o += &format!("{name:<18} {:>12} {:>12} {:>8}\n", opt(x, 2), opt(y, 2), opt(r, 3));
+    }
+    o
+}
+
+/// Renders into memory first and writes through a temp file + rename, so a failure leaves no partial SVG.
+pub fn plot_svg(logs: &[RunLog], out: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", out.display());
+    let mut svg = String::new();
+    draw(logs, &mut svg).map_err(|e| err(&e))?;
+    let name = out.file_name().ok_or_else(|| err(&"not a file path"))?.to_string_lossy();
+    let tmp = out.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, &svg).and_then(|_| std::fs::rename(&tmp, out)).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(&e)
+    })
+}
+
+type XOf = fn(&(u64, f64, f64)) -> f64;
+
+// matplotlib's tab10: distinct on white, unlike plotters' Palette99 whose third colour is a pale yellow
+const COLORS: [RGBColor; 10] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+    RGBColor(0xe3, 0x77, 0xc2),
+    RGBColor(0x7f, 0x7f, 0x7f),
+    RGBColor(0xbc, 0xbd, 0x22),
+    RGBColor(0x17, 0xbe, 0xcf),
+];
+
+fn draw(logs: &[RunLog], svg: &mut String) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::with_string(svg, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels: [(&str, XOf); 2] = [("training time (s)", |v| v.1 / 1000.0), ("step", |v| v.0 as f64)];
+    for (area, (xdesc, x)) in root.split_evenly((1, 2)).iter().zip(panels) {
+        // log y: the step-0 loss (~10.8) would otherwise flatten the end of training, where runs differ
+        let series: Vec<Vec<(f64, f64)>> = logs
+            .iter()
+            .map(|l| {
+                l.val.iter().map(|v| (x(v), v.2)).filter(|p| p.0.is_finite() && p.1.is_finite() && p.1 > 0.0).collect()
+            })
+            .collect();
+        let all = || series.iter().flatten();
+        let lim = |f: fn(&(f64, f64)) -> f64| {
+            all().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)))
+        };
+        if all().next().is_none() {
+            return Err("no val_loss lines to plot".into());
+        }
+        let ((x0, x1), (y0, y1)) = (lim(|p| p.0), lim(|p| p.1));
+        // plotters' own log ticks are powers of ten only, which leaves a 2..11 loss axis with one label
+        let (y0, y1) = (y0 * 0.98, y1 * 1.02);
+        let yticks = (-3..4)
+            .flat_map(|k| [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0].map(|m| m * 10f64.powi(k)))
+            .filter(|t| (y0..=y1).contains(t))
+            .collect();
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("val loss vs {xdesc}"), ("sans-serif", 24))
+            .margin(15)
+            .margin_right(35) // room for the last x label
+            .x_label_area_size(50)
+            .y_label_area_size(65)
+            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0..y1).log_scale().with_key_points(yticks))?;
+        chart
+            .configure_mesh()
+            .x_desc(xdesc)
+            .y_desc("val loss")
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 18))
+            .light_line_style(BLACK.mix(0.04))
+            .x_label_formatter(&|x| format!("{x}"))
+            .y_label_formatter(&|y| format!("{y}"))
+            .draw()?;
+        for (i, (l, pts)) in logs.iter().zip(series).enumerate() {
+            let c = COLORS[i % COLORS.len()].stroke_width(2);
+            chart
+                .draw_series(LineSeries::new(pts, c))?
+                .label(format!("{} {}", l.label(), l.short_id()))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 16))
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+// --------------------------------------------------------------------------------------------------------------------
+// Decode bench
+
+// Cached greedy decoding of a [B,P] prompt for g tokens: (prefill ms, per-token ms, cache bytes at the end by its
+// buffers, cache bytes the CUDA allocator gives back when it is dropped).
+pub fn decode_timed(m: &Model, prompt: &Tensor, g: i64) -> (f64, Vec<f64>, i64, Option<i64>) {
+    let dev = prompt.device();
+    let mut cache = Cache::new(m.cfg.n_layer, prompt.size()[1] + g);
+    tch::no_grad(|| {
+        let t0 = Instant::now();
+        let mut h = m.forward(prompt, Some(&mut cache), None);
+        sync(dev);
+        let prefill = t0.elapsed().as_secs_f64() * 1e3;
+        let mut steps = vec![];
+        for _ in 0..g {
+            let t = Instant::now();
+            let z = m.logits(&h.narrow(1, -1, 1));
+            let next = z.narrow(2, 0, GPT2_VOCAB.min(m.cfg.vocab_size)).argmax(2, false);
+            h = m.forward(&next, Some(&mut cache), None);
+            sync(dev);
+            steps.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let (bytes, held) = (cache.bytes(), memory_allocated(dev));
+        drop(cache);
+        (prefill, steps, bytes, held.zip(memory_allocated(dev)).map(|(a, b)| a - b))
+    })
+}
+
+pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
+    let dev = pick_device(&a.device)?;
+    let mut models = a.checkpoint.iter().map(|p| load_checkpoint(p, dev)).collect::<Res<Vec<_>>>()?;
+    for m in models.iter_mut() {
+        check_kernels(a.kernels, 0, dev, m.cfg.head_dim())?;
+        m.kernels = a.kernels;
+    }
+    let (mut rows, t0) = (vec![], Instant::now());
+    // Medians over the runs, so that one disturbed run does not move the figures.
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    // Each shape for every checkpoint in turn, so that a cut-short bench still compares the variants.
+    for &b in &a.batch_sizes {
+        for &p in &a.prompt_lens {
+            for &g in &a.gen_lens {
+                if p < 1 || g < 1 || b < 1 {
+                    return Err(format!("sizes must be ≥ 1 (batch {b}, prompt {p}, gen {g})"));
+                }
+                for (m, path) in models.iter_mut().zip(&a.checkpoint) {
+                    // Past the trained context the tokens are meaningless but the cost is real: longer RoPE tables.
+                    if p + g > m.cos.size()[0] {
+                        (m.cos, m.sin) = rope_tables(m.cfg.head_dim(), p + g, dev);
+                    }
+                    tch::manual_seed(0);
+                    let prompt = Tensor::randint(GPT2_VOCAB.min(m.cfg.vocab_size), [b, p], (Kind::Int64, dev));
+                    let _ = decode_timed(m, &prompt, g.min(64)); // warm-up: allocator, cuBLAS/SDPA kernel choice
+                    let runs: Vec<(f64, Vec<f64>, i64, Option<i64>)> =
+                        (0..a.repeats.max(1)).map(|_| decode_timed(m, &prompt, g)).collect();
+                    let tps = median(runs.iter().map(|r| (b * g) as f64 / (r.1.iter().sum::<f64>() / 1e3)).collect());
+                    let marks: Vec<usize> = (0..8)
+                        .map(|i| i * (g as usize - 1) / 7)
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .into_iter()
+                        .collect();
+                    let per_pos: Vec<Value> = marks
+                        .iter()
+                        .map(|&i| json!([p + i as i64, round4(median(runs.iter().map(|r| r.1[i]).collect()))]))
+                        .collect();
+                    let row = json!({"attn": m.cfg.attn, "device": format!("{dev:?}"), "gpu": gpu_name(dev), "batch": b,
+                        "prompt_len": p, "gen_len": g,
+                        "beyond_trained_context": p + g > m.cfg.seq_len,
+                        "tokens_per_s": round4(tps), "prefill_ms": round4(median(runs.iter().map(|r| r.0).collect())),
+                        "ms_per_token_at_position": per_pos, "cache_bytes": runs[0].2,
+                        "cache_bytes_allocated": runs[0].3,
+                        "cache_bytes_formula": cache_bytes_formula(&m.cfg, m.cdt, b, p + g),
+                        "checkpoint": path.display().to_string(), "kernels": m.kernels,
+                        "bench_elapsed_s": round4(t0.elapsed().as_secs_f64())});
+                    println!("{row}");
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    if let Some(out) = &a.out {
+        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes())?;
+    }
+    Ok(())
+}
+
+pub fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
+    let (a, b) = (parse_logs(logs)?, parse_logs(vs)?); // every log read before anything is printed
+    let mut out = stats_report(&stats(&a)?);
+    if !b.is_empty() {
+        out += &compare_report(&a, &b)?;
+    }
+    println!("{out}");
+    Ok(())
+}
+
+pub fn parse_logs(paths: &[PathBuf]) -> Res<Vec<RunLog>> {
+    paths.iter().map(|p| parse_log(p)).collect()
+}
+
+#[cfg(test)]
+#[path = "tests/unit/records.rs"]
+mod tests;
