@@ -30,9 +30,7 @@ fn is_rule(l: &str, c: u8, n: usize) -> bool {
 
 pub fn parse_log(path: &Path) -> Result<RunLog, String> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("{p}: {e}; pass a train_gpt log (logs/ or records/)"))?
-        .replace("\r\n", "\n");
+    let text = read_log_text(path)?.replace("\r\n", "\n");
     let lines: Vec<&str> = text.lines().collect();
     let eq = lines
         .iter()
@@ -309,74 +307,168 @@ fn opt(x: Option<f64>, prec: usize) -> String {
     x.map_or("-".into(), |x| format!("{x:.prec$}"))
 }
 
-/// The README records table: one row per record folder `<root>/<track>/<YYYY-MM-DD>_<Name>/` of run logs,
-/// every figure recomputed from the logs (a test holds the README to it).
-pub fn records_table(root: &Path) -> Result<String, String> {
-    let dirs = |p: &Path| -> Vec<std::path::PathBuf> {
-        let mut v: Vec<_> = std::fs::read_dir(p)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        v.sort();
-        v
+/// Reads a log, plain or gzipped (`.gz`: committed records are compressed).
+pub fn read_log_text(path: &Path) -> Result<String, String> {
+    let p = path.display();
+    let bytes = std::fs::read(path).map_err(|e| format!("{p}: {e}; pass a train_gpt log (logs/ or records/)"))?;
+    let bytes = match path.extension().is_some_and(|x| x == "gz") {
+        true => {
+            let mut out = vec![];
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&bytes[..]), &mut out)
+                .map_err(|e| format!("{p}: not a readable gzip file ({e}); pass a .txt log or a whole .txt.gz"))?;
+            out
+        }
+        false => bytes,
     };
-    let mut out = String::from(
-        "| track | record | variant | laplacian | runs | final val loss | p (< target) | \
-        time-to-target (s) | ms/step | peak MiB | date |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
-    );
-    for track in dirs(root) {
-        for rec in dirs(&track) {
+    String::from_utf8(bytes).map_err(|_| format!("{p}: not UTF-8 text; pass a train_gpt log (logs/ or records/)"))
+}
+
+/// A log file by its name: `<uuid>.txt`, or `<uuid>.txt.gz` as committed under records/.
+pub fn is_log_file(p: &Path) -> bool {
+    p.is_file()
+        && p.file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with(".txt") || n.to_string_lossy().ends_with(".txt.gz"))
+}
+
+/// A track folder is named `<corpus>_<N>x<GPU>` (linux-c_1xH200); records/bench and records/reference are not tracks.
+fn is_track(name: &str) -> bool {
+    name.rsplit_once('_')
+        .and_then(|(_, g)| g.split_once('x'))
+        .is_some_and(|(n, gpu)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && !gpu.is_empty())
+}
+
+/// One record: a folder `<track>/<YYYY-MM-DD>_<Name>/` of run logs and a README whose first line is `# <description>`.
+struct Record {
+    track: String,
+    name: String,
+    rel: String,
+    logs: Vec<RunLog>,
+    description: String,
+}
+
+impl Record {
+    /// The speedrun's clock: mean time-to-target when every run reached the target, else mean training time of the
+    /// whole run (every run of a variant trains the same number of steps). `true` when the target was reached.
+    fn time_s(&self) -> (bool, f64) {
+        let ttt: Vec<f64> = self.logs.iter().filter_map(RunLog::time_to_target_ms).collect();
+        match ttt.len() == self.logs.len() {
+            true => (true, mean_std(&ttt).0 / 1e3),
+            false => (false, mean_std(&self.logs.iter().filter_map(RunLog::train_time_ms).collect::<Vec<_>>()).0 / 1e3),
+        }
+    }
+    fn row(&self) -> String {
+        let logs = &self.logs;
+        let col = |f: &dyn Fn(&RunLog) -> Option<f64>| -> Vec<f64> { logs.iter().filter_map(f).collect() };
+        let pm = |x: &[f64], prec: usize| match x.len() {
+            0 => "-".to_string(),
+            1 => format!("{:.prec$}", x[0]),
+            _ => {
+                let (m, s) = mean_std(x);
+                format!("{m:.prec$} ± {s:.prec$}")
+            }
+        };
+        let reached = col(&|l: &RunLog| l.time_to_target_ms().map(|t| t / 1e3));
+        let time = match reached.len() == logs.len() {
+            true => pm(&reached, 1),
+            false => format!(
+                "not reached ({}/{}); {} steps in {} s",
+                reached.len(),
+                logs.len(),
+                logs[0].config.get("steps").map_or("-".into(), Value::to_string),
+                pm(&col(&|l: &RunLog| l.train_time_ms().map(|t| t / 1e3)), 1)
+            ),
+        };
+        let p = stats(logs)
+            .map(|st| if st.p_value >= 1e-3 { format!("{:.4}", st.p_value) } else { format!("{:.1e}", st.p_value) })
+            .unwrap_or("-".into());
+        let gpu =
+            logs[0].versions.iter().find(|(k, _)| k == "gpu").map_or("-", |(_, v)| v.trim_start_matches("NVIDIA "));
+        format!(
+            "| {} | [{}]({}/) | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            logs[0].label(),
+            self.name.get(11..).unwrap_or(&self.name),
+            self.rel,
+            time,
+            pm(&col(&RunLog::final_val_loss), 4),
+            logs.len(),
+            p,
+            pm(&col(&RunLog::ms_per_step), 1),
+            gpu,
+            self.name.get(..10).unwrap_or("-"),
+            self.description
+        )
+    }
+}
+
+/// The README leaderboard, every figure recomputed from the logs (a test holds the README to it): per track, the
+/// current record of each variant (variant and Laplacian: the fastest to the target, or, where no record reaches
+/// it, the fastest through its steps), then the earlier records.
+pub fn records_table(root: &Path) -> Result<String, String> {
+    let dirs = |p: &Path| -> Result<Vec<std::path::PathBuf>, String> {
+        let rd =
+            std::fs::read_dir(p).map_err(|e| format!("{}: {e}; pass the records folder (records/)", p.display()))?;
+        let mut v: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+        v.sort();
+        Ok(v)
+    };
+    const HEAD: &str =
+        "| variant | record | time-to-target (s) | final val loss | runs | p (< target) | ms/step | GPU | \
+                        date | description |\n|---|---|---|---|---|---|---|---|---|---|\n";
+    let mut out = String::new();
+    for track in dirs(root)? {
+        let tname = track.file_name().unwrap().to_string_lossy().to_string();
+        if !is_track(&tname) {
+            continue;
+        }
+        let mut recs = vec![];
+        for rec in dirs(&track)? {
             let mut files: Vec<_> = std::fs::read_dir(&rec)
-                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{}: {e}", rec.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "txt"))
+                .filter(|p| is_log_file(p))
                 .collect();
             files.sort();
             if files.is_empty() {
                 continue;
             }
             let logs = files.iter().map(|p| parse_log(p)).collect::<Result<Vec<_>, _>>()?;
-            let col = |f: &dyn Fn(&RunLog) -> Option<f64>| -> Vec<f64> { logs.iter().filter_map(f).collect() };
-            let pm = |x: &[f64], prec: usize| match x.len() {
-                0 => "-".to_string(),
-                1 => format!("{:.prec$}", x[0]),
-                _ => {
-                    let (m, s) = mean_std(x);
-                    format!("{m:.prec$} ± {s:.prec$}")
-                }
-            };
-            let s = |k: &str| {
-                logs[0].summary.as_ref().and_then(|v| v.get(k)).and_then(Value::as_str).unwrap_or("-").to_string()
-            };
-            let reached = col(&|l: &RunLog| l.time_to_target_ms().map(|t| t / 1e3));
-            let ttt = if reached.len() == logs.len() {
-                pm(&reached, 1)
-            } else {
-                format!("not reached ({}/{})", reached.len(), logs.len())
-            };
-            let p = stats(&logs)
-                .map(|st| if st.p_value >= 1e-3 { format!("{:.4}", st.p_value) } else { format!("{:.1e}", st.p_value) })
-                .unwrap_or("-".into());
             let name = rec.file_name().unwrap().to_string_lossy().to_string();
+            let readme = std::fs::read_to_string(rec.join("README.md")).unwrap_or_default();
+            let description =
+                readme.lines().next().and_then(|l| l.strip_prefix("# ")).unwrap_or("-").trim().to_string();
             let rel = rec.strip_prefix(root.parent().unwrap_or(Path::new(""))).unwrap_or(&rec).display().to_string();
-            out += &format!(
-                "| {} | [{}]({}/) | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
-                track.file_name().unwrap().to_string_lossy(),
-                name.get(11..).unwrap_or(&name),
-                rel,
-                logs[0].variant(),
-                s("laplacian"),
-                logs.len(),
-                pm(&col(&RunLog::final_val_loss), 4),
-                p,
-                ttt,
-                pm(&col(&RunLog::ms_per_step), 1),
-                pm(&col(&|l: &RunLog| l.peak_alloc_mib), 0),
-                name.get(..10).unwrap_or("-")
-            );
+            recs.push(Record { track: tname.clone(), name, rel, logs, description });
         }
+        // current = the best clock per variant: reached the target first, then less time; ties go to the newer record
+        let key = |r: &Record| {
+            let (reached, t) = r.time_s();
+            (!reached, t)
+        };
+        let mut labels: Vec<String> = recs.iter().map(|r| r.logs[0].label()).collect();
+        labels.sort();
+        labels.dedup();
+        let mut current = vec![];
+        for l in &labels {
+            let best = recs
+                .iter()
+                .filter(|r| &r.logs[0].label() == l)
+                .min_by(|a, b| key(a).partial_cmp(&key(b)).unwrap().then(b.name.cmp(&a.name)))
+                .unwrap();
+            current.push(best.name.clone());
+        }
+        let (mut now, mut before): (Vec<&Record>, Vec<&Record>) = recs.iter().partition(|r| current.contains(&r.name));
+        now.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap());
+        before.sort_by(|a, b| a.logs[0].label().cmp(&b.logs[0].label()).then(key(b).partial_cmp(&key(a)).unwrap()));
+        out += &format!("**{}**: current records\n\n{HEAD}", now[0].track);
+        now.iter().for_each(|r| out += &r.row());
+        if !before.is_empty() {
+            out += &format!("\n**{}**: earlier records\n\n{HEAD}", now[0].track);
+            before.iter().for_each(|r| out += &r.row());
+        }
+        out += "\n";
+    }
+    if out.is_empty() {
+        return Err(format!("{}: no track folders (<corpus>_<N>x<GPU>/<date>_<Name>/ with logs)", root.display()));
     }
     Ok(out)
 }
@@ -566,8 +658,7 @@ pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
     let dev = pick_device(&a.device)?;
     let mut models = a.checkpoint.iter().map(|p| load_checkpoint(p, dev)).collect::<Res<Vec<_>>>()?;
     for m in models.iter_mut() {
-        check_kernels(a.kernels, 0, dev, m.cfg.head_dim())?;
-        m.kernels = a.kernels;
+        m.kernels = resolve_kernels(a.kernels, 0, dev, m.cfg.head_dim())?;
     }
     let (mut rows, t0) = (vec![], Instant::now());
     // Medians over the runs, so that one disturbed run does not move the figures.

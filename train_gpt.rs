@@ -123,10 +123,12 @@ enum Attn {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Kernels {
-    /// tau attention and the head's cross-entropy through libtorch ops
+    /// fused on CUDA; plain on the CPU, with --tau-chunk, or at a head dim the kernels are not built for
+    Auto,
+    /// libtorch ops only: the reference path (tau attention, norms, RoPE, the head's cross-entropy)
     Plain,
-    /// CUDA kernels (CUDA only): tau attention through kernels/tau_attn.cu (scores made on the fly, never stored) and
-    /// the soft-capped cross-entropy and its gradient through kernels/softcap_ce.cu (over the bf16 logits, in place)
+    /// CUDA kernels (CUDA only): tau attention (kernels/tau_attn.cu, scores never stored), the soft-capped
+    /// cross-entropy over the bf16 logits (kernels/softcap_ce.cu), norms, RoPE + QK-norm, ReLU² (kernels/block_ops.cu)
     Fused,
 }
 
@@ -234,9 +236,8 @@ struct TrainArgs {
     /// tau: attention this many query rows at a time, scores recomputed in the backward (0: all T×T scores at once)
     #[arg(long, default_value_t = 0)]
     tau_chunk: i64,
-    /// How tau attention and the head's cross-entropy run (fused: CUDA kernels for both; CUDA only, not with
-    /// --tau-chunk)
-    #[arg(long, value_enum, default_value = "plain")]
+    /// Libtorch ops (plain, the reference path) or the CUDA kernels (fused, the fast path); logged as resolved
+    #[arg(long, value_enum, default_value = "auto")]
     kernels: Kernels,
     /// Run the tied head and its gradient this many rows at a time (0: plain autograd over all B·T rows at once; under
     /// --kernels fused a fixed chunk that bounds the bf16 logits)
@@ -300,7 +301,7 @@ struct BenchDecodeArgs {
     #[arg(long, default_value = "auto")]
     device: String,
     /// fused: tau attention of the decoding steps through kernels/tau_attn.cu (CUDA only)
-    #[arg(long, value_enum, default_value_t = Kernels::Plain)]
+    #[arg(long, value_enum, default_value_t = Kernels::Auto)]
     kernels: Kernels,
     /// Also write the JSON list here
     #[arg(long)]
@@ -338,7 +339,7 @@ struct SampleArgs {
     #[arg(long)]
     no_cache: bool,
     /// fused: tau attention through kernels/tau_attn.cu (CUDA only)
-    #[arg(long, value_enum, default_value_t = Kernels::Plain)]
+    #[arg(long, value_enum, default_value_t = Kernels::Auto)]
     kernels: Kernels,
 }
 
@@ -404,7 +405,7 @@ fn pick_device(spec: &str) -> Res<Device> {
     }
 }
 
-// CUDA exists for libtorch once libtorch_cuda.so is loaded. The c10d code links it today, but a build that drops it
+// CUDA exists for libtorch once libtorch_cuda.so is loaded. The c10d code links it, but a build that drops it
 // (tch links as-needed) would see no GPU, so load it, and the CUDA linear algebra beside it, by hand.
 fn load_cuda_runtime() {
     for lib in ["libtorch_cuda.so\0", "libtorch_cuda_linalg.so\0"] {
@@ -421,24 +422,25 @@ fn compute_kind(spec: &str, dev: Device) -> Res<Kind> {
     }
 }
 
-// --kernels fused: one way of running tau attention at a time, on CUDA, at a head dim the kernels are built for.
-fn check_kernels(kernels: Kernels, tau_chunk: i64, dev: Device, d: i64) -> Res<()> {
-    if kernels == Kernels::Plain {
-        return Ok(());
-    }
-    if tau_chunk > 0 {
-        return Err("--kernels fused and --tau-chunk are two ways to run tau attention; pass one of them".into());
-    }
-    if !dev.is_cuda() {
-        return Err(format!("--kernels fused needs CUDA (the device is {dev:?}); pass --kernels plain"));
-    }
-    if !FUSED_HEAD_DIMS.contains(&d) {
-        return Err(format!(
+// --kernels auto|plain|fused → plain or fused. Fused is one way of running tau attention (not with --tau-chunk), on
+// CUDA, at a head dim the kernels are built for; auto takes it wherever it can, so a GPU runs the fast path by default.
+fn resolve_kernels(kernels: Kernels, tau_chunk: i64, dev: Device, d: i64) -> Res<Kernels> {
+    let fits = dev.is_cuda() && tau_chunk == 0 && FUSED_HEAD_DIMS.contains(&d);
+    match kernels {
+        Kernels::Auto => Ok(if fits { Kernels::Fused } else { Kernels::Plain }),
+        Kernels::Plain => Ok(Kernels::Plain),
+        Kernels::Fused if tau_chunk > 0 => {
+            Err("--kernels fused and --tau-chunk are two ways to run tau attention; pass one of them".into())
+        }
+        Kernels::Fused if !dev.is_cuda() => {
+            Err(format!("--kernels fused needs CUDA (the device is {dev:?}); pass --kernels plain"))
+        }
+        Kernels::Fused if !fits => Err(format!(
             "--kernels fused: head dim {d} (--n-embd / --n-head) is not one of {FUSED_HEAD_DIMS:?}; \
             pass --kernels plain"
-        ));
+        )),
+        Kernels::Fused => Ok(Kernels::Fused),
     }
-    Ok(())
 }
 
 // Several ranks take cuda:LOCAL_RANK each (NCCL needs a GPU a rank): only --device auto or cuda, where CUDA is.
@@ -2607,7 +2609,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             return Err(format!("{what}; see train_gpt train --help"));
         }
     }
-    check_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
+    a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     let data = load_data(&a.data, a.vocab_size)?;
     if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 || data.val.len() as i64 <= a.seq_len + 1 {
         return Err(format!(
@@ -2809,7 +2811,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     let dev = rank_device(&de, &b.train.device)?;
     let mut a = b.train.clone();
     apply_preset(&mut a, m, dev.is_cuda());
-    check_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
+    a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     let cdt = compute_kind(&a.dtype, dev)?;
     let gpu = gpu_name(dev);
     let dist = match &de {
@@ -3017,8 +3019,7 @@ fn decode_ids(ids: &[i64]) -> Res<String> {
 fn cmd_sample(a: &SampleArgs) -> Res<()> {
     let dev = pick_device(&a.device)?;
     let mut m = load_checkpoint(&a.checkpoint, dev)?;
-    check_kernels(a.kernels, 0, dev, m.cfg.head_dim())?;
-    m.kernels = a.kernels;
+    m.kernels = resolve_kernels(a.kernels, 0, dev, m.cfg.head_dim())?;
     let prompt: Vec<i64> = tokenizer().encode_ordinary(&a.prompt).into_iter().map(|x| x as i64).collect();
     if prompt.is_empty() {
         return Err("--prompt is empty after tokenization; pass some text".into());

@@ -1,8 +1,7 @@
 // Microbenchmark of the tau and block kernels through their C launchers (kernels/tau_attn.cu, kernels/block_ops.cu),
 // without torch: random inputs at the speedrun's shape (B 64, H 6, T 1024, D 64), each launcher timed with CUDA events
 // over `reps` launches after three warm-up ones, then checksums of the outputs so that two builds can be compared. Not
-// part of the harness build; session 6 used it to time a build's kernels against main's in one GPU command
-// (records/linux-c_1xH200/GPU_COMMANDS.md §15). Build (here, no GPU needed) and run (on the GPU box):
+// part of the harness build: it times two builds' kernels side by side in one GPU command. Build (here, no GPU needed) and run (on the GPU box):
 //   NV=.venv/torch/../nvidia/cu13; F="-gencode=arch=compute_90,code=sm_90 -std=c++17 -O3"
 //   $NV/bin/nvcc -c kernels/tau_attn.cu -o /tmp/ta.o $F && $NV/bin/nvcc -c kernels/block_ops.cu -o /tmp/bo.o $F
 //   $NV/bin/nvcc kernels/kbench.cu /tmp/ta.o /tmp/bo.o -o kbench $F -L$NV/lib -l:libcudart.so.13

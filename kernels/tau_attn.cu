@@ -11,7 +11,7 @@
 //   backward: a block is 64 keys (16 a warp) looping over the query tiles that see them (dout double-buffered).
 //             dPᵀ = V·doutᵀ and dV += Pᵀ·dout on tensor cores, P recomputed as the forward used it (bf16(p̃)/Σ p̃), so
 //             that Δ_i = dout_i·out_i is exactly Σ_j P_ij dP_ij and each row of dS = P∘(dP − Δ) sums to zero (with the
-//             unrounded P, dinv_temp's small sum over mostly cancelling pairs was off by 1% at D = 128). dλk, dλq and
+//             unrounded P, dinv_temp's small sum over mostly cancelling pairs is off by 1% at D = 128). dλk, dλq and
 //             dinv_temp are sums of dS·sign or dS·|λq − λk| (no dQ·K-style products: the keys are scalars).
 // V, dout, out and dV are [B, H, T, D] with any strides but D's (q, k, v are views of one [B, T, H, D] buffer).
 // Plain C ABI: kernels/ext.cpp owns the tensors, the checks and the stream.
@@ -95,7 +95,7 @@ template <int D> struct FwdSmem {
 };
 
 // Grid (⌈Tq/TILE⌉, B·H), the longest rows first. At D ≤ 64 the registers are capped at 80 (six blocks an SM; left
-// alone it took 101, four blocks): 224 → 206 µs a speedrun layer on the H200, for a few bytes of spills.
+// alone it takes 101, four blocks): faster at the speedrun layer on the H200 for a few bytes of spills.
 template <int D> constexpr int fwd_min_blocks() { return D <= 64 ? 6 : 1; }
 template <int D>
 __global__ void __launch_bounds__(NT, fwd_min_blocks<D>()) tau_forward(const float* __restrict__ lq, const float* __restrict__ lk, const bf16* __restrict__ v, Strides sv,
@@ -202,8 +202,8 @@ __global__ void __launch_bounds__(NT, fwd_min_blocks<D>()) tau_forward(const flo
 }
 
 // Δ_i = dout_i · out_i (= Σ_j p_ij dP_ij), D/8 lanes a row, 16-byte loads, from the fp32 output: with bf16's rounded
-// one, Δ's error reaches every dS_ij of the row, and dinv_temp (a sum over all pairs, mostly cancelling) was off by
-// 1.6% on the H200.
+// one, Δ's error reaches every dS_ij of the row, and dinv_temp (a sum over all pairs, mostly cancelling) is off by
+// 1.6%.
 template <int D>
 __global__ void __launch_bounds__(NT) tau_delta(const bf16* __restrict__ dout, Strides sd, const float* __restrict__ out32, float* __restrict__ delta, int heads,
                                                 int tq, int64_t rows) {
@@ -225,7 +225,7 @@ __global__ void __launch_bounds__(NT) tau_delta(const bf16* __restrict__ dout, S
 
 // dλq partials of a query tile: [TILE queries][GROUPS lane groups, padded to DLQ_PITCH], each lane group's sum over
 // its 2 keys. Query-major with a pitch of 36 floats, the 32 lanes of a warp's store (queries 2t4 + e, groups g) hit 32
-// banks (8t4 + g + const); group-major they hit 4, an 8-way conflict (23 of 518 µs a speedrun layer on the H200).
+// banks (8t4 + g + const); group-major they would hit 4, an 8-way conflict.
 constexpr int GROUPS = WARPS * 8;
 constexpr int DLQ_PITCH = GROUPS + 4;
 // A query tile's dλq = −it·Σ over the block's keys, from the partials (zeroed here for the tile after next: a warp

@@ -5,31 +5,11 @@ use std::sync::OnceLock;
 
 const BIN: &str = env!("CARGO_BIN_EXE_train_gpt");
 // A model small enough that a run takes seconds on two cores.
+#[rustfmt::skip]
 const SMALL: &[&str] = &[
-    "--device",
-    "cpu",
-    "--n-layer",
-    "1",
-    "--n-head",
-    "2",
-    "--n-embd",
-    "32",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "4",
-    "--steps",
-    "20",
-    "--val-every",
-    "10",
-    "--val-tokens",
-    "512",
-    "--warmup-steps",
-    "2",
-    "--lr-adam",
-    "0.1",
-    "--sample-tokens",
-    "0",
+    "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--seq-len", "32", "--batch-size", "4",
+    "--steps", "20", "--val-every", "10", "--val-tokens", "512", "--warmup-steps", "2", "--lr-adam", "0.1",
+    "--sample-tokens", "0",
 ];
 
 fn tmp(name: &str) -> PathBuf {
@@ -149,6 +129,21 @@ fn stats_diff_and_plot_read_logs() {
     let s = std::fs::read_to_string(&svg).unwrap();
     assert!(s.starts_with("<svg") && s.contains("causal"));
     assert_one_line_error(&run(&["stats", "Cargo.toml"]), 1, "not a train_gpt log");
+    // records are committed gzipped: every tool reads `.txt.gz` as the `.txt` it holds
+    let gz = dir.join("b.txt.gz");
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::best());
+    std::io::Write::write_all(&mut enc, &std::fs::read(&b).unwrap()).unwrap();
+    enc.finish().unwrap();
+    let (plain, zipped) = (
+        run(&["stats", a.to_str().unwrap(), b.to_str().unwrap()]),
+        run(&["stats", a.to_str().unwrap(), gz.to_str().unwrap()]),
+    );
+    assert!(zipped.status.success() && zipped.stdout == plain.stdout, "{}", text(&zipped.stderr));
+    let o = run(&["diff", b.to_str().unwrap(), gz.to_str().unwrap()]);
+    assert!(o.status.success() && text(&o.stdout).contains("source: identical"), "{}", text(&o.stdout));
+    let cut = dir.join("cut.txt.gz");
+    std::fs::write(&cut, &std::fs::read(&gz).unwrap()[..100]).unwrap();
+    assert_one_line_error(&run(&["stats", a.to_str().unwrap(), cut.to_str().unwrap()]), 1, "not a readable gzip file");
 }
 
 #[test]
@@ -278,6 +273,34 @@ fn fused_kernels_need_cuda_and_no_tau_chunk() {
         "pass --kernels plain",
     );
     assert!(logs_in(&dir).is_empty());
+}
+
+// The repo travels to GPU boxes whole (64 MiB a call): logs under records/ are committed gzipped.
+#[test]
+fn records_hold_no_uncompressed_log_over_100_kb() {
+    fn walk(d: &Path, big: &mut Vec<String>) {
+        for e in std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()) {
+            if e.is_dir() {
+                walk(&e, big);
+            } else if e.metadata().unwrap().len() > 100_000 && !e.to_string_lossy().ends_with(".gz") {
+                big.push(e.display().to_string());
+            }
+        }
+    }
+    let mut big = vec![];
+    walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("records"), &mut big);
+    assert!(big.is_empty(), "uncompressed files over 100 KB under records/ (gzip -9n them): {big:?}");
+}
+
+// rustfmt.toml's max_width, held where rustfmt cannot break a line (strings, comments).
+#[test]
+fn no_rust_source_line_is_over_120_characters() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for f in ["train_gpt.rs", "tools.rs", "build.rs", "tests/cli.rs", "tests/unit/train.rs", "tests/unit/records.rs"] {
+        for (i, l) in std::fs::read_to_string(root.join(f)).unwrap().lines().enumerate() {
+            assert!(l.chars().count() <= 120, "{f}:{}: {} characters", i + 1, l.chars().count());
+        }
+    }
 }
 
 #[test]

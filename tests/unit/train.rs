@@ -814,6 +814,19 @@ fn npy_round_trip_and_load_errors() {
         .contains("not square"));
 }
 
+#[test]
+fn kernels_auto_takes_the_fused_path_wherever_it_can() {
+    let cuda = Device::Cuda(0); // a value only: resolve_kernels does not touch the device
+    assert_eq!(resolve_kernels(Kernels::Auto, 0, cuda, 64).unwrap(), Kernels::Fused);
+    assert_eq!(resolve_kernels(Kernels::Auto, 256, cuda, 64).unwrap(), Kernels::Plain); // --tau-chunk is plain's
+    assert_eq!(resolve_kernels(Kernels::Auto, 0, cuda, 48).unwrap(), Kernels::Plain); // no kernel for D 48
+    assert_eq!(resolve_kernels(Kernels::Auto, 0, Device::Cpu, 64).unwrap(), Kernels::Plain);
+    assert_eq!(resolve_kernels(Kernels::Plain, 0, cuda, 64).unwrap(), Kernels::Plain);
+    assert!(resolve_kernels(Kernels::Fused, 0, Device::Cpu, 64).unwrap_err().contains("needs CUDA"));
+    assert!(resolve_kernels(Kernels::Fused, 256, cuda, 64).unwrap_err().contains("--tau-chunk"));
+    assert!(resolve_kernels(Kernels::Fused, 0, cuda, 48).unwrap_err().contains("head dim 48"));
+}
+
 // ----------------------------------------------------------------------------------------------------------------
 // GPU tests: ignored by default. On a CUDA box (no cargo there): build them here with
 // `cargo test --release --no-run`, carry target/release/deps/train_gpt-<hash>, and run it with
