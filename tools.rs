@@ -535,17 +535,12 @@ pub fn diff_report(a: &RunLog, b: &RunLog) -> String {
     o
 }
 
-/// Renders into memory first and writes through a temp file + rename, so a failure leaves no partial SVG.
+/// Renders into memory first, then writes whole (write_atomic), so a failure leaves no partial SVG.
 pub fn plot_svg(logs: &[RunLog], out: &Path) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", out.display());
+    check_output(out, "--out", true)?;
     let mut svg = String::new();
-    draw(logs, &mut svg).map_err(|e| err(&e))?;
-    let name = out.file_name().ok_or_else(|| err(&"not a file path"))?.to_string_lossy();
-    let tmp = out.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, &svg).and_then(|_| std::fs::rename(&tmp, out)).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(&e)
-    })
+    draw(logs, &mut svg).map_err(|e| format!("{}: {e}", out.display()))?;
+    write_atomic(out, svg.as_bytes(), true)
 }
 
 type XOf = fn(&(u64, f64, f64)) -> f64;
@@ -655,6 +650,9 @@ pub fn decode_timed(m: &Model, prompt: &Tensor, g: i64) -> (f64, Vec<f64>, i64, 
 }
 
 pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
+    if let Some(out) = &a.out {
+        check_output(out, "--out", true)?;
+    }
     let dev = pick_device(&a.device)?;
     let mut models = a.checkpoint.iter().map(|p| load_checkpoint(p, dev)).collect::<Res<Vec<_>>>()?;
     for m in models.iter_mut() {
@@ -709,7 +707,7 @@ pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
         }
     }
     if let Some(out) = &a.out {
-        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes())?;
+        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes(), true)?;
     }
     Ok(())
 }

@@ -243,9 +243,13 @@ struct TrainArgs {
     /// --kernels fused a fixed chunk that bounds the bf16 logits)
     #[arg(long, default_value_t = 0)]
     head_chunk: i64,
-    /// Write the final weights as safetensors (names in the README)
+    /// Write the final weights as safetensors (names in the README); never over a file unless --overwrite
     #[arg(long)]
     save_checkpoint: Option<PathBuf>,
+    /// Let --save-checkpoint replace the file it names
+    #[arg(long)]
+    #[serde(skip)]
+    overwrite: bool,
     /// Tokens of a sample (temperature 0.8, top-k 50) printed and logged at the end (0: none)
     #[arg(long, default_value_t = 0)]
     sample_tokens: i64,
@@ -577,16 +581,91 @@ fn write_shard(path: &Path, tokens: &[u16]) -> Res<()> {
     let mut bytes = Vec::with_capacity(HEADER_INTS * 4 + tokens.len() * 2);
     header.iter().for_each(|h| bytes.extend_from_slice(&h.to_le_bytes()));
     tokens.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
-    write_atomic(path, &bytes)
+    write_atomic(path, &bytes, false)
 }
 
-// Write to a temporary beside the target, then rename: a crash never leaves a half-written file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Res<()> {
-    let tmp = path.with_extension("partial");
-    fs::write(&tmp, bytes).and_then(|_| fs::rename(&tmp, path)).map_err(|e| {
+// An I/O failure on `path` as one line, with advice that fits its cause.
+fn io_error(path: &Path, doing: &str, e: &std::io::Error) -> String {
+    let fix = match (e.kind(), e.raw_os_error()) {
+        (_, Some(libc::ENOSPC | libc::EDQUOT)) => "free some space or write elsewhere",
+        (std::io::ErrorKind::PermissionDenied, _) => "check its permissions",
+        (std::io::ErrorKind::NotFound, _) => "check that its folder exists",
+        (std::io::ErrorKind::AlreadyExists, _) => "another process wrote it meanwhile; pass another path",
+        _ => "check the path",
+    };
+    format!("{}: cannot {doing} ({e}); {fix}", path.display())
+}
+
+// A temporary beside `path` that no other process names (pid and a random part): two runs never share one.
+fn temp_beside(path: &Path) -> PathBuf {
+    let name = path.file_name().map_or("out".into(), |n| n.to_string_lossy().to_string());
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    path.with_file_name(format!("{name}.{}-{}.partial", std::process::id(), &id[..8]))
+}
+
+// Moves a finished temporary onto `path`: over a file there when `replace`, else only while the name is free
+// (renameat2 RENAME_NOREPLACE: no window in which another run's file could be replaced).
+fn publish(tmp: &Path, path: &Path, replace: bool) -> std::io::Result<()> {
+    if replace {
+        return fs::rename(tmp, path);
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (from, to) = (c(tmp)?, c(path)?);
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+// Every output file is written here, whole or not at all: into a temporary of its own, synced, then published (see
+// `publish`). A crash, a full disk or a second run never leaves a half-written or mixed file at `path`, and a failure
+// leaves nothing.
+fn write_atomic(path: &Path, bytes: &[u8], replace: bool) -> Res<()> {
+    let tmp = temp_beside(path);
+    let res = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| publish(&tmp, path, replace));
+    res.map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        format!("{}: cannot write ({e}); check the folder exists and is writable", path.display())
+        io_error(path, "write", &e)
     })
+}
+
+// An output named on the command line, checked before any work: its folder exists and takes files, it is no folder
+// itself, and (unless `replace`) no file holds the name. write_atomic checks again, as another run may act meanwhile.
+fn check_output(path: &Path, flag: &str, replace: bool) -> Res<()> {
+    let p = path.display();
+    if path.is_dir() {
+        return Err(format!("{flag} {p}: is a folder; pass a file path"));
+    }
+    if !replace && path.exists() {
+        return Err(format!("{flag} {p}: the file exists; pass --overwrite to replace it, or another path"));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(format!("{flag} {p}: the folder {} does not exist; create it or pass another path", dir.display()));
+    }
+    let probe = temp_beside(path);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| format!("{flag} {}", io_error(dir, "create files in it", &e)))?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
+}
+
+// A folder named on the command line for outputs (--profile), made before any work.
+fn check_output_dir(dir: &Path, flag: &str) -> Res<()> {
+    fs::create_dir_all(dir).map_err(|e| format!("{flag} {}", io_error(dir, "make this folder", &e)))?;
+    check_output(&dir.join("probe"), flag, true)
 }
 
 fn read_shard(path: &Path) -> Res<Vec<u16>> {
@@ -1460,10 +1539,13 @@ fn profiled<T>(path: &Path, dev: Device, f: impl FnOnce() -> Res<T>) -> Res<T> {
     let fail = |(rc, err): (i32, String)| if rc == 0 { Ok(()) } else { Err(format!("profiler: {err}")) };
     fail(ffi(|e, n| unsafe { ext::tg_profile_start(dev.is_cuda() as i32, e, n) }))?;
     let out = f();
-    let tmp = std::ffi::CString::new(path.with_extension("partial").to_string_lossy().as_bytes()).unwrap();
-    fail(ffi(|e, n| unsafe { ext::tg_profile_stop(tmp.as_ptr(), e, n) }))?;
-    fs::rename(path.with_extension("partial"), path)
-        .map_err(|e| format!("{}: cannot write ({e}); check the folder is writable", path.display()))?;
+    let tmp = temp_beside(path);
+    let c = std::ffi::CString::new(tmp.to_string_lossy().as_bytes()).unwrap();
+    fail(ffi(|e, n| unsafe { ext::tg_profile_stop(c.as_ptr(), e, n) }))
+        .and_then(|_| publish(&tmp, path, true).map_err(|e| io_error(path, "write", &e)))
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
     out
 }
 
@@ -2610,6 +2692,9 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         }
     }
     a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
+    if let (Some(path), 0) = (&a.save_checkpoint, rank) {
+        check_output(path, "--save-checkpoint", a.overwrite)?;
+    }
     let data = load_data(&a.data, a.vocab_size)?;
     if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 || data.val.len() as i64 <= a.seq_len + 1 {
         return Err(format!(
@@ -2778,8 +2863,18 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         log.line(&format!("sample: {}", json!(text)));
     }
     if let Some(path) = &a.save_checkpoint {
-        save_checkpoint(&model, path)?;
-        log.line(&format!("checkpoint: {}", path.display()));
+        // the name was free at the start (check_output); if another run took it since, these weights go beside it,
+        // named after this run's log
+        let to = match !a.overwrite && path.exists() {
+            true => {
+                let (stem, ext) = (path.file_stem().unwrap_or_default(), path.extension().unwrap_or_default());
+                let id = log.path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+                path.with_file_name(format!("{}.{id}.{}", stem.to_string_lossy(), ext.to_string_lossy()))
+            }
+            false => path.clone(),
+        };
+        let sha = save_checkpoint(&model, &to, a.overwrite)?;
+        log.line(&format!("checkpoint: {} sha256:{sha}", to.display()));
     }
     let mfu = gpu.is_some().then(|| mfu(&model, tokens_per_s / world_size as f64));
     let per_rank: Vec<f64> = Vec::<f64>::try_from(per_rank.to(Device::Cpu).to_kind(Kind::Double))
@@ -2811,6 +2906,12 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     let dev = rank_device(&de, &b.train.device)?;
     let mut a = b.train.clone();
     apply_preset(&mut a, m, dev.is_cuda());
+    if let (Some(out), 0) = (&b.out, rank) {
+        check_output(out, "--out", true)?;
+    }
+    if let Some(dir) = &b.profile {
+        check_output_dir(dir, "--profile")?;
+    }
     a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     let cdt = compute_kind(&a.dtype, dev)?;
     let gpu = gpu_name(dev);
@@ -2872,7 +2973,6 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
             }
         }
         if let Some(dir) = &b.profile {
-            fs::create_dir_all(dir).map_err(|e| format!("{}: {e}; pass a writable --profile folder", dir.display()))?;
             profiled(&dir.join(format!("{variant}_rank{rank}.json")), dev, || {
                 for _ in 0..PROFILE_STEPS {
                     let _ = train_step(&mut model, &mut opt, &x, &y, &a, 1.0, d)?;
@@ -2897,7 +2997,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         rows.push(row);
     }
     if let (Some(out), 0) = (&b.out, rank) {
-        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes())?;
+        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes(), true)?;
     }
     Ok(())
 }
@@ -2905,7 +3005,9 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
 // --------------------------------------------------------------------------------------------------------------------
 // Checkpoints (safetensors: names in the README, config in the metadata) and sampling
 
-fn save_checkpoint(m: &Model, path: &Path) -> Res<()> {
+// Writes the weights whole or not at all (over a file only when `replace`); returns their sha256, which the log
+// records.
+fn save_checkpoint(m: &Model, path: &Path, replace: bool) -> Res<String> {
     let mut named: Vec<(String, Tensor)> =
         m.params.iter().map(|(n, p)| (n.clone(), p.detach().to(Device::Cpu).contiguous())).collect();
     if m.cfg.is_tau() {
@@ -2933,10 +3035,10 @@ fn save_checkpoint(m: &Model, path: &Path) -> Res<()> {
         })
         .collect();
     let meta = std::collections::HashMap::from([("config".to_string(), serde_json::to_string(&m.cfg).unwrap())]);
-    let tmp = path.with_extension("partial");
-    safetensors::tensor::serialize_to_file(views, &Some(meta), &tmp)
-        .map_err(|e| format!("{}: cannot write checkpoint ({e:?})", path.display()))?;
-    fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = safetensors::tensor::serialize(views, &Some(meta))
+        .map_err(|e| format!("{}: cannot serialize the checkpoint ({e:?})", path.display()))?;
+    write_atomic(path, &bytes, replace)?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
 }
 
 fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {

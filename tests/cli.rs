@@ -37,12 +37,17 @@ fn tiny_shards() -> &'static Path {
     })
 }
 
-// One short training run; returns the log path.
-fn train(log_dir: &Path, extra: &[&str]) -> PathBuf {
+// One short training run on the tiny shards, as it ends.
+fn train_output(log_dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", log_dir.to_str().unwrap()];
     args.extend_from_slice(SMALL);
     args.extend_from_slice(extra);
-    let o = run(&args);
+    run(&args)
+}
+
+// One short training run; returns the log path.
+fn train(log_dir: &Path, extra: &[&str]) -> PathBuf {
+    let o = train_output(log_dir, extra);
     assert!(o.status.success(), "train failed: {}", text(&o.stderr));
     let out = text(&o.stdout);
     PathBuf::from(out.lines().find_map(|l| l.strip_prefix("log: ")).expect("the run names its log"))
@@ -554,4 +559,54 @@ fn parity_with_the_pytorch_reference() {
         assert_eq!(ours.len(), 6);
         assert_eq!(ours, theirs, "{attn}");
     }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Bad input (issue 20): one line, a non-zero exit, nothing half-written or overwritten
+
+// Issue 20.1: a bad output path costs no run: every one is checked before the first step.
+#[test]
+fn output_paths_are_checked_before_the_first_step() {
+    let dir = tmp("outputs");
+    let d = |p: &str| dir.join(p).to_str().unwrap().to_string();
+    std::fs::write(dir.join("file"), "x").unwrap();
+    let refused = |o: Output, want: &str| {
+        assert_one_line_error(&o, 1, want);
+        assert!(!text(&o.stdout).contains("step:") && !text(&o.stdout).contains("ms_per_step"), "{}", text(&o.stdout));
+    };
+    refused(train_output(&dir, &["--save-checkpoint", &d("missing/m.safetensors")]), "missing");
+    refused(train_output(&dir, &["--save-checkpoint", dir.to_str().unwrap()]), "a folder");
+    refused(train_output(&dir.join("file/logs"), &[]), "--log-dir");
+    #[rustfmt::skip]
+    let bench = |extra: &[&str]| {
+        let mut a = vec!["bench", "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+            "--seq-len", "32", "--batch-size", "2", "--bench-steps", "1", "--bench-warmup", "0",
+            "--variants", "causal"];
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    refused(bench(&["--out", &d("missing/bench.json")]), "missing");
+    refused(bench(&["--profile", &d("file/profile")]), "--profile");
+    let ck = dir.join("m.safetensors");
+    let log = train(&dir, &["--steps", "2", "--save-checkpoint", ck.to_str().unwrap()]);
+    let o =
+        run(&["bench-decode", "--checkpoint", ck.to_str().unwrap(), "--device", "cpu", "--out", &d("missing/d.json")]);
+    refused(o, "missing");
+    assert_one_line_error(&run(&["plot", log.to_str().unwrap(), "--out", &d("missing/p.svg")]), 1, "missing");
+    assert_eq!(logs_in(&dir).len(), 3, "one log, one checkpoint, the file: {:?}", logs_in(&dir));
+}
+
+// Issue 20.2: --save-checkpoint never replaces a file unless told to.
+#[test]
+fn save_checkpoint_replaces_a_file_only_with_overwrite() {
+    let dir = tmp("overwrite");
+    let ck = dir.join("m.safetensors");
+    train(&dir, &["--steps", "2", "--save-checkpoint", ck.to_str().unwrap()]);
+    let first = std::fs::read(&ck).unwrap();
+    let o = train_output(&dir, &["--steps", "2", "--seed", "1", "--save-checkpoint", ck.to_str().unwrap()]);
+    assert_one_line_error(&o, 1, "--overwrite");
+    assert!(!text(&o.stdout).contains("step:"), "refused before training");
+    assert_eq!(std::fs::read(&ck).unwrap(), first, "the file is untouched");
+    train(&dir, &["--steps", "2", "--seed", "1", "--save-checkpoint", ck.to_str().unwrap(), "--overwrite"]);
+    assert_ne!(std::fs::read(&ck).unwrap(), first, "--overwrite replaces it");
 }

@@ -586,7 +586,7 @@ fn checkpoint_round_trip() {
     for (attn, kv) in VARIANTS {
         let m = small_kv(attn, 512, kv);
         let p = tmp(&format!("{attn}-{kv}.safetensors"));
-        save_checkpoint(&m, &p).unwrap();
+        save_checkpoint(&m, &p, true).unwrap();
         let back = load_checkpoint(&p, Device::Cpu).unwrap();
         assert_eq!(back.cfg, m.cfg);
         let idx = Tensor::randint(512, [1, 16], (Kind::Int64, Device::Cpu));
