@@ -2575,25 +2575,37 @@ impl Log {
         Log { path: PathBuf::new(), file: None, silent: true }
     }
     // Everything logged is printed too.
-    fn line(&mut self, s: &str) {
+    fn line(&mut self, s: &str) -> Res<()> {
         if !self.silent {
             println!("{s}");
         }
-        self.quiet(s);
+        self.quiet(s)
     }
-    fn quiet(&mut self, s: &str) {
+    fn quiet(&mut self, s: &str) -> Res<()> {
         if let Some(f) = self.file.as_mut() {
-            writeln!(f, "{s}").expect("log write");
+            if let Err(e) = writeln!(f, "{s}") {
+                return Err(self.kept(&e));
+            }
         }
+        Ok(())
     }
-    fn finish(mut self) -> PathBuf {
-        self.file.take().unwrap().sync_all().expect("log sync");
-        fs::rename(self.path.with_extension("txt.partial"), &self.path).expect("log rename");
-        self.path.clone()
+    // A log that cannot be written (a full disk) ends the run, its .partial kept for reading.
+    fn kept(&mut self, e: &std::io::Error) -> String {
+        self.file = None;
+        let partial = self.path.with_extension("txt.partial");
+        format!("{}; the log so far is kept there", io_error(&partial, "write the log", e))
+    }
+    fn finish(mut self) -> Res<PathBuf> {
+        let f = self.file.as_ref().unwrap();
+        if let Err(e) = f.sync_all().and_then(|_| fs::rename(self.path.with_extension("txt.partial"), &self.path)) {
+            return Err(self.kept(&e));
+        }
+        self.file = None;
+        Ok(self.path.clone())
     }
 }
 
-// A run that fails leaves no half-written log behind.
+// A run that fails leaves no half-written log behind (but one the disk could not take: see `kept`).
 impl Drop for Log {
     fn drop(&mut self) {
         if self.file.is_some() {
@@ -2639,24 +2651,25 @@ fn gpu_name(dev: Device) -> Option<String> {
     }
 }
 
-fn write_header(log: &mut Log, dev: Device) {
-    log.quiet(SOURCE.trim_end());
+fn write_header(log: &mut Log, dev: Device) -> Res<()> {
+    log.quiet(SOURCE.trim_end())?;
     for (name, text) in KERNEL_FILES {
-        log.quiet(&"-".repeat(40));
-        log.quiet(&format!("# {name}"));
-        log.quiet(text.trim_end());
+        log.quiet(&"-".repeat(40))?;
+        log.quiet(&format!("# {name}"))?;
+        log.quiet(text.trim_end())?;
     }
-    log.quiet(&"=".repeat(100));
+    log.quiet(&"=".repeat(100))?;
     let (torch, cuda) = libtorch_version();
-    log.line(&format!("rustc: {}", env!("TRAIN_GPT_RUSTC")));
-    log.line(&format!("tch: {}", env!("TRAIN_GPT_TCH")));
-    log.line(&format!("libtorch: {torch}"));
-    log.line(&format!("cuda: {}", if dev.is_cuda() { cuda } else { "none".into() }));
-    log.line(&format!("gpu: {}", gpu_name(dev).unwrap_or("none".into())));
-    log.line(&format!("host_threads: {}", rayon::current_num_threads()));
-    log.quiet("nvidia-smi:");
-    log.quiet(&if dev.is_cuda() { sh("nvidia-smi", &[]).unwrap_or("none".into()) } else { "none".into() });
-    log.quiet(&"=".repeat(100));
+    log.line(&format!("rustc: {}", env!("TRAIN_GPT_RUSTC")))?;
+    log.line(&format!("tch: {}", env!("TRAIN_GPT_TCH")))?;
+    log.line(&format!("libtorch: {torch}"))?;
+    log.line(&format!("cuda: {}", if dev.is_cuda() { cuda } else { "none".into() }))?;
+    log.line(&format!("gpu: {}", gpu_name(dev).unwrap_or("none".into())))?;
+    log.line(&format!("host_threads: {}", rayon::current_num_threads()))?;
+    log.quiet("nvidia-smi:")?;
+    log.quiet(&if dev.is_cuda() { sh("nvidia-smi", &[]).unwrap_or("none".into()) } else { "none".into() })?;
+    log.quiet(&"=".repeat(100))?;
+    Ok(())
 }
 
 // --------------------------------------------------------------------------------------------------------------------
@@ -2721,15 +2734,15 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     );
 
     let mut log = if rank == 0 { Log::create(&a.log_dir)? } else { Log::silent() }; // rank 0 alone writes the log
-    write_header(&mut log, dev);
+    write_header(&mut log, dev)?;
     let mut config = serde_json::to_value(&a).unwrap();
     config["variant"] = json!(variant);
     config["track"] = json!(track);
     config["device"] = json!(format!("{dev:?}"));
     config["compute_dtype"] = json!(format!("{cdt:?}"));
     config["world_size"] = json!(world_size);
-    log.line(&format!("config: {config}"));
-    log.line(&format!("data: {}", data.info));
+    log.line(&format!("config: {config}"))?;
+    log.line(&format!("data: {}", data.info))?;
 
     // The timed region starts here: a tau run pays for its Laplacian and its τ calibration, but nobody for the CUDA
     // context, which the first device operation would otherwise create inside the clock.
@@ -2743,7 +2756,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let t0 = Instant::now();
     let (lap, lap_ms) = if cfg.is_tau() {
         let (l, stats) = build_laplacian(&a, cfg.head_dim(), &data, dev)?;
-        log.line(&format!("laplacian: {stats}"));
+        log.line(&format!("laplacian: {stats}"))?;
         let ms = stats["build_ms"].as_f64();
         if rank == 0 {
             save_laplacian(&log.path.with_extension("laplacian.npy"), &l)?;
@@ -2759,13 +2772,13 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             // the whole batch on every rank
             None => model.calibrate_tau(&train_batch(&train_tokens, 0, a.batch_size, a.seq_len, 0, 1).0),
         };
-        log.line(&format!("tau: {}", model.tau));
+        log.line(&format!("tau: {}", model.tau))?;
     }
     let mut opt = Optim::new(&model);
     sync(dev);
     train_ms += t0.elapsed().as_secs_f64() * 1e3;
     let n_params = model.n_params();
-    log.line(&format!("params: {n_params}"));
+    log.line(&format!("params: {n_params}"))?;
 
     let tokens_per_step = a.batch_size * a.seq_len;
     let mut time_to_target: Option<f64> = None;
@@ -2788,7 +2801,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             s + 1,
             a.steps,
             ms / (s + 1) as f64
-        ));
+        ))?;
         Ok(())
     };
     for step in 0..=a.steps {
@@ -2812,9 +2825,9 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
                 a.steps,
                 train_ms,
                 train_ms / step.max(1) as f64
-            ));
+            ))?;
             if cfg.is_tau() && rank == 0 {
-                log.line(&format!("diag: {}", tau_diagnostics(&model, &data.val, a.batch_size, step)));
+                log.line(&format!("diag: {}", tau_diagnostics(&model, &data.val, a.batch_size, step)))?;
             }
             clock = Instant::now();
         }
@@ -2834,7 +2847,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
 
     let peaks = memory_peaks(dev);
     if let Some((al, re)) = peaks {
-        log.line(&format!("peak memory allocated: {al:.0} MiB reserved: {re:.0} MiB"));
+        log.line(&format!("peak memory allocated: {al:.0} MiB reserved: {re:.0} MiB"))?;
     }
     let steps_ms = train_ms - lap_ms.unwrap_or(0.0);
     let tokens_per_s = (a.steps * tokens_per_step) as f64 / (steps_ms / 1e3);
@@ -2860,7 +2873,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             a.seed,
             true,
         )?)?;
-        log.line(&format!("sample: {}", json!(text)));
+        log.line(&format!("sample: {}", json!(text)))?;
     }
     if let Some(path) = &a.save_checkpoint {
         // the name was free at the start (check_output); if another run took it since, these weights go beside it,
@@ -2874,7 +2887,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             false => path.clone(),
         };
         let sha = save_checkpoint(&model, &to, a.overwrite)?;
-        log.line(&format!("checkpoint: {} sha256:{sha}", to.display()));
+        log.line(&format!("checkpoint: {} sha256:{sha}", to.display()))?;
     }
     let mfu = gpu.is_some().then(|| mfu(&model, tokens_per_s / world_size as f64));
     let per_rank: Vec<f64> = Vec::<f64>::try_from(per_rank.to(Device::Cpu).to_kind(Kind::Double))
@@ -2892,8 +2905,8 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         "world_size": world_size,
         "tokens_per_s_per_rank": per_rank, "micro_batch": a.micro_batch,
         "laplacian_build_ms": lap_ms, "tau": cfg.is_tau().then_some(model.tau), "params": n_params});
-    log.line(&format!("summary: {summary}"));
-    let path = log.finish();
+    log.line(&format!("summary: {summary}"))?;
+    let path = log.finish()?;
     println!("log: {}", path.display());
     Ok(())
 }

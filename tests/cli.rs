@@ -610,3 +610,51 @@ fn save_checkpoint_replaces_a_file_only_with_overwrite() {
     train(&dir, &["--steps", "2", "--seed", "1", "--save-checkpoint", ck.to_str().unwrap(), "--overwrite"]);
     assert_ne!(std::fs::read(&ck).unwrap(), first, "--overwrite replaces it");
 }
+
+// Runs the binary with DIR a tmpfs of 2 MB, `fill` bytes of it taken, in a private mount namespace (unshare), then
+// lists DIR: (output, "NAMES steps=N", N the step lines of the .partial left). None where namespaces are not allowed.
+fn on_full_tmpfs(dir: &Path, fill: u64, args: &[&str]) -> Option<(Output, String)> {
+    let probe = Command::new("unshare").args(["--user", "--map-root-user", "--mount", "true"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: unshare cannot make a mount namespace here");
+        return None;
+    }
+    let script = r#"d=$1; fill=$2; shift 2
+        mount -t tmpfs -o size=2m none "$d" || exit 99
+        [ "$fill" -gt 0 ] && head -c "$fill" /dev/zero > "$d/fill"
+        "$@"; rc=$?
+        left=$(ls "$d" | grep -v '^fill$' | tr '\n' ' ')
+        echo "after: ${left}steps=$(cat "$d"/*.partial 2>/dev/null | grep -c '^step:')"
+        exit $rc"#;
+    let mut a = vec!["--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", dir.to_str().unwrap()];
+    let fill = fill.to_string();
+    a.push(&fill);
+    a.push(BIN);
+    a.extend_from_slice(args);
+    let o = Command::new("unshare").args(&a).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    assert_ne!(o.status.code(), Some(99), "mount failed: {}", text(&o.stderr));
+    let after = text(&o.stdout).lines().find_map(|l| l.strip_prefix("after: ")).unwrap().to_string();
+    Some((o, after))
+}
+
+// Issue 20.3: a full disk under the log, at its header or mid-run: one line naming the file and the cause, and the
+// .partial log kept for reading. A tmpfs of 2 MB in a mount namespace stands for the disk.
+#[test]
+fn a_full_disk_gets_one_line_and_keeps_the_partial_log() {
+    let dir = tmp("full");
+    let log = std::fs::read_to_string(train(&dir, &["--steps", "2"])).unwrap();
+    let header = log.find("\nstep:").unwrap() as u64; // bytes before the first step line
+    let mnt = tmp("full-mnt");
+    let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", mnt.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--steps", "60", "--val-every", "30"]);
+    let page = 4096;
+    // at the header: 8 KB free; mid-run: the header's pages free, then 60 step lines need more
+    for (free, steps) in [(2 * page, false), (header.div_ceil(page) * page, true)] {
+        let Some((o, after)) = on_full_tmpfs(&mnt, 2 * 1024 * 1024 - free, &args) else { return };
+        assert_one_line_error(&o, 1, "No space left on device");
+        assert!(text(&o.stderr).contains(mnt.to_str().unwrap()), "names the path: {}", text(&o.stderr));
+        assert!(after.contains(".txt.partial") && !after.contains(".txt "), "the .partial alone is kept: {after}");
+        assert_eq!(!after.ends_with("steps=0"), steps, "{after}");
+    }
+}
