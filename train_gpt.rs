@@ -47,6 +47,7 @@ const FUSED_LOGIT_ROWS: i64 = 16384;
 // libtorch's rms_norm default for fp32 and bf16 alike (its fp32 opmath), which the fused kernels repeat
 const RMS_EPS: f64 = f32::EPSILON as f64;
 const PROFILE_STEPS: i64 = 3; // bench --profile: enough to see a steady step between two others
+const MAX_SEQ_LEN: i64 = 1 << 20; // a checkpoint's seq_len sizes its RoPE tables: bounded before they are made
 
 // --------------------------------------------------------------------------------------------------------------------
 // Set-up: command line, presets, devices
@@ -1614,6 +1615,45 @@ impl ModelCfg {
     fn is_tau(&self) -> bool {
         self.attn != "causal"
     }
+    // A config read from a file is data: checked, bounds included, before any tensor is made from it.
+    fn check(&self) -> Res<()> {
+        let (l, h, c, v, t) = (self.n_layer, self.n_head, self.n_embd, self.vocab_size, self.seq_len);
+        let within = |x: i64, hi: i64| (1..=hi).contains(&x);
+        if !(within(l, 1024) && within(h, 1024) && within(c, 1 << 16) && within(v, 1 << 24)) {
+            return Err(format!(
+                "config n_layer {l}, n_head {h}, n_embd {c}, vocab_size {v}: expected 1..=1024, 1..=1024, 1..=65536, \
+                1..=16777216"
+            ));
+        }
+        if c % h != 0 || (c / h) % 2 != 0 {
+            return Err(format!("config n_embd {c}: expected heads of even size (n_head {h})"));
+        }
+        if self.n_kv_head < 0 || h % self.kv_heads() != 0 {
+            return Err(format!("config n_kv_head {}: expected a divisor of n_head {h} (0: n_head)", self.n_kv_head));
+        }
+        if !(2..=MAX_SEQ_LEN).contains(&t) {
+            return Err(format!("config seq_len {t}: expected 2..={MAX_SEQ_LEN}"));
+        }
+        if !["causal", "tau", "tau-lt"].contains(&self.attn.as_str()) {
+            return Err(format!("config attn {:?}: expected causal, tau or tau-lt", self.attn));
+        }
+        Ok(())
+    }
+    // The trained parameters' names and shapes, in Model::new's order (a unit test holds the two together).
+    fn param_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let (c, qkv) = (self.n_embd, self.n_embd + 2 * self.kv_heads() * self.head_dim());
+        let mut v = vec![("wte".to_string(), vec![self.vocab_size, c])];
+        for l in 0..self.n_layer {
+            v.push((format!("blocks.{l}.attn.qkv"), vec![qkv, c]));
+            v.push((format!("blocks.{l}.attn.o"), vec![c, c]));
+            v.push((format!("blocks.{l}.mlp.fc"), vec![4 * c, c]));
+            v.push((format!("blocks.{l}.mlp.proj"), vec![c, 4 * c]));
+            if self.attn == "tau-lt" {
+                v.push((format!("blocks.{l}.attn.log_inv_temp"), vec![self.n_head]));
+            }
+        }
+        v
+    }
 }
 
 struct Model {
@@ -3065,21 +3105,37 @@ fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {
         .and_then(|m| m.get("config"))
         .and_then(|c| serde_json::from_str(c).ok())
         .ok_or(format!("{p}: no train_gpt config in the metadata; pass a file written by --save-checkpoint"))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{p}: {e:?}"))?;
-    let get = |n: &str| -> Res<Tensor> {
-        let v = st.tensor(n).map_err(|_| format!("{p}: tensor {n} missing"))?;
+    cfg.check().map_err(|e| format!("{p}: {e}; pass a file written by --save-checkpoint"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{p}: not a safetensors file ({e:?}); pass a file written by --save-checkpoint"))?;
+    // every tensor is checked against the config before the model is built
+    let get = |n: &str, shape: &[i64]| -> Res<Tensor> {
+        let v =
+            st.tensor(n).map_err(|_| format!("{p}: tensor {n} missing; pass a file written by --save-checkpoint"))?;
+        let have: Vec<i64> = v.shape().iter().map(|&s| s as i64).collect();
+        if v.dtype() != safetensors::Dtype::F32 || have != shape {
+            return Err(format!(
+                "{p}: tensor {n} is {:?} {have:?}, expected F32 {shape:?} for its config {}; pass a file written by \
+                --save-checkpoint",
+                v.dtype(),
+                serde_json::to_string(&cfg).unwrap()
+            ));
+        }
         let f: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-        Ok(Tensor::from_slice(&f).view(v.shape().iter().map(|&s| s as i64).collect::<Vec<_>>().as_slice()).to(dev))
+        Ok(Tensor::from_slice(&f).view(shape).to(dev))
     };
     let cdt = compute_kind("auto", dev)?;
-    let lap = if cfg.is_tau() { Some(get("laplacian")?) } else { None };
-    let tau = if cfg.is_tau() { get("tau")?.double_value(&[0]) } else { 1.0 };
-    let mut m = Model::new(cfg, dev, cdt, lap, tau, 1.0, 1.0);
-    if m.cfg.attn == "tau" {
-        m.inv_temp = get("inv_temp")?;
+    let (d, tau) = (cfg.head_dim(), cfg.is_tau());
+    let lap = if tau { Some(get("laplacian", &[d, d])?) } else { None };
+    let tau_value = if tau { get("tau", &[1])?.double_value(&[0]) } else { 1.0 };
+    let inv_temp = if cfg.attn == "tau" { Some(get("inv_temp", &[cfg.n_layer, cfg.n_head])?) } else { None };
+    let params = cfg.param_shapes().iter().map(|(n, s)| get(n, s)).collect::<Res<Vec<_>>>()?;
+    let mut m = Model::new(cfg, dev, cdt, lap, tau_value, 1.0, 1.0);
+    if let Some(t) = inv_temp {
+        m.inv_temp = t;
     }
-    for (n, w) in m.params.iter_mut() {
-        *w = get(n)?;
+    for ((_, w), t) in m.params.iter_mut().zip(params) {
+        *w = t;
     }
     Ok(m)
 }
@@ -3132,6 +3188,15 @@ fn decode_ids(ids: &[i64]) -> Res<String> {
 }
 
 fn cmd_sample(a: &SampleArgs) -> Res<()> {
+    for (ok, what) in [
+        (a.top_k >= 1, "--top-k must be ≥ 1"),
+        (a.temperature.is_finite() && a.temperature >= 0.0, "--temperature must be ≥ 0 (0: greedy)"),
+        (a.tokens >= 0, "--tokens must be ≥ 0"),
+    ] {
+        if !ok {
+            return Err(format!("{what}; see train_gpt sample --help"));
+        }
+    }
     let dev = pick_device(&a.device)?;
     let mut m = load_checkpoint(&a.checkpoint, dev)?;
     m.kernels = resolve_kernels(a.kernels, 0, dev, m.cfg.head_dim())?;

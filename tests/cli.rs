@@ -658,3 +658,66 @@ fn a_full_disk_gets_one_line_and_keeps_the_partial_log() {
         assert_eq!(!after.ends_with("steps=0"), steps, "{after}");
     }
 }
+
+// A checkpoint's tensors: (name, dtype, shape, bytes).
+type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+// A checkpoint rewritten to `dst`: `cfg` edits its config, `edit` its tensors.
+fn rewrite_checkpoint(src: &Path, dst: &Path, cfg: &dyn Fn(&mut serde_json::Value), edit: &dyn Fn(&mut Tensors)) {
+    use safetensors::tensor::TensorView;
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["config"]).unwrap();
+    cfg(&mut c);
+    let mut ts: Tensors =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    edit(&mut ts);
+    let views: Vec<(String, TensorView)> =
+        ts.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let meta = Some(std::collections::HashMap::from([("config".to_string(), c.to_string())]));
+    std::fs::write(dst, safetensors::tensor::serialize(views, &meta).unwrap()).unwrap();
+}
+
+// Issue 20.4: checkpoints wrong for the code, and bad sampling options: one line naming the tensor or option.
+#[test]
+fn sample_and_bench_decode_refuse_checkpoints_wrong_for_the_code() {
+    let dir = tmp("wrong-ckpt");
+    let ck = dir.join("m.safetensors");
+    train(&dir, &["--steps", "2", "--save-checkpoint", ck.to_str().unwrap()]);
+    let write = |name: &str, cfg: &dyn Fn(&mut serde_json::Value), edit: &dyn Fn(&mut Tensors)| {
+        rewrite_checkpoint(&ck, &dir.join(name), cfg, edit);
+        dir.join(name)
+    };
+    let none = |_: &mut Tensors| {};
+    let f16 = |ts: &mut Tensors| {
+        let w = ts.iter_mut().find(|t| t.0 == "wte").unwrap();
+        w.1 = safetensors::Dtype::F16;
+        w.3.truncate(w.3.len() / 2);
+    };
+    let swap = |ts: &mut Tensors| {
+        let i = ts.iter().position(|t| t.0 == "blocks.0.mlp.fc").unwrap();
+        let j = ts.iter().position(|t| t.0 == "blocks.0.mlp.proj").unwrap();
+        let (a, b) = (ts[i].0.clone(), ts[j].0.clone());
+        (ts[i].0, ts[j].0) = (b, a);
+    };
+    let cases = [
+        (write("wide.safetensors", &|c| c["n_embd"] = 64.into(), &none), "wte"),
+        (write("seq0.safetensors", &|c| c["seq_len"] = 0.into(), &none), "seq_len"),
+        (write("f16.safetensors", &|_| {}, &f16), "wte"),
+        (write("swap.safetensors", &|_| {}, &swap), "blocks.0.mlp."),
+    ];
+    for (p, want) in &cases {
+        let p = p.to_str().unwrap();
+        assert_one_line_error(&run(&["sample", "--checkpoint", p, "--tokens", "3", "--device", "cpu"]), 1, want);
+        #[rustfmt::skip]
+        let o = run(&["bench-decode", "--checkpoint", p, "--prompt-lens", "4", "--gen-lens", "2", "--batch-sizes", "1",
+            "--repeats", "1", "--device", "cpu"]);
+        assert_one_line_error(&o, 1, want);
+    }
+    let c = ck.to_str().unwrap();
+    for (opt, v) in [("--top-k", "0"), ("--top-k", "-3"), ("--temperature", "nan"), ("--tokens", "-1")] {
+        let o = run(&["sample", "--checkpoint", c, &format!("{opt}={v}"), "--device", "cpu"]); // = passes -3 as a value
+        assert_one_line_error(&o, 1, opt);
+    }
+}

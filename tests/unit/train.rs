@@ -593,6 +593,12 @@ fn checkpoint_round_trip() {
         let (a, b) = tch::no_grad(|| (m.logits(&m.hidden(&idx, None)), back.logits(&back.hidden(&idx, None))));
         assert!((a - b).abs().max().double_value(&[]) == 0.0, "{attn}: reloaded weights give the same logits");
     }
+    // what load_checkpoint checks a file against is what Model::new builds
+    for (attn, kv) in VARIANTS {
+        let m = small_kv(attn, 512, kv);
+        let built: Vec<(String, Vec<i64>)> = m.params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
+        assert_eq!(built, m.cfg.param_shapes(), "{attn}");
+    }
     let e = load_checkpoint(&tmp("nothing.safetensors"), Device::Cpu).err().unwrap();
     assert!(e.contains("--save-checkpoint"), "{e}");
 }
