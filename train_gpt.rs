@@ -2712,6 +2712,48 @@ fn write_header(log: &mut Log, dev: Device) -> Res<()> {
     Ok(())
 }
 
+// Options outside their domain, refused before anything runs (train and bench).
+fn check_train_args(a: &TrainArgs, world: i64) -> Res<()> {
+    let finite_ge0 = |x: f64| x.is_finite() && x >= 0.0;
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    let unit = |x: f64| (0.0..1.0).contains(&x);
+    for (ok, what) in [
+        (a.steps > 0, "--steps must be > 0"),
+        (a.batch_size > 0, "--batch-size must be ≥ 1"),
+        (a.seq_len > 1, "--seq-len must be ≥ 2 (a token and its successor)"),
+        (a.val_every > 0, "--val-every must be > 0"),
+        (a.val_tokens >= 0, "--val-tokens must be ≥ 0 (0: the whole val split)"),
+        ((0.0..=1.0).contains(&a.cooldown_frac), "--cooldown-frac must be in [0,1]"),
+        (finite_ge0(a.lr_muon) && finite_ge0(a.lr_adam), "--lr-muon and --lr-adam must be finite and ≥ 0"),
+        (
+            unit(a.muon_momentum) && unit(a.adam_beta1) && unit(a.adam_beta2),
+            "--muon-momentum, --adam-beta1 and --adam-beta2 must be in [0,1)",
+        ),
+        (a.adam_eps.is_finite() && a.adam_eps > 0.0, "--adam-eps must be > 0"),
+        (a.target_val_loss.is_finite(), "--target-val-loss must be a finite loss"),
+        (positive(a.tau_temp) && positive(a.inv_temp_init), "--tau-temp and --inv-temp-init must be > 0"),
+        (a.tau.is_none_or(positive), "--tau must be > 0 (left out: calibrated)"),
+        (a.tau_chunk >= 0 && a.head_chunk >= 0, "--tau-chunk and --head-chunk must be ≥ 0"),
+        (a.n_layer >= 1 && a.n_head >= 1, "--n-layer and --n-head must be ≥ 1"),
+        // the line above refuses --n-head 0
+        (a.n_head < 1 || a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head"),
+        (
+            a.n_kv_head >= 0 && (a.n_kv_head == 0 || a.n_head % a.n_kv_head == 0),
+            "--n-head must be a multiple of --n-kv-head",
+        ),
+        (a.batch_size % world == 0, "--batch-size must split evenly over the ranks"),
+        (
+            a.micro_batch >= 0 && (a.micro_batch == 0 || (a.batch_size / world) % a.micro_batch == 0),
+            "--micro-batch must divide batch_size / ranks",
+        ),
+    ] {
+        if !ok {
+            return Err(format!("{what}; see train_gpt train --help"));
+        }
+    }
+    Ok(())
+}
+
 // --------------------------------------------------------------------------------------------------------------------
 // Training
 
@@ -2721,41 +2763,31 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let dev = rank_device(&de, &a.device)?;
     apply_preset(&mut a, m, dev.is_cuda());
     let cdt = compute_kind(&a.dtype, dev)?;
-    for (ok, what) in [
-        (a.steps > 0, "--steps must be > 0"),
-        (a.batch_size > 0 && a.seq_len > 1, "--batch-size and --seq-len must be positive"),
-        (a.val_every > 0, "--val-every must be > 0"),
-        ((0.0..=1.0).contains(&a.cooldown_frac), "--cooldown-frac must be in [0,1]"),
-        (a.tau_temp > 0.0 && a.inv_temp_init > 0.0, "--tau-temp and --inv-temp-init must be > 0"),
-        (a.n_layer >= 1 && a.n_head >= 1, "--n-layer and --n-head must be ≥ 1"),
-        // the line above refuses --n-head 0
-        (a.n_head < 1 || a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head"),
-        (
-            a.n_kv_head >= 0 && (a.n_kv_head == 0 || a.n_head % a.n_kv_head == 0),
-            "--n-head must be a multiple of --n-kv-head",
-        ),
-        (a.batch_size % world_size == 0, "--batch-size must split evenly over the ranks"),
-        (
-            a.micro_batch >= 0 && (a.micro_batch == 0 || (a.batch_size / world_size) % a.micro_batch == 0),
-            "--micro-batch must divide batch_size / ranks",
-        ),
-    ] {
-        if !ok {
-            return Err(format!("{what}; see train_gpt train --help"));
-        }
-    }
+    check_train_args(&a, world_size)?;
     a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     if let (Some(path), 0) = (&a.save_checkpoint, rank) {
         check_output(path, "--save-checkpoint", a.overwrite)?;
     }
     let data = load_data(&a.data, a.vocab_size)?;
-    if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 || data.val.len() as i64 <= a.seq_len + 1 {
+    if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 {
         return Err(format!(
-            "{}: {} train / {} val tokens is too few for batch {}×{}; lower --batch-size/--seq-len",
+            "{}: {} train tokens is too few for batch {}×{}; lower --batch-size/--seq-len",
             a.data.display(),
             data.train.len(),
-            data.val.len(),
             a.batch_size,
+            a.seq_len
+        ));
+    }
+    // validation scores whole sequences of the val tokens it reads (see `evaluate`)
+    let val_read = if a.val_tokens > 0 { data.val.len().min(a.val_tokens as usize + 1) } else { data.val.len() };
+    if val_read as i64 <= a.seq_len {
+        return Err(format!(
+            "{}: too few val tokens ({val_read} of {} read, --val-tokens {}) for one sequence of --seq-len {}; pass \
+            --val-tokens ≥ {} or 0 (the whole split), or a lower --seq-len",
+            a.data.display(),
+            data.val.len(),
+            a.val_tokens,
+            a.seq_len,
             a.seq_len
         ));
     }
@@ -2959,6 +2991,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     let dev = rank_device(&de, &b.train.device)?;
     let mut a = b.train.clone();
     apply_preset(&mut a, m, dev.is_cuda());
+    check_train_args(&a, world)?;
     if let (Some(out), 0) = (&b.out, rank) {
         check_output(out, "--out", true)?;
     }

@@ -721,3 +721,31 @@ fn sample_and_bench_decode_refuse_checkpoints_wrong_for_the_code() {
         assert_one_line_error(&o, 1, opt);
     }
 }
+
+// Issue 20.5: too few val tokens for one sequence.
+#[test]
+fn too_few_val_tokens_is_one_line() {
+    let dir = tmp("val-tokens");
+    assert_one_line_error(&train_output(&dir, &["--val-tokens", "1"]), 1, "too few val tokens");
+    assert_one_line_error(&train_output(&dir, &["--val-tokens=-5"]), 1, "--val-tokens");
+    assert!(logs_in(&dir).is_empty());
+}
+
+// Issue 20.8: options outside their domain are refused before anything runs.
+#[test]
+fn nonsense_option_values_are_refused() {
+    let dir = tmp("domains");
+    for (opt, v) in [
+        ("--target-val-loss", "nan"),
+        ("--lr-muon", "-0.01"),
+        ("--lr-adam", "nan"),
+        ("--tau", "0"),
+        ("--tau", "-1"),
+        ("--muon-momentum", "1.5"),
+        ("--adam-eps", "-1"),
+    ] {
+        let o = train_output(&dir, &["--attn", "tau", "--laplacian", "chain", &format!("{opt}={v}")]);
+        assert_one_line_error(&o, 1, opt);
+    }
+    assert!(logs_in(&dir).is_empty());
+}
