@@ -1146,18 +1146,29 @@ fn lap_read_npy(bytes: &[u8]) -> Result<Tensor, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(str::parse::<i64>)
+        .map(str::parse::<u64>)
         .collect::<Result<Vec<_>, _>>();
-    let Ok(shape) = shape else { return bad("unparseable shape in .npy header") };
+    let Ok(shape) = shape else { return bad("the shape in the .npy header is not a list of sizes ≥ 0") };
+    // the bytes the shape needs, where it fits an i64 (the header is data: a dim may be anything)
+    let want = shape
+        .iter()
+        .try_fold(kind.elt_size_in_bytes() as u64, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64 && shape.iter().all(|&d| d <= i64::MAX as u64));
+    let Some(want) = want else { return bad(&format!("the shape {shape:?} in the .npy header is too large")) };
     let data = &bytes[start + hlen..];
-    let want = shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes();
-    if data.len() != want {
+    if data.len() as u64 != want {
         return bad(&format!(
             "payload is {} bytes but shape {shape:?} needs {want} (truncated or corrupt)",
             data.len()
         ));
     }
-    Tensor::f_from_data_size(data, &shape, kind).map_err(|e| format!("{e}"))
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Tensor::f_from_data_size(data, &shape, kind).map_err(|e| one_line(&e))
+}
+
+// A libtorch error (a message and a C++ backtrace) as its first line.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or("error").to_string()
 }
 
 fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
@@ -1172,9 +1183,9 @@ fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
         "safetensors" => {
             let ts = Tensor::read_safetensors(path).map_err(|e| {
                 format!(
-                    "Laplacian file {p}: not a valid safetensors \
-                file ({}); re-export it with safetensors.torch.save_file",
-                    format!("{e}").replace('\n', " ")
+                    "Laplacian file {p}: not a valid safetensors file ({}); re-export it with \
+                    safetensors.torch.save_file",
+                    one_line(&e)
                 )
             })?;
             match ts.as_slice() {

@@ -731,6 +731,27 @@ fn too_few_val_tokens_is_one_line() {
     assert!(logs_in(&dir).is_empty());
 }
 
+// Issue 20.6: a .npy Laplacian whose header is nonsense (negative or huge dims) is refused in one line.
+#[test]
+fn npy_laplacian_with_a_bad_shape_is_one_line() {
+    let dir = tmp("npy-shape");
+    for (name, shape, payload) in
+        [("neg", "(-4, -4)", 64), ("huge", "(4294967296, 4294967296)", 64), ("one", "(-1,)", 0)]
+    {
+        let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        b.extend_from_slice(header.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, payload));
+        let p = dir.join(format!("{name}.npy"));
+        std::fs::write(&p, b).unwrap();
+        let lap = format!("file:{}", p.display());
+        let o = train_output(&dir, &["--attn", "tau", "--laplacian", &lap]);
+        assert_one_line_error(&o, 1, "shape");
+    }
+    assert_eq!(logs_in(&dir).len(), 3, "only the three .npy files");
+}
+
 // Issue 20.8: options outside their domain are refused before anything runs.
 #[test]
 fn nonsense_option_values_are_refused() {
