@@ -439,10 +439,13 @@ pub fn records_table(root: &Path) -> Result<String, String> {
             let rel = rec.strip_prefix(root.parent().unwrap_or(Path::new(""))).unwrap_or(&rec).display().to_string();
             recs.push(Record { track: tname.clone(), name, rel, logs, description });
         }
+        if recs.is_empty() {
+            continue; // a track folder with no record in it yet
+        }
         // current = the best clock per variant: reached the target first, then less time; ties go to the newer record
-        let key = |r: &Record| {
-            let (reached, t) = r.time_s();
-            (!reached, t)
+        let clock = |a: &Record, b: &Record| {
+            let ((ra, ta), (rb, tb)) = (a.time_s(), b.time_s());
+            rb.cmp(&ra).then(ta.total_cmp(&tb)) // a total order, NaN times too
         };
         let mut labels: Vec<String> = recs.iter().map(|r| r.logs[0].label()).collect();
         labels.sort();
@@ -452,13 +455,13 @@ pub fn records_table(root: &Path) -> Result<String, String> {
             let best = recs
                 .iter()
                 .filter(|r| &r.logs[0].label() == l)
-                .min_by(|a, b| key(a).partial_cmp(&key(b)).unwrap().then(b.name.cmp(&a.name)))
+                .min_by(|a, b| clock(a, b).then(b.name.cmp(&a.name)))
                 .unwrap();
             current.push(best.name.clone());
         }
         let (mut now, mut before): (Vec<&Record>, Vec<&Record>) = recs.iter().partition(|r| current.contains(&r.name));
-        now.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap());
-        before.sort_by(|a, b| a.logs[0].label().cmp(&b.logs[0].label()).then(key(b).partial_cmp(&key(a)).unwrap()));
+        now.sort_by(|a, b| clock(a, b));
+        before.sort_by(|a, b| a.logs[0].label().cmp(&b.logs[0].label()).then(clock(b, a)));
         out += &format!("**{}**: current records\n\n{HEAD}", now[0].track);
         now.iter().for_each(|r| out += &r.row());
         if !before.is_empty() {

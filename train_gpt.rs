@@ -722,8 +722,24 @@ fn cmd_prepare(a: &PrepareArgs) -> Res<()> {
     if !shard_paths(&a.out, "train").is_empty() || !shard_paths(&a.out, "val").is_empty() {
         return Err(format!("{}: already holds shards; remove them or pass another --out", a.out.display()));
     }
+    if fs::canonicalize(&a.out).is_ok_and(|o| fs::canonicalize(&a.input).is_ok_and(|i| i == o)) {
+        return Err(format!("--out {}: is the input; pass another folder for the shards", a.out.display()));
+    }
     let t0 = Instant::now();
     let docs = read_documents(&a.input)?;
+    let has = |split: &str| docs.iter().any(|(s, t)| s == split && !t.trim().is_empty());
+    let i = a.input.display();
+    if !has("train") && !has("val") {
+        return Err(format!("{i}: no documents with text; pass a corpus"));
+    }
+    for split in ["train", "val"] {
+        if !has(split) {
+            return Err(format!(
+                "{i}: no {split} documents with text; JSON Lines need some with \"split\": \"{split}\" (plain text \
+                is split by itself)"
+            ));
+        }
+    }
     fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
     for split in ["train", "val"] {
         let texts: Vec<&str> = docs.iter().filter(|(s, _)| s == split).map(|(_, t)| t.as_str()).collect();

@@ -752,6 +752,32 @@ fn npy_laplacian_with_a_bad_shape_is_one_line() {
     assert_eq!(logs_in(&dir).len(), 3, "only the three .npy files");
 }
 
+// Issue 20.7: records-table needs a records folder; prepare needs documents and an --out apart from its input.
+#[test]
+fn records_table_and_prepare_refuse_what_they_cannot_use() {
+    assert_one_line_error(&run(&["records-table", "/nonexistent/records"]), 1, "records");
+    assert_one_line_error(&run(&["records-table", "Cargo.toml"]), 1, "records");
+    let empty_track = tmp("rt-empty").join("linux-c_1xH100");
+    std::fs::create_dir_all(&empty_track).unwrap();
+    assert_one_line_error(&run(&["records-table", empty_track.parent().unwrap().to_str().unwrap()]), 1, "no track");
+    let dir = tmp("prep-bad");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let out = dir.join("out");
+    assert_one_line_error(
+        &run(&["prepare", empty.to_str().unwrap(), "--out", out.to_str().unwrap()]),
+        1,
+        "no documents",
+    );
+    assert!(!out.exists(), "no output folder");
+    let texts = dir.join("texts");
+    std::fs::create_dir_all(&texts).unwrap();
+    std::fs::write(texts.join("a.txt"), "Some text.\n\nMore text, then the held-out part.\n".repeat(50)).unwrap();
+    let t = texts.to_str().unwrap();
+    assert_one_line_error(&run(&["prepare", t, "--out", t]), 1, "--out");
+    assert_eq!(logs_in(&texts).len(), 1, "nothing written among the inputs");
+}
+
 // Issue 20.8: options outside their domain are refused before anything runs.
 #[test]
 fn nonsense_option_values_are_refused() {
