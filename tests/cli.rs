@@ -796,3 +796,74 @@ fn nonsense_option_values_are_refused() {
     }
     assert!(logs_in(&dir).is_empty());
 }
+
+// No command-line input panics (the readers' property test, hundreds of inputs in-process, is
+// file_readers_never_panic_on_mangled_input in tests/unit/train.rs): seeded mangled shards, checkpoints (bytes flipped,
+// or a config field out of range), .npy files and logs through the binary itself; a dozen runs, seconds.
+#[test]
+fn mangled_input_files_never_panic_the_binary() {
+    use rand::{Rng, SeedableRng};
+    let dir = tmp("fuzz");
+    let ck = dir.join("m.safetensors");
+    let log = train(&dir, &["--steps", "1", "--save-checkpoint", ck.to_str().unwrap()]);
+    let npy = dir.join("l.npy");
+    let l: Vec<u8> = (0..16 * 16).flat_map(|i| if i % 17 == 0 { 1f32 } else { 0f32 }.to_le_bytes()).collect();
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (16, 16), }\n";
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend(header.bytes().chain(l));
+    std::fs::write(&npy, b).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut flip = |src: &Path, dst: &Path| {
+        let mut b = std::fs::read(src).unwrap();
+        (0..rng.gen_range(1..6)).for_each(|_| {
+            let i = rng.gen_range(0..b.len().min(400));
+            b[i] = if rng.gen_bool(0.5) { rng.gen() } else { b"-0123456789,:"[rng.gen_range(0..13)] };
+        });
+        b.truncate(if rng.gen_bool(0.3) { rng.gen_range(0..b.len()) } else { b.len() });
+        std::fs::write(dst, b).unwrap();
+    };
+    let logs = dir.join("logs");
+    let small: Vec<&str> = SMALL.iter().copied().chain(["--steps", "1", "--val-tokens", "64"]).collect();
+    let (fields, values) =
+        (["n_layer", "n_head", "n_embd", "seq_len", "vocab_size", "n_kv_head"], [-1i64, 0, 3, 1 << 40]);
+    for i in 0..12 {
+        let case = dir.join(format!("case{i}"));
+        std::fs::create_dir_all(&case).unwrap();
+        let c = case.to_str().unwrap().to_string();
+        let mut args: Vec<String> = match i % 4 {
+            0 => {
+                for f in ["train_000000.bin", "val_000000.bin"] {
+                    flip(&tiny_shards().join(f), &case.join(f));
+                }
+                vec!["train".into(), "--data".into(), c]
+            }
+            1 => {
+                let dst = case.join("m.safetensors");
+                match i {
+                    1 => flip(&ck, &dst),
+                    _ => rewrite_checkpoint(&ck, &dst, &|c| c[fields[i / 4]] = values[(i / 4 + 1) % 4].into(), &|_| {}),
+                }
+                vec!["sample".into(), "--checkpoint".into(), dst.display().to_string(), "--tokens".into(), "2".into()]
+            }
+            2 => {
+                flip(&npy, &case.join("l.npy"));
+                let lap = format!("file:{}", case.join("l.npy").display());
+                let data = tiny_shards().display().to_string();
+                ["train", "--data", &data, "--attn", "tau", "--laplacian", &lap].map(String::from).to_vec()
+            }
+            _ => {
+                flip(&log, &case.join("log.txt"));
+                vec!["stats".into(), case.join("log.txt").display().to_string(), log.display().to_string()]
+            }
+        };
+        if args[0] == "train" {
+            args.extend(["--log-dir", logs.to_str().unwrap()].iter().chain(&small).map(|s| s.to_string()));
+        } else if args[0] == "sample" {
+            args.extend(["--device".to_string(), "cpu".to_string()]);
+        }
+        let o = Command::new(BIN).args(&args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+        let err = text(&o.stderr);
+        assert!(o.status.code() != Some(101) && !err.contains("panicked"), "case {i}: {args:?}: {err}");
+    }
+}
