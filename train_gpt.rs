@@ -46,7 +46,11 @@ const F32_TAU_CHUNK: i64 = 256; // query rows a chunk of fp32 tau attention unde
 const FUSED_LOGIT_ROWS: i64 = 16384;
 // libtorch's rms_norm default for fp32 and bf16 alike (its fp32 opmath), which the fused kernels repeat
 const RMS_EPS: f64 = f32::EPSILON as f64;
-const PROFILE_STEPS: i64 = 3; // bench --profile: enough to see a steady step between two others
+// bench --profile: enough to see a steady step between two others
+const PROFILE_STEPS: i64 = 3;
+// Nats of val loss above its step-0 value at which a run has diverged (finite, as the logits are soft-capped): the
+// first steps at a high learning rate may rise a few tenths, a diverged run rises by many (10.8 to 24.3 at lr 1e9).
+const DIVERGED_BY: f64 = 1.0;
 const MAX_SEQ_LEN: i64 = 1 << 20; // a checkpoint's seq_len sizes its RoPE tables: bounded before they are made
 
 // --------------------------------------------------------------------------------------------------------------------
@@ -2882,16 +2886,19 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let tokens_per_step = a.batch_size * a.seq_len;
     let mut time_to_target: Option<f64> = None;
     let mut final_val = f64::NAN;
+    let mut val0: Option<f64> = None;
     // Steps are queued one ahead, as in modded-nanogpt: step s's loss is read (checked, logged) once step s+1 is
     // queued, so the GPU never waits for the host between steps. Validation syncs, and pauses the clock: train_time is
     // exact there; a step line's is when the line is written, once the next step is queued.
     let mut clock = Instant::now();
     let mut lagged: Option<(i64, Readback)> = None;
+    // what a diverged run may blame besides the learning rates
+    let suspects = if cfg.is_tau() { "check --laplacian and --tau" } else { "check the data" };
     let step_line = |log: &mut Log, s: i64, rb: Readback, ms: f64| -> Res<()> {
         let lv = rb.wait();
         if !lv.is_finite() {
             return Err(format!(
-                "step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or check the data",
+                "step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or {suspects}",
                 s + 1
             ));
         }
@@ -2912,8 +2919,17 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             sync(dev);
             train_ms += clock.elapsed().as_secs_f64() * 1e3; // the clock is paused during validation
             let vl = evaluate(&model, &data.val, a.batch_size, a.val_tokens, a.head_chunk, dist.as_ref())?;
-            if !vl.is_finite() {
-                return Err(format!("step {step}: val loss is {vl}; the run diverged, lower --lr-muon/--lr-adam"));
+            if step == 0 && !vl.is_finite() {
+                return Err(format!("step 0: val loss is {vl} before any training; {suspects}"));
+            }
+            // Logits are soft-capped, so a run can diverge with a finite loss: well above where it started, it has.
+            let v0 = *val0.get_or_insert(vl);
+            if !vl.is_finite() || vl > v0 + DIVERGED_BY {
+                let what = match vl.is_finite() {
+                    true => format!("val loss {vl:.4} is over {DIVERGED_BY} above its step-0 value {v0:.4}"),
+                    false => format!("val loss is {vl}"),
+                };
+                return Err(format!("step {step}: {what}; the run diverged, lower --lr-muon/--lr-adam or {suspects}"));
             }
             final_val = vl;
             if time_to_target.is_none() && vl <= a.target_val_loss {

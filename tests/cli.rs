@@ -867,3 +867,15 @@ fn mangled_input_files_never_panic_the_binary() {
         assert!(o.status.code() != Some(101) && !err.contains("panicked"), "case {i}: {args:?}: {err}");
     }
 }
+
+// ------------------------------------------------------------------------------------------------------------------
+// Outputs that two runs, a full disk or a crash cannot corrupt (issue 21)
+
+// Issue 21.3: a run whose val loss climbs above its step-0 value diverged, finite or not: exit 1, no log to count.
+#[test]
+fn a_diverged_run_with_finite_loss_fails() {
+    let dir = tmp("diverged");
+    let o = train_output(&dir, &["--lr-adam", "1e9"]);
+    assert_one_line_error(&o, 1, "diverged");
+    assert!(logs_in(&dir).is_empty(), "{:?}", logs_in(&dir));
+}
