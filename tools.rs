@@ -134,6 +134,18 @@ impl RunLog {
             None => self.variant(),
         }
     }
+    /// Why this log is not a whole run (None: it is): cut before its summary (a crash, a kill), or a summary of other
+    /// steps than configured.
+    pub fn not_a_whole_run(&self) -> Option<String> {
+        let Some(s) = &self.summary else {
+            return Some("no summary line: the run was cut short (a crash or a kill)".into());
+        };
+        let steps = |v: Option<&Value>| v.and_then(Value::as_i64);
+        match (steps(s.get("steps")), steps(self.config.get("steps"))) {
+            (Some(done), Some(want)) if done != want => Some(format!("its summary has {done} of {want} steps")),
+            _ => None,
+        }
+    }
     /// Log file stem, cut to a uuid's first group, to tell runs of one variant apart.
     fn short_id(&self) -> String {
         Path::new(&self.path).file_stem().map_or(String::new(), |s| s.to_string_lossy().chars().take(8).collect())
@@ -428,10 +440,10 @@ pub fn records_table(root: &Path) -> Result<String, String> {
                 .filter(|p| is_log_file(p))
                 .collect();
             files.sort();
-            if files.is_empty() {
+            let logs = whole_runs(files.iter().map(|p| parse_log(p)).collect::<Result<Vec<_>, _>>()?);
+            if logs.is_empty() {
                 continue;
             }
-            let logs = files.iter().map(|p| parse_log(p)).collect::<Result<Vec<_>, _>>()?;
             let name = rec.file_name().unwrap().to_string_lossy().to_string();
             let readme = std::fs::read_to_string(rec.join("README.md")).unwrap_or_default();
             let description =
@@ -716,7 +728,7 @@ pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
 }
 
 pub fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
-    let (a, b) = (parse_logs(logs)?, parse_logs(vs)?); // every log read before anything is printed
+    let (a, b) = (whole_runs(parse_logs(logs)?), whole_runs(parse_logs(vs)?)); // all read before anything is printed
     let mut out = stats_report(&stats(&a)?);
     if !b.is_empty() {
         out += &compare_report(&a, &b)?;
@@ -727,6 +739,18 @@ pub fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
 
 pub fn parse_logs(paths: &[PathBuf]) -> Res<Vec<RunLog>> {
     paths.iter().map(|p| parse_log(p)).collect()
+}
+
+/// The logs of whole runs, the ones that count in statistics and records; each one left out is named on stderr.
+pub fn whole_runs(logs: Vec<RunLog>) -> Vec<RunLog> {
+    let keep = |l: &RunLog| match l.not_a_whole_run() {
+        Some(why) => {
+            eprintln!("skipped {}: {why}", l.path);
+            false
+        }
+        None => true,
+    };
+    logs.into_iter().filter(keep).collect()
 }
 
 #[cfg(test)]

@@ -879,3 +879,38 @@ fn a_diverged_run_with_finite_loss_fails() {
     assert_one_line_error(&o, 1, "diverged");
     assert!(logs_in(&dir).is_empty(), "{:?}", logs_in(&dir));
 }
+
+// Issue 21.4: a log cut mid-run (a crash) or short of its configured steps is no run: stats and records-table skip it
+// and say so.
+#[test]
+fn cut_logs_are_skipped_and_named() {
+    let dir = tmp("cut");
+    let a = train(&dir, &[]);
+    let s = std::fs::read_to_string(&a).unwrap();
+    let b = dir.join("b.txt");
+    std::fs::copy(&a, &b).unwrap();
+    let cut = dir.join("cut.txt");
+    std::fs::write(&cut, &s[..s.find("step:10/20 val_loss").unwrap()]).unwrap();
+    let short = dir.join("short.txt");
+    let summary = s.lines().find(|l| l.starts_with("summary: ")).unwrap();
+    std::fs::write(&short, s.replace(summary, &summary.replace("\"steps\":20,", "\"steps\":10,"))).unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let o = run(&["stats", &p(&a), &p(&b), &p(&cut), &p(&short)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("runs: 2"), "{}", text(&o.stdout));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains(&format!("skipped {}: ", p(&cut))) && err.contains(&format!("skipped {}: ", p(&short))),
+        "{err}"
+    );
+    // a records tree: the record counts its one full run
+    let rec = dir.join("records/tiny_1xCPU/2026-01-01_Cut");
+    std::fs::create_dir_all(&rec).unwrap();
+    std::fs::copy(&a, rec.join("a.txt")).unwrap();
+    std::fs::copy(&cut, rec.join("cut.txt")).unwrap();
+    let o = run(&["records-table", &p(&dir.join("records"))]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let row = text(&o.stdout).lines().find(|l| l.contains("[Cut]")).unwrap().to_string();
+    assert_eq!(row.split(" | ").nth(4), Some("1"), "one run: {row}");
+    assert!(text(&o.stderr).contains("cut.txt: "), "{}", text(&o.stderr));
+}
