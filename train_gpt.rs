@@ -1240,16 +1240,20 @@ fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
     Ok(t)
 }
 
+// L as a .npy (v1, little-endian f32, C order), written whole (write_atomic) and never over a file.
 fn save_laplacian(path: &Path, l: &Tensor) -> Result<(), String> {
     let sz = l.size();
     if sz.len() != 2 || sz[0] != sz[1] {
         return Err(format!("save_laplacian {}: shape {sz:?} is not square; pass the F×F Laplacian", path.display()));
     }
-    l.to_device(Device::Cpu)
-        .to_kind(Kind::Float)
-        .contiguous()
-        .write_npy(path)
-        .map_err(|e| format!("save_laplacian {}: {e}; check the directory exists and is writable", path.display()))
+    let v = Vec::<f32>::try_from(l.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().flatten(0, -1)).unwrap();
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}", sz[0], sz[1]);
+    let pad = 63 - (10 + dict.len()) % 64; // numpy aligns the data to 64 bytes; the header ends in a newline
+    let header = format!("{dict}{}\n", " ".repeat(pad));
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend(header.bytes().chain(v.iter().flat_map(|x| x.to_le_bytes())));
+    write_atomic(path, &bytes, false)
 }
 
 // --laplacian chain|corpus|file:PATH → (L, stats json). The corpus build reads the head of the train split.
@@ -2860,11 +2864,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let (lap, lap_ms) = if cfg.is_tau() {
         let (l, stats) = build_laplacian(&a, cfg.head_dim(), &data, dev)?;
         log.line(&format!("laplacian: {stats}"))?;
-        let ms = stats["build_ms"].as_f64();
-        if rank == 0 {
-            save_laplacian(&log.path.with_extension("laplacian.npy"), &l)?;
-        }
-        (Some(l), ms)
+        (Some(l), stats["build_ms"].as_f64())
     } else {
         (None, None)
     };
@@ -3021,6 +3021,9 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         "tokens_per_s_per_rank": per_rank, "micro_batch": a.micro_batch,
         "laplacian_build_ms": lap_ms, "tau": cfg.is_tau().then_some(model.tau), "params": n_params});
     log.line(&format!("summary: {summary}"))?;
+    if cfg.is_tau() {
+        save_laplacian(&log.path.with_extension("laplacian.npy"), &model.lap)?; // with the log, only for a whole run
+    }
     let path = log.finish()?;
     println!("log: {}", path.display());
     Ok(())

@@ -914,3 +914,22 @@ fn cut_logs_are_skipped_and_named() {
     assert_eq!(row.split(" | ").nth(4), Some("1"), "one run: {row}");
     assert!(text(&o.stderr).contains("cut.txt: "), "{}", text(&o.stderr));
 }
+
+// Issue 21.5: a failed tau run leaves no Laplacian; a checkpoint on a full disk leaves no .partial.
+#[test]
+fn failed_runs_leave_nothing_behind() {
+    let dir = tmp("leftovers");
+    let o = train_output(&dir, &["--attn", "tau", "--laplacian", "chain", "--lr-adam", "1e30", "--lr-muon", "1e30"]);
+    assert_one_line_error(&o, 1, "diverged");
+    assert!(logs_in(&dir).is_empty(), "{:?}", logs_in(&dir));
+    let mnt = tmp("ckpt-full");
+    let ck = mnt.join("m.safetensors");
+    let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--steps", "1", "--save-checkpoint", ck.to_str().unwrap()]);
+    if let Some((o, after)) = on_full_tmpfs(&mnt, 0, &args) {
+        assert_one_line_error(&o, 1, "No space left on device");
+        assert_eq!(after, "steps=0", "no .partial checkpoint");
+    }
+    assert!(logs_in(&dir).is_empty(), "{:?}", logs_in(&dir));
+}
