@@ -68,7 +68,7 @@ enum Cmd {
     /// Train a model and write logs/<uuid>.txt (a repeated option: the last one wins)
     #[command(args_override_self = true)]
     Train(TrainArgs),
-    /// Tokenize JSON Lines ({"path","split","text"}, plain or .zst) or a folder/file of plain text into GPT-2 shards
+    /// Tokenize JSON Lines ({"path","split","text"}; plain, .zst, .gz) or a folder/file of plain text into GPT-2 shards
     Prepare(PrepareArgs),
     /// Generate text from a checkpoint written by --save-checkpoint
     Sample(SampleArgs),
@@ -264,9 +264,9 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct PrepareArgs {
-    /// A .jsonl or .jsonl.zst file, a .txt file, or a folder of .txt files
+    /// A .jsonl, .jsonl.zst or .jsonl.gz file, a .txt (.zst, .gz) file, or a folder of .txt files
     input: PathBuf,
-    /// Output folder for train_NNNNNN.bin / val_NNNNNN.bin (must not hold shards yet)
+    /// Output folder for train_NNNNNN.bin / val_NNNNNN.bin: a new or empty one (written whole, then renamed)
     #[arg(long)]
     out: PathBuf,
 }
@@ -513,18 +513,28 @@ fn read_documents(input: &Path) -> Res<Vec<(String, String)>> {
         }
         return Ok(docs);
     }
+    // what a file holds by its name: anything else (a .json array, a .csv) would be tokenized as if it were prose
+    const KINDS: [&str; 6] = [".jsonl", ".jsonl.zst", ".jsonl.gz", ".txt", ".txt.zst", ".txt.gz"];
+    if !KINDS.iter().any(|k| name.ends_with(k)) {
+        return Err(format!(
+            "{name}: not a kind of file prepare reads; pass {} (JSON Lines or plain text, plain or compressed), or \
+            a folder of .txt files",
+            KINDS.join(", ")
+        ));
+    }
     let mut raw = vec![];
     let file = fs::File::open(input).map_err(|e| format!("{name}: {e}; check the path"))?;
-    if name.ends_with(".zst") {
-        zstd::stream::read::Decoder::new(file)
-            .and_then(|mut d| d.read_to_end(&mut raw))
-            .map_err(|e| format!("{name}: zstd decode failed ({e}); the file is corrupt or not zstd"))?;
+    let read = if name.ends_with(".zst") {
+        zstd::stream::read::Decoder::new(file).and_then(|mut d| d.read_to_end(&mut raw))
+    } else if name.ends_with(".gz") {
+        flate2::read::MultiGzDecoder::new(file).read_to_end(&mut raw)
     } else {
-        std::io::BufReader::new(file).read_to_end(&mut raw).map_err(|e| format!("{name}: {e}"))?;
-    }
+        std::io::BufReader::new(file).read_to_end(&mut raw)
+    };
+    read.map_err(|e| format!("{name}: cannot read it ({e}); the file is corrupt or not what its name says"))?;
     // Non-UTF-8 bytes become U+FFFD rather than failing the whole corpus.
     let text = String::from_utf8_lossy(&raw).into_owned();
-    if name.ends_with(".jsonl") || name.ends_with(".jsonl.zst") {
+    if name.contains(".jsonl") {
         return text
             .lines()
             .enumerate()
@@ -722,12 +732,61 @@ fn shard_paths(dir: &Path, split: &str) -> Vec<PathBuf> {
     v
 }
 
-fn cmd_prepare(a: &PrepareArgs) -> Res<()> {
-    if !shard_paths(&a.out, "train").is_empty() || !shard_paths(&a.out, "val").is_empty() {
-        return Err(format!("{}: already holds shards; remove them or pass another --out", a.out.display()));
+// One prepare at a time writes an --out: a lock file beside it holds the writer's pid (the lock of a writer that died
+// is taken over) and goes when the prepare ends, however it ends.
+struct OutLock(PathBuf);
+
+impl OutLock {
+    fn take(out: &Path) -> Res<OutLock> {
+        let name = out.file_name().map_or("out".into(), |n| n.to_string_lossy().to_string());
+        let path = out.with_file_name(format!(".{name}.prepare-lock"));
+        for _ in 0..2 {
+            match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    let _ = write!(f, "{}", std::process::id());
+                    return Ok(OutLock(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // an empty lock is one being written: its writer is alive
+                    let pid = fs::read_to_string(&path).unwrap_or_default();
+                    let pid = pid.trim();
+                    if pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists() {
+                        return Err(format!(
+                            "--out {}: another prepare (pid {pid}) is writing it; wait for it to end",
+                            out.display()
+                        ));
+                    }
+                    let _ = fs::remove_file(&path);
+                }
+                Err(e) => return Err(format!("--out {}", io_error(&path, "create a lock file", &e))),
+            }
+        }
+        Err(format!("--out {}: its lock file {} keeps coming back; remove it", out.display(), path.display()))
     }
-    if fs::canonicalize(&a.out).is_ok_and(|o| fs::canonicalize(&a.input).is_ok_and(|i| i == o)) {
-        return Err(format!("--out {}: is the input; pass another folder for the shards", a.out.display()));
+}
+
+impl Drop for OutLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+// Shards are written into a folder of their own beside --out, then renamed to it: whole or nothing, also on a full
+// disk, and never among other files.
+fn cmd_prepare(a: &PrepareArgs) -> Res<()> {
+    let (out, o) = (&a.out, a.out.display());
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| format!("--out {o}: {}", io_error(parent, "make this folder", &e)))?;
+    let _lock = OutLock::take(out)?;
+    // checked under the lock: a prepare that ended meanwhile has left its shards
+    if !shard_paths(out, "train").is_empty() || !shard_paths(out, "val").is_empty() {
+        return Err(format!("{o}: already holds shards; remove them or pass another --out"));
+    }
+    if fs::canonicalize(out).is_ok_and(|c| fs::canonicalize(&a.input).is_ok_and(|i| i == c)) {
+        return Err(format!("--out {o}: is the input; pass another folder for the shards"));
+    }
+    if out.exists() && fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+        return Err(format!("--out {o}: not an empty folder; pass a new or empty folder for the shards"));
     }
     let t0 = Instant::now();
     let docs = read_documents(&a.input)?;
@@ -744,21 +803,26 @@ fn cmd_prepare(a: &PrepareArgs) -> Res<()> {
             ));
         }
     }
-    fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
-    for split in ["train", "val"] {
-        let texts: Vec<&str> = docs.iter().filter(|(s, _)| s == split).map(|(_, t)| t.as_str()).collect();
-        let tokens = tokenize(&texts);
-        for (i, chunk) in tokens.chunks(SHARD_MAX_TOKENS).enumerate() {
-            write_shard(&a.out.join(format!("{split}_{i:06}.bin")), chunk)?;
+    let tmp = temp_beside(out);
+    let written = (|| -> Res<Vec<String>> {
+        fs::create_dir(&tmp).map_err(|e| format!("--out {o}: {}", io_error(&tmp, "make this folder", &e)))?;
+        let mut report = vec![];
+        for split in ["train", "val"] {
+            let texts: Vec<&str> = docs.iter().filter(|(s, _)| s == split).map(|(_, t)| t.as_str()).collect();
+            let tokens = tokenize(&texts);
+            for (i, chunk) in tokens.chunks(SHARD_MAX_TOKENS).enumerate() {
+                write_shard(&tmp.join(format!("{split}_{i:06}.bin")), chunk)?;
+            }
+            report.push(format!("{split}: {} documents, {} tokens", texts.len(), tokens.len()));
         }
-        println!("{split}: {} documents, {} tokens", texts.len(), tokens.len());
+        fs::rename(&tmp, out).map_err(|e| format!("--out {}", io_error(out, "move the shards in", &e)))?;
+        Ok(report)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
     }
-    println!(
-        "prepared {} in {:.1}s with {} threads",
-        a.out.display(),
-        t0.elapsed().as_secs_f64(),
-        rayon::current_num_threads()
-    );
+    written?.iter().for_each(|l| println!("{l}"));
+    println!("prepared {o} in {:.1}s with {} threads", t0.elapsed().as_secs_f64(), rayon::current_num_threads());
     Ok(())
 }
 

@@ -915,6 +915,61 @@ fn cut_logs_are_skipped_and_named() {
     assert!(text(&o.stderr).contains("cut.txt: "), "{}", text(&o.stderr));
 }
 
+// Issue 21.1: two prepare runs into one --out: one is refused, the shards are one corpus.
+#[test]
+fn two_prepares_into_one_out_one_refused() {
+    let out = tmp("prep-race").join("out");
+    let spawn = || Command::new(BIN).args(["prepare", "data/tiny", "--out", out.to_str().unwrap()]).output();
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| spawn().unwrap());
+        let y = s.spawn(|| spawn().unwrap());
+        (x.join().unwrap(), y.join().unwrap())
+    });
+    let ok = [&x, &y].iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "exactly one prepare wins: {} / {}", text(&x.stderr), text(&y.stderr));
+    let failed = if x.status.success() { &y } else { &x };
+    assert_eq!(text(&failed.stderr).trim_end().lines().count(), 1, "{}", text(&failed.stderr));
+    let names: Vec<String> = logs_in(&out).iter().map(|p| p.file_name().unwrap().to_string_lossy().into()).collect();
+    assert_eq!(names.len(), 2, "train and val shards only: {names:?}");
+}
+
+// Issue 21.2 and 21.5: prepare on a full disk leaves nothing; a corpus without val documents and unknown kinds of
+// file are refused; .jsonl.gz is read as JSON Lines.
+#[test]
+fn prepare_is_whole_or_nothing() {
+    let mnt = tmp("prep-full");
+    let out = mnt.join("out");
+    if let Some((o, after)) =
+        on_full_tmpfs(&mnt, 2 * 1024 * 1024 - 64 * 1024, &["prepare", "data/tiny", "--out", out.to_str().unwrap()])
+    {
+        assert_one_line_error(&o, 1, "No space left on device");
+        assert_eq!(after, "steps=0", "nothing left");
+    }
+    let dir = tmp("prep-kinds");
+    let docs = |split: &str| {
+        (0..20).map(|i| format!("{{\"path\":\"{i}\",\"split\":\"{split}\",\"text\":\"doc {i} text\"}}\n")).collect()
+    };
+    let train_only: String = docs("train");
+    std::fs::write(dir.join("t.jsonl"), &train_only).unwrap();
+    let prep = |input: &str, out: &str| {
+        run(&["prepare", dir.join(input).to_str().unwrap(), "--out", dir.join(out).to_str().unwrap()])
+    };
+    assert_one_line_error(&prep("t.jsonl", "t"), 1, "no val documents");
+    std::fs::write(dir.join("c.json"), "[1, 2]").unwrap();
+    assert_one_line_error(&prep("c.json", "c"), 1, ".jsonl");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, (train_only + &docs("val")).as_bytes()).unwrap();
+    std::fs::write(dir.join("g.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    let o = prep("g.jsonl.gz", "g");
+    assert!(
+        o.status.success() && text(&o.stdout).contains("val: 20 documents"),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert!(!dir.join("t").exists() && !dir.join("c").exists(), "refused runs leave no folder");
+}
+
 // Issue 21.5: a failed tau run leaves no Laplacian; a checkpoint on a full disk leaves no .partial.
 #[test]
 fn failed_runs_leave_nothing_behind() {
