@@ -555,7 +555,7 @@ pub fn plot_svg(logs: &[RunLog], out: &Path) -> Result<(), String> {
     check_output(out, "--out", true)?;
     let mut svg = String::new();
     draw(logs, &mut svg).map_err(|e| format!("{}: {e}", out.display()))?;
-    write_atomic(out, svg.as_bytes(), true)
+    write_atomic(out, svg.as_bytes(), Existing::Replace).map(|_| ())
 }
 
 type XOf = fn(&(u64, f64, f64)) -> f64;
@@ -722,7 +722,7 @@ pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
         }
     }
     if let Some(out) = &a.out {
-        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes(), true)?;
+        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes(), Existing::Replace)?;
     }
     Ok(())
 }

@@ -596,7 +596,7 @@ fn write_shard(path: &Path, tokens: &[u16]) -> Res<()> {
     let mut bytes = Vec::with_capacity(HEADER_INTS * 4 + tokens.len() * 2);
     header.iter().for_each(|h| bytes.extend_from_slice(&h.to_le_bytes()));
     tokens.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
-    write_atomic(path, &bytes, false)
+    write_atomic(path, &bytes, Existing::Refuse).map(|_| ())
 }
 
 // An I/O failure on `path` as one line, with advice that fits its cause.
@@ -636,17 +636,30 @@ fn publish(tmp: &Path, path: &Path, replace: bool) -> std::io::Result<()> {
     }
 }
 
+// What write_atomic does where a file already holds the name.
+#[derive(Clone, Copy)]
+enum Existing<'a> {
+    Replace,
+    Refuse,
+    Beside(&'a Path), // this name instead (a checkpoint whose name another run took meanwhile)
+}
+
 // Every output file is written here, whole or not at all: into a temporary of its own, synced, then published (see
 // `publish`). A crash, a full disk or a second run never leaves a half-written or mixed file at `path`, and a failure
-// leaves nothing.
-fn write_atomic(path: &Path, bytes: &[u8], replace: bool) -> Res<()> {
+// leaves nothing. Returns where the bytes went.
+fn write_atomic(path: &Path, bytes: &[u8], existing: Existing) -> Res<PathBuf> {
     let tmp = temp_beside(path);
     let res = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&tmp)
         .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| publish(&tmp, path, replace));
+        .and_then(|_| match (publish(&tmp, path, matches!(existing, Existing::Replace)), existing) {
+            (Err(e), Existing::Beside(other)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                publish(&tmp, other, false).map(|_| other.to_path_buf())
+            }
+            (r, _) => r.map(|_| path.to_path_buf()),
+        });
     res.map_err(|e| {
         let _ = fs::remove_file(&tmp);
         io_error(path, "write", &e)
@@ -1317,7 +1330,7 @@ fn save_laplacian(path: &Path, l: &Tensor) -> Result<(), String> {
     let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
     bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
     bytes.extend(header.bytes().chain(v.iter().flat_map(|x| x.to_le_bytes())));
-    write_atomic(path, &bytes, false)
+    write_atomic(path, &bytes, Existing::Refuse).map(|_| ())
 }
 
 // --laplacian chain|corpus|file:PATH → (L, stats json). The corpus build reads the head of the train split.
@@ -3057,15 +3070,11 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     if let Some(path) = &a.save_checkpoint {
         // the name was free at the start (check_output); if another run took it since, these weights go beside it,
         // named after this run's log
-        let to = match !a.overwrite && path.exists() {
-            true => {
-                let (stem, ext) = (path.file_stem().unwrap_or_default(), path.extension().unwrap_or_default());
-                let id = log.path.file_stem().unwrap_or_default().to_string_lossy().to_string();
-                path.with_file_name(format!("{}.{id}.{}", stem.to_string_lossy(), ext.to_string_lossy()))
-            }
-            false => path.clone(),
-        };
-        let sha = save_checkpoint(&model, &to, a.overwrite)?;
+        let (stem, ext) = (path.file_stem().unwrap_or_default(), path.extension().unwrap_or_default());
+        let id = log.path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+        let beside = path.with_file_name(format!("{}.{id}.{}", stem.to_string_lossy(), ext.to_string_lossy()));
+        let existing = if a.overwrite { Existing::Replace } else { Existing::Beside(&beside) };
+        let (to, sha) = save_checkpoint(&model, path, existing)?;
         log.line(&format!("checkpoint: {} sha256:{sha}", to.display()))?;
     }
     let mfu = gpu.is_some().then(|| mfu(&model, tokens_per_s / world_size as f64));
@@ -3193,7 +3202,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         rows.push(row);
     }
     if let (Some(out), 0) = (&b.out, rank) {
-        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes(), true)?;
+        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes(), Existing::Replace)?;
     }
     Ok(())
 }
@@ -3201,9 +3210,8 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
 // --------------------------------------------------------------------------------------------------------------------
 // Checkpoints (safetensors: names in the README, config in the metadata) and sampling
 
-// Writes the weights whole or not at all (over a file only when `replace`); returns their sha256, which the log
-// records.
-fn save_checkpoint(m: &Model, path: &Path, replace: bool) -> Res<String> {
+// Writes the weights whole or not at all; returns where they went and their sha256, which the log records.
+fn save_checkpoint(m: &Model, path: &Path, existing: Existing) -> Res<(PathBuf, String)> {
     let mut named: Vec<(String, Tensor)> =
         m.params.iter().map(|(n, p)| (n.clone(), p.detach().to(Device::Cpu).contiguous())).collect();
     if m.cfg.is_tau() {
@@ -3233,8 +3241,8 @@ fn save_checkpoint(m: &Model, path: &Path, replace: bool) -> Res<String> {
     let meta = std::collections::HashMap::from([("config".to_string(), serde_json::to_string(&m.cfg).unwrap())]);
     let bytes = safetensors::tensor::serialize(views, &Some(meta))
         .map_err(|e| format!("{}: cannot serialize the checkpoint ({e:?})", path.display()))?;
-    write_atomic(path, &bytes, replace)?;
-    Ok(format!("{:x}", Sha256::digest(&bytes)))
+    let to = write_atomic(path, &bytes, existing)?;
+    Ok((to, format!("{:x}", Sha256::digest(&bytes))))
 }
 
 fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {

@@ -915,6 +915,37 @@ fn cut_logs_are_skipped_and_named() {
     assert!(text(&o.stderr).contains("cut.txt: "), "{}", text(&o.stderr));
 }
 
+// Issue 21.1: two runs saving to one --save-checkpoint path at once: the file holds exactly one run's weights, and
+// that run's log says so (its sha256); the other run's weights go beside it, under its own log's word.
+#[test]
+fn two_runs_saving_one_checkpoint_do_not_mix() {
+    use sha2::Digest;
+    let dir = tmp("race");
+    let ck = dir.join("m.safetensors");
+    let spawn = |seed: &str| {
+        let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(SMALL);
+        args.extend_from_slice(&["--steps", "4", "--seed", seed, "--save-checkpoint", ck.to_str().unwrap()]);
+        Command::new(BIN).args(&args).current_dir(env!("CARGO_MANIFEST_DIR")).output()
+    };
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| spawn("1").unwrap());
+        let y = s.spawn(|| spawn("2").unwrap());
+        (x.join().unwrap(), y.join().unwrap())
+    });
+    let mut saved = vec![];
+    for o in [&x, &y] {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let line = text(&o.stdout).lines().find_map(|l| l.strip_prefix("checkpoint: ").map(str::to_string)).unwrap();
+        let (path, sha) = line.split_once(" sha256:").expect("the log names the checkpoint and its sha256");
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(format!("{:x}", sha2::Sha256::digest(&bytes)), sha, "{path} holds this run's weights");
+        saved.push(path.to_string());
+    }
+    assert!(saved.contains(&ck.to_str().unwrap().to_string()) && saved[0] != saved[1], "{saved:?}");
+    assert!(!logs_in(&dir).iter().any(|p| p.to_string_lossy().ends_with(".partial")), "{:?}", logs_in(&dir));
+}
+
 // Issue 21.1: two prepare runs into one --out: one is refused, the shards are one corpus.
 #[test]
 fn two_prepares_into_one_out_one_refused() {

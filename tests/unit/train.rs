@@ -586,7 +586,7 @@ fn checkpoint_round_trip() {
     for (attn, kv) in VARIANTS {
         let m = small_kv(attn, 512, kv);
         let p = tmp(&format!("{attn}-{kv}.safetensors"));
-        save_checkpoint(&m, &p, true).unwrap();
+        save_checkpoint(&m, &p, Existing::Replace).unwrap();
         let back = load_checkpoint(&p, Device::Cpu).unwrap();
         assert_eq!(back.cfg, m.cfg);
         let idx = Tensor::randint(512, [1, 16], (Kind::Int64, Device::Cpu));
@@ -1405,7 +1405,7 @@ fn file_readers_never_panic_on_mangled_input() {
     let shard = tmp("fuzz-base.bin");
     write_shard(&shard, &(0..300u16).collect::<Vec<_>>()).unwrap();
     let ck = tmp("fuzz-base.safetensors");
-    save_checkpoint(&small("tau", 512), &ck, true).unwrap();
+    save_checkpoint(&small("tau", 512), &ck, Existing::Replace).unwrap();
     let npy = tmp("fuzz-base.npy");
     save_laplacian(&npy, &chain_laplacian(16)).unwrap();
     let log = tmp("fuzz-base.txt");
