@@ -534,7 +534,7 @@ fn read_documents(input: &Path) -> Res<Vec<(String, String)>> {
     read.map_err(|e| format!("{name}: cannot read it ({e}); the file is corrupt or not what its name says"))?;
     // Non-UTF-8 bytes become U+FFFD rather than failing the whole corpus.
     let text = String::from_utf8_lossy(&raw).into_owned();
-    if name.contains(".jsonl") {
+    if KINDS[..3].iter().any(|k| name.ends_with(k)) {
         return text
             .lines()
             .enumerate()
@@ -698,7 +698,10 @@ fn check_output_dir(dir: &Path, flag: &str) -> Res<()> {
 
 fn read_shard(path: &Path) -> Res<Vec<u16>> {
     let p = path.display();
-    let bytes = fs::read(path).map_err(|e| format!("{p}: {e}; run `train_gpt prepare` to make the shards"))?;
+    let bytes = fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{p}: {e}; run `train_gpt prepare` to make the shards"),
+        _ => io_error(path, "read this shard", &e),
+    })?;
     if bytes.len() < HEADER_INTS * 4 {
         return Err(format!(
             "{p}: {} bytes, shorter than the 1024-byte header; the shard is corrupt, re-run `train_gpt prepare`",
@@ -846,6 +849,12 @@ struct Data {
 }
 
 fn load_data(dir: &Path, vocab: i64) -> Res<Data> {
+    if !dir.is_dir() {
+        return Err(format!(
+            "--data {}: no such folder; pass a folder of shards, made by `train_gpt prepare <corpus> --out DIR`",
+            dir.display()
+        ));
+    }
     let mut hash = Sha256::new();
     let mut shards = vec![];
     let mut load = |split: &str| -> Res<Vec<u16>> {

@@ -1019,3 +1019,32 @@ fn failed_runs_leave_nothing_behind() {
     }
     assert!(logs_in(&dir).is_empty(), "{:?}", logs_in(&dir));
 }
+
+// Issue 21.6: error messages give advice that fits.
+#[test]
+fn error_messages_fit_their_cause() {
+    let dir = tmp("advice");
+    let o = train_output(&dir, &["--seq-len", "1"]);
+    assert_one_line_error(&o, 1, "--seq-len must be ≥ 2");
+    let o = run(&["train", "--data", "/nonexistent/shards", "--log-dir", dir.to_str().unwrap(), "--device", "cpu"]);
+    assert_one_line_error(&o, 1, "no such folder");
+    // a shard that cannot be read is not a missing one
+    let odd = tmp("advice-shards");
+    std::fs::create_dir_all(odd.join("train_000000.bin")).unwrap();
+    std::fs::copy(tiny_shards().join("val_000000.bin"), odd.join("val_000000.bin")).unwrap();
+    let o = run(&["train", "--data", odd.to_str().unwrap(), "--log-dir", dir.to_str().unwrap(), "--device", "cpu"]);
+    assert_one_line_error(&o, 1, "train_000000.bin");
+    assert!(!text(&o.stderr).contains("prepare"), "{}", text(&o.stderr));
+    let o = run(&["prepare", "data/tiny", "--out", "Cargo.toml/shards"]);
+    assert_one_line_error(&o, 1, "--out");
+    // a tau run that fails before any step is not the learning rates' fault
+    let lap = dir.join("nan.npy");
+    let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': (16, 16), }}");
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend(header.bytes().chain((0..256).flat_map(|_| 3e38f32.to_le_bytes()))); // xᵀLx overflows f32
+    std::fs::write(&lap, b).unwrap();
+    let o = train_output(&dir, &["--attn", "tau", "--laplacian", &format!("file:{}", lap.display())]);
+    let err = text(&o.stderr);
+    assert!(o.status.code() == Some(1) && !err.contains("--lr-") && err.contains("check --laplacian"), "{err}");
+}
