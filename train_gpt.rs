@@ -768,8 +768,10 @@ impl OutLock {
                     let pid = pid.trim();
                     if pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists() {
                         return Err(format!(
-                            "--out {}: another prepare (pid {pid}) is writing it; wait for it to end",
-                            out.display()
+                            "--out {}: another prepare (pid {pid}) is writing it; wait for it to end (or, if none \
+                            runs, remove {})",
+                            out.display(),
+                            path.display()
                         ));
                     }
                     let _ = fs::remove_file(&path);
