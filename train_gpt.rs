@@ -984,14 +984,19 @@ struct LapStats {
     lambda_max: f64,
     connected: bool,
     n_components: i64,
+    warning: Option<String>, // the graph and the spectrum disagree: probably no graph Laplacian (logged, not stderr)
 }
 
 impl LapStats {
     fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({ "build_ms": self.build_ms, "nnz": self.nnz, "deg_min": self.deg_min,
+        let mut j = serde_json::json!({ "build_ms": self.build_ms, "nnz": self.nnz, "deg_min": self.deg_min,
             "deg_max": self.deg_max,
             "lambda2": self.lambda2, "lambda_max": self.lambda_max, "connected": self.connected,
-            "n_components": self.n_components })
+            "n_components": self.n_components });
+        if let Some(w) = &self.warning {
+            j["warning"] = json!(w);
+        }
+        j
     }
 }
 
@@ -1204,12 +1209,13 @@ fn laplacian_stats(l: &Tensor, build_ms: f64) -> LapStats {
     }
     let lambda2 = eig.get(1).copied().unwrap_or(0.0);
     let connected = n_components == 1;
-    if connected != (lambda2 > LAP_CONNECTED_TOL) {
-        eprintln!(
-            "laplacian_stats: BFS says {n_components} component(s) but λ2={lambda2:.3e}; L is probably not a \
-            graph Laplacian (rows should sum to 0, off-diagonals ≤ 0)"
-        );
-    }
+    // on stderr this would be a second line before a run's one-line error; the log's laplacian: line carries it
+    let warning = (connected != (lambda2 > LAP_CONNECTED_TOL)).then(|| {
+        format!(
+            "BFS says {n_components} component(s) but λ2={lambda2:.3e}; L is probably not a graph Laplacian (rows \
+            should sum to 0, off-diagonals ≤ 0)"
+        )
+    });
     LapStats {
         build_ms,
         nnz: v.iter().filter(|&&x| x != 0.0).count() as i64,
@@ -1219,6 +1225,7 @@ fn laplacian_stats(l: &Tensor, build_ms: f64) -> LapStats {
         lambda_max: eig.last().copied().unwrap_or(0.0),
         connected,
         n_components,
+        warning,
     }
 }
 

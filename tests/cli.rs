@@ -1045,6 +1045,7 @@ fn error_messages_fit_their_cause() {
     b.extend(header.bytes().chain((0..256).flat_map(|_| 3e38f32.to_le_bytes()))); // xᵀLx overflows f32
     std::fs::write(&lap, b).unwrap();
     let o = train_output(&dir, &["--attn", "tau", "--laplacian", &format!("file:{}", lap.display())]);
-    let err = text(&o.stderr);
-    assert!(o.status.code() == Some(1) && !err.contains("--lr-") && err.contains("check --laplacian"), "{err}");
+    assert_one_line_error(&o, 1, "check --laplacian");
+    assert!(!text(&o.stderr).contains("--lr-"), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("\"warning\":\"BFS says"), "the log says L is no graph Laplacian");
 }
