@@ -134,6 +134,18 @@ impl RunLog {
             None => self.variant(),
         }
     }
+    /// Why this log is not a whole run (None: it is): cut before its summary (a crash, a kill), or a summary of other
+    /// steps than configured.
+    pub fn not_a_whole_run(&self) -> Option<String> {
+        let Some(s) = &self.summary else {
+            return Some("no summary line: the run was cut short (a crash or a kill)".into());
+        };
+        let steps = |v: Option<&Value>| v.and_then(Value::as_i64);
+        match (steps(s.get("steps")), steps(self.config.get("steps"))) {
+            (Some(done), Some(want)) if done != want => Some(format!("its summary has {done} of {want} steps")),
+            _ => None,
+        }
+    }
     /// Log file stem, cut to a uuid's first group, to tell runs of one variant apart.
     fn short_id(&self) -> String {
         Path::new(&self.path).file_stem().map_or(String::new(), |s| s.to_string_lossy().chars().take(8).collect())
@@ -428,10 +440,10 @@ pub fn records_table(root: &Path) -> Result<String, String> {
                 .filter(|p| is_log_file(p))
                 .collect();
             files.sort();
-            if files.is_empty() {
+            let logs = whole_runs(files.iter().map(|p| parse_log(p)).collect::<Result<Vec<_>, _>>()?);
+            if logs.is_empty() {
                 continue;
             }
-            let logs = files.iter().map(|p| parse_log(p)).collect::<Result<Vec<_>, _>>()?;
             let name = rec.file_name().unwrap().to_string_lossy().to_string();
             let readme = std::fs::read_to_string(rec.join("README.md")).unwrap_or_default();
             let description =
@@ -439,10 +451,13 @@ pub fn records_table(root: &Path) -> Result<String, String> {
             let rel = rec.strip_prefix(root.parent().unwrap_or(Path::new(""))).unwrap_or(&rec).display().to_string();
             recs.push(Record { track: tname.clone(), name, rel, logs, description });
         }
+        if recs.is_empty() {
+            continue; // a track folder with no record in it yet
+        }
         // current = the best clock per variant: reached the target first, then less time; ties go to the newer record
-        let key = |r: &Record| {
-            let (reached, t) = r.time_s();
-            (!reached, t)
+        let clock = |a: &Record, b: &Record| {
+            let ((ra, ta), (rb, tb)) = (a.time_s(), b.time_s());
+            rb.cmp(&ra).then(ta.total_cmp(&tb)) // a total order, NaN times too
         };
         let mut labels: Vec<String> = recs.iter().map(|r| r.logs[0].label()).collect();
         labels.sort();
@@ -452,13 +467,13 @@ pub fn records_table(root: &Path) -> Result<String, String> {
             let best = recs
                 .iter()
                 .filter(|r| &r.logs[0].label() == l)
-                .min_by(|a, b| key(a).partial_cmp(&key(b)).unwrap().then(b.name.cmp(&a.name)))
+                .min_by(|a, b| clock(a, b).then(b.name.cmp(&a.name)))
                 .unwrap();
             current.push(best.name.clone());
         }
         let (mut now, mut before): (Vec<&Record>, Vec<&Record>) = recs.iter().partition(|r| current.contains(&r.name));
-        now.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap());
-        before.sort_by(|a, b| a.logs[0].label().cmp(&b.logs[0].label()).then(key(b).partial_cmp(&key(a)).unwrap()));
+        now.sort_by(|a, b| clock(a, b));
+        before.sort_by(|a, b| a.logs[0].label().cmp(&b.logs[0].label()).then(clock(b, a)));
         out += &format!("**{}**: current records\n\n{HEAD}", now[0].track);
         now.iter().for_each(|r| out += &r.row());
         if !before.is_empty() {
@@ -535,17 +550,12 @@ pub fn diff_report(a: &RunLog, b: &RunLog) -> String {
     o
 }
 
-/// Renders into memory first and writes through a temp file + rename, so a failure leaves no partial SVG.
+/// Renders into memory first, then writes whole (write_atomic), so a failure leaves no partial SVG.
 pub fn plot_svg(logs: &[RunLog], out: &Path) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", out.display());
+    check_output(out, "--out", true)?;
     let mut svg = String::new();
-    draw(logs, &mut svg).map_err(|e| err(&e))?;
-    let name = out.file_name().ok_or_else(|| err(&"not a file path"))?.to_string_lossy();
-    let tmp = out.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, &svg).and_then(|_| std::fs::rename(&tmp, out)).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        err(&e)
-    })
+    draw(logs, &mut svg).map_err(|e| format!("{}: {e}", out.display()))?;
+    write_atomic(out, svg.as_bytes(), Existing::Replace).map(|_| ())
 }
 
 type XOf = fn(&(u64, f64, f64)) -> f64;
@@ -655,6 +665,9 @@ pub fn decode_timed(m: &Model, prompt: &Tensor, g: i64) -> (f64, Vec<f64>, i64, 
 }
 
 pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
+    if let Some(out) = &a.out {
+        check_output(out, "--out", true)?;
+    }
     let dev = pick_device(&a.device)?;
     let mut models = a.checkpoint.iter().map(|p| load_checkpoint(p, dev)).collect::<Res<Vec<_>>>()?;
     for m in models.iter_mut() {
@@ -709,13 +722,13 @@ pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
         }
     }
     if let Some(out) = &a.out {
-        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes())?;
+        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes(), Existing::Replace)?;
     }
     Ok(())
 }
 
 pub fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
-    let (a, b) = (parse_logs(logs)?, parse_logs(vs)?); // every log read before anything is printed
+    let (a, b) = (whole_runs(parse_logs(logs)?), whole_runs(parse_logs(vs)?)); // all read before anything is printed
     let mut out = stats_report(&stats(&a)?);
     if !b.is_empty() {
         out += &compare_report(&a, &b)?;
@@ -726,6 +739,18 @@ pub fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
 
 pub fn parse_logs(paths: &[PathBuf]) -> Res<Vec<RunLog>> {
     paths.iter().map(|p| parse_log(p)).collect()
+}
+
+/// The logs of whole runs, the ones that count in statistics and records; each one left out is named on stderr.
+pub fn whole_runs(logs: Vec<RunLog>) -> Vec<RunLog> {
+    let keep = |l: &RunLog| match l.not_a_whole_run() {
+        Some(why) => {
+            eprintln!("skipped {}: {why}", l.path);
+            false
+        }
+        None => true,
+    };
+    logs.into_iter().filter(keep).collect()
 }
 
 #[cfg(test)]

@@ -46,7 +46,12 @@ const F32_TAU_CHUNK: i64 = 256; // query rows a chunk of fp32 tau attention unde
 const FUSED_LOGIT_ROWS: i64 = 16384;
 // libtorch's rms_norm default for fp32 and bf16 alike (its fp32 opmath), which the fused kernels repeat
 const RMS_EPS: f64 = f32::EPSILON as f64;
-const PROFILE_STEPS: i64 = 3; // bench --profile: enough to see a steady step between two others
+// bench --profile: enough to see a steady step between two others
+const PROFILE_STEPS: i64 = 3;
+// Nats of val loss above its step-0 value at which a run has diverged (finite, as the logits are soft-capped): the
+// first steps at a high learning rate may rise a few tenths, a diverged run rises by many (10.8 to 24.3 at lr 1e9).
+const DIVERGED_BY: f64 = 1.0;
+const MAX_SEQ_LEN: i64 = 1 << 20; // a checkpoint's seq_len sizes its RoPE tables: bounded before they are made
 
 // --------------------------------------------------------------------------------------------------------------------
 // Set-up: command line, presets, devices
@@ -63,7 +68,7 @@ enum Cmd {
     /// Train a model and write logs/<uuid>.txt (a repeated option: the last one wins)
     #[command(args_override_self = true)]
     Train(TrainArgs),
-    /// Tokenize JSON Lines ({"path","split","text"}, plain or .zst) or a folder/file of plain text into GPT-2 shards
+    /// Tokenize JSON Lines ({"path","split","text"}; plain, .zst, .gz) or a folder/file of plain text into GPT-2 shards
     Prepare(PrepareArgs),
     /// Generate text from a checkpoint written by --save-checkpoint
     Sample(SampleArgs),
@@ -243,9 +248,13 @@ struct TrainArgs {
     /// --kernels fused a fixed chunk that bounds the bf16 logits)
     #[arg(long, default_value_t = 0)]
     head_chunk: i64,
-    /// Write the final weights as safetensors (names in the README)
+    /// Write the final weights as safetensors (names in the README); never over a file unless --overwrite
     #[arg(long)]
     save_checkpoint: Option<PathBuf>,
+    /// Let --save-checkpoint replace the file it names
+    #[arg(long)]
+    #[serde(skip)]
+    overwrite: bool,
     /// Tokens of a sample (temperature 0.8, top-k 50) printed and logged at the end (0: none)
     #[arg(long, default_value_t = 0)]
     sample_tokens: i64,
@@ -255,9 +264,9 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct PrepareArgs {
-    /// A .jsonl or .jsonl.zst file, a .txt file, or a folder of .txt files
+    /// A .jsonl, .jsonl.zst or .jsonl.gz file, a .txt (.zst, .gz) file, or a folder of .txt files
     input: PathBuf,
-    /// Output folder for train_NNNNNN.bin / val_NNNNNN.bin (must not hold shards yet)
+    /// Output folder for train_NNNNNN.bin / val_NNNNNN.bin: a new or empty one (written whole, then renamed)
     #[arg(long)]
     out: PathBuf,
 }
@@ -504,18 +513,28 @@ fn read_documents(input: &Path) -> Res<Vec<(String, String)>> {
         }
         return Ok(docs);
     }
+    // what a file holds by its name: anything else (a .json array, a .csv) would be tokenized as if it were prose
+    const KINDS: [&str; 6] = [".jsonl", ".jsonl.zst", ".jsonl.gz", ".txt", ".txt.zst", ".txt.gz"];
+    if !KINDS.iter().any(|k| name.ends_with(k)) {
+        return Err(format!(
+            "{name}: not a kind of file prepare reads; pass {} (JSON Lines or plain text, plain or compressed), or \
+            a folder of .txt files",
+            KINDS.join(", ")
+        ));
+    }
     let mut raw = vec![];
     let file = fs::File::open(input).map_err(|e| format!("{name}: {e}; check the path"))?;
-    if name.ends_with(".zst") {
-        zstd::stream::read::Decoder::new(file)
-            .and_then(|mut d| d.read_to_end(&mut raw))
-            .map_err(|e| format!("{name}: zstd decode failed ({e}); the file is corrupt or not zstd"))?;
+    let read = if name.ends_with(".zst") {
+        zstd::stream::read::Decoder::new(file).and_then(|mut d| d.read_to_end(&mut raw))
+    } else if name.ends_with(".gz") {
+        flate2::read::MultiGzDecoder::new(file).read_to_end(&mut raw)
     } else {
-        std::io::BufReader::new(file).read_to_end(&mut raw).map_err(|e| format!("{name}: {e}"))?;
-    }
+        std::io::BufReader::new(file).read_to_end(&mut raw)
+    };
+    read.map_err(|e| format!("{name}: cannot read it ({e}); the file is corrupt or not what its name says"))?;
     // Non-UTF-8 bytes become U+FFFD rather than failing the whole corpus.
     let text = String::from_utf8_lossy(&raw).into_owned();
-    if name.ends_with(".jsonl") || name.ends_with(".jsonl.zst") {
+    if KINDS[..3].iter().any(|k| name.ends_with(k)) {
         return text
             .lines()
             .enumerate()
@@ -577,21 +596,112 @@ fn write_shard(path: &Path, tokens: &[u16]) -> Res<()> {
     let mut bytes = Vec::with_capacity(HEADER_INTS * 4 + tokens.len() * 2);
     header.iter().for_each(|h| bytes.extend_from_slice(&h.to_le_bytes()));
     tokens.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
-    write_atomic(path, &bytes)
+    write_atomic(path, &bytes, Existing::Refuse).map(|_| ())
 }
 
-// Write to a temporary beside the target, then rename: a crash never leaves a half-written file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Res<()> {
-    let tmp = path.with_extension("partial");
-    fs::write(&tmp, bytes).and_then(|_| fs::rename(&tmp, path)).map_err(|e| {
+// An I/O failure on `path` as one line, with advice that fits its cause.
+fn io_error(path: &Path, doing: &str, e: &std::io::Error) -> String {
+    let fix = match (e.kind(), e.raw_os_error()) {
+        (_, Some(libc::ENOSPC | libc::EDQUOT)) => "free some space or write elsewhere",
+        (std::io::ErrorKind::PermissionDenied, _) => "check its permissions",
+        (std::io::ErrorKind::NotFound, _) => "check that its folder exists",
+        (std::io::ErrorKind::AlreadyExists, _) => "another process wrote it meanwhile; pass another path",
+        _ => "check the path",
+    };
+    format!("{}: cannot {doing} ({e}); {fix}", path.display())
+}
+
+// A temporary beside `path` that no other process names (pid and a random part): two runs never share one.
+fn temp_beside(path: &Path) -> PathBuf {
+    let name = path.file_name().map_or("out".into(), |n| n.to_string_lossy().to_string());
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    path.with_file_name(format!("{name}.{}-{}.partial", std::process::id(), &id[..8]))
+}
+
+// Moves a finished temporary onto `path`: over a file there when `replace`, else only while the name is free
+// (renameat2 RENAME_NOREPLACE: no window in which another run's file could be replaced).
+fn publish(tmp: &Path, path: &Path, replace: bool) -> std::io::Result<()> {
+    if replace {
+        return fs::rename(tmp, path);
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(std::io::Error::other);
+    let (from, to) = (c(tmp)?, c(path)?);
+    let rc =
+        unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+// What write_atomic does where a file already holds the name.
+#[derive(Clone, Copy)]
+enum Existing<'a> {
+    Replace,
+    Refuse,
+    Beside(&'a Path), // this name instead (a checkpoint whose name another run took meanwhile)
+}
+
+// Every output file is written here, whole or not at all: into a temporary of its own, synced, then published (see
+// `publish`). A crash, a full disk or a second run never leaves a half-written or mixed file at `path`, and a failure
+// leaves nothing. Returns where the bytes went.
+fn write_atomic(path: &Path, bytes: &[u8], existing: Existing) -> Res<PathBuf> {
+    let tmp = temp_beside(path);
+    let res = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| match (publish(&tmp, path, matches!(existing, Existing::Replace)), existing) {
+            (Err(e), Existing::Beside(other)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                publish(&tmp, other, false).map(|_| other.to_path_buf())
+            }
+            (r, _) => r.map(|_| path.to_path_buf()),
+        });
+    res.map_err(|e| {
         let _ = fs::remove_file(&tmp);
-        format!("{}: cannot write ({e}); check the folder exists and is writable", path.display())
+        io_error(path, "write", &e)
     })
+}
+
+// An output named on the command line, checked before any work: its folder exists and takes files, it is no folder
+// itself, and (unless `replace`) no file holds the name. write_atomic checks again, as another run may act meanwhile.
+fn check_output(path: &Path, flag: &str, replace: bool) -> Res<()> {
+    let p = path.display();
+    if path.is_dir() {
+        return Err(format!("{flag} {p}: is a folder; pass a file path"));
+    }
+    if !replace && path.exists() {
+        return Err(format!("{flag} {p}: the file exists; pass --overwrite to replace it, or another path"));
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(format!("{flag} {p}: the folder {} does not exist; create it or pass another path", dir.display()));
+    }
+    let probe = temp_beside(path);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| format!("{flag} {}", io_error(dir, "create files in it", &e)))?;
+    let _ = fs::remove_file(&probe);
+    Ok(())
+}
+
+// A folder named on the command line for outputs (--profile), made before any work.
+fn check_output_dir(dir: &Path, flag: &str) -> Res<()> {
+    fs::create_dir_all(dir).map_err(|e| format!("{flag} {}", io_error(dir, "make this folder", &e)))?;
+    check_output(&dir.join("probe"), flag, true)
 }
 
 fn read_shard(path: &Path) -> Res<Vec<u16>> {
     let p = path.display();
-    let bytes = fs::read(path).map_err(|e| format!("{p}: {e}; run `train_gpt prepare` to make the shards"))?;
+    let bytes = fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{p}: {e}; run `train_gpt prepare` to make the shards"),
+        _ => io_error(path, "read this shard", &e),
+    })?;
     if bytes.len() < HEADER_INTS * 4 {
         return Err(format!(
             "{p}: {} bytes, shorter than the 1024-byte header; the shard is corrupt, re-run `train_gpt prepare`",
@@ -638,27 +748,99 @@ fn shard_paths(dir: &Path, split: &str) -> Vec<PathBuf> {
     v
 }
 
+// One prepare at a time writes an --out: a lock file beside it holds the writer's pid (the lock of a writer that died
+// is taken over) and goes when the prepare ends, however it ends.
+struct OutLock(PathBuf);
+
+impl OutLock {
+    fn take(out: &Path) -> Res<OutLock> {
+        let name = out.file_name().map_or("out".into(), |n| n.to_string_lossy().to_string());
+        let path = out.with_file_name(format!(".{name}.prepare-lock"));
+        for _ in 0..2 {
+            match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    let _ = write!(f, "{}", std::process::id());
+                    return Ok(OutLock(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // an empty lock is one being written: its writer is alive
+                    let pid = fs::read_to_string(&path).unwrap_or_default();
+                    let pid = pid.trim();
+                    if pid.is_empty() || Path::new(&format!("/proc/{pid}")).exists() {
+                        return Err(format!(
+                            "--out {}: another prepare (pid {pid}) is writing it; wait for it to end (or, if none \
+                            runs, remove {})",
+                            out.display(),
+                            path.display()
+                        ));
+                    }
+                    let _ = fs::remove_file(&path);
+                }
+                Err(e) => return Err(format!("--out {}", io_error(&path, "create a lock file", &e))),
+            }
+        }
+        Err(format!("--out {}: its lock file {} keeps coming back; remove it", out.display(), path.display()))
+    }
+}
+
+impl Drop for OutLock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+// Shards are written into a folder of their own beside --out, then renamed to it: whole or nothing, also on a full
+// disk, and never among other files.
 fn cmd_prepare(a: &PrepareArgs) -> Res<()> {
-    if !shard_paths(&a.out, "train").is_empty() || !shard_paths(&a.out, "val").is_empty() {
-        return Err(format!("{}: already holds shards; remove them or pass another --out", a.out.display()));
+    let (out, o) = (&a.out, a.out.display());
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| format!("--out {o}: {}", io_error(parent, "make this folder", &e)))?;
+    let _lock = OutLock::take(out)?;
+    // checked under the lock: a prepare that ended meanwhile has left its shards
+    if !shard_paths(out, "train").is_empty() || !shard_paths(out, "val").is_empty() {
+        return Err(format!("{o}: already holds shards; remove them or pass another --out"));
+    }
+    if fs::canonicalize(out).is_ok_and(|c| fs::canonicalize(&a.input).is_ok_and(|i| i == c)) {
+        return Err(format!("--out {o}: is the input; pass another folder for the shards"));
+    }
+    if out.exists() && fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+        return Err(format!("--out {o}: not an empty folder; pass a new or empty folder for the shards"));
     }
     let t0 = Instant::now();
     let docs = read_documents(&a.input)?;
-    fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
-    for split in ["train", "val"] {
-        let texts: Vec<&str> = docs.iter().filter(|(s, _)| s == split).map(|(_, t)| t.as_str()).collect();
-        let tokens = tokenize(&texts);
-        for (i, chunk) in tokens.chunks(SHARD_MAX_TOKENS).enumerate() {
-            write_shard(&a.out.join(format!("{split}_{i:06}.bin")), chunk)?;
-        }
-        println!("{split}: {} documents, {} tokens", texts.len(), tokens.len());
+    let has = |split: &str| docs.iter().any(|(s, t)| s == split && !t.trim().is_empty());
+    let i = a.input.display();
+    if !has("train") && !has("val") {
+        return Err(format!("{i}: no documents with text; pass a corpus"));
     }
-    println!(
-        "prepared {} in {:.1}s with {} threads",
-        a.out.display(),
-        t0.elapsed().as_secs_f64(),
-        rayon::current_num_threads()
-    );
+    for split in ["train", "val"] {
+        if !has(split) {
+            return Err(format!(
+                "{i}: no {split} documents with text; JSON Lines need some with \"split\": \"{split}\" (plain text \
+                is split by itself)"
+            ));
+        }
+    }
+    let tmp = temp_beside(out);
+    let written = (|| -> Res<Vec<String>> {
+        fs::create_dir(&tmp).map_err(|e| format!("--out {o}: {}", io_error(&tmp, "make this folder", &e)))?;
+        let mut report = vec![];
+        for split in ["train", "val"] {
+            let texts: Vec<&str> = docs.iter().filter(|(s, _)| s == split).map(|(_, t)| t.as_str()).collect();
+            let tokens = tokenize(&texts);
+            for (i, chunk) in tokens.chunks(SHARD_MAX_TOKENS).enumerate() {
+                write_shard(&tmp.join(format!("{split}_{i:06}.bin")), chunk)?;
+            }
+            report.push(format!("{split}: {} documents, {} tokens", texts.len(), tokens.len()));
+        }
+        fs::rename(&tmp, out).map_err(|e| format!("--out {}", io_error(out, "move the shards in", &e)))?;
+        Ok(report)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    written?.iter().for_each(|l| println!("{l}"));
+    println!("prepared {o} in {:.1}s with {} threads", t0.elapsed().as_secs_f64(), rayon::current_num_threads());
     Ok(())
 }
 
@@ -669,6 +851,12 @@ struct Data {
 }
 
 fn load_data(dir: &Path, vocab: i64) -> Res<Data> {
+    if !dir.is_dir() {
+        return Err(format!(
+            "--data {}: no such folder; pass a folder of shards, made by `train_gpt prepare <corpus> --out DIR`",
+            dir.display()
+        ));
+    }
     let mut hash = Sha256::new();
     let mut shards = vec![];
     let mut load = |split: &str| -> Res<Vec<u16>> {
@@ -796,14 +984,19 @@ struct LapStats {
     lambda_max: f64,
     connected: bool,
     n_components: i64,
+    warning: Option<String>, // the graph and the spectrum disagree: probably no graph Laplacian (logged, not stderr)
 }
 
 impl LapStats {
     fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({ "build_ms": self.build_ms, "nnz": self.nnz, "deg_min": self.deg_min,
+        let mut j = serde_json::json!({ "build_ms": self.build_ms, "nnz": self.nnz, "deg_min": self.deg_min,
             "deg_max": self.deg_max,
             "lambda2": self.lambda2, "lambda_max": self.lambda_max, "connected": self.connected,
-            "n_components": self.n_components })
+            "n_components": self.n_components });
+        if let Some(w) = &self.warning {
+            j["warning"] = json!(w);
+        }
+        j
     }
 }
 
@@ -1016,12 +1209,13 @@ fn laplacian_stats(l: &Tensor, build_ms: f64) -> LapStats {
     }
     let lambda2 = eig.get(1).copied().unwrap_or(0.0);
     let connected = n_components == 1;
-    if connected != (lambda2 > LAP_CONNECTED_TOL) {
-        eprintln!(
-            "laplacian_stats: BFS says {n_components} component(s) but λ2={lambda2:.3e}; L is probably not a \
-            graph Laplacian (rows should sum to 0, off-diagonals ≤ 0)"
-        );
-    }
+    // on stderr this would be a second line before a run's one-line error; the log's laplacian: line carries it
+    let warning = (connected != (lambda2 > LAP_CONNECTED_TOL)).then(|| {
+        format!(
+            "BFS says {n_components} component(s) but λ2={lambda2:.3e}; L is probably not a graph Laplacian (rows \
+            should sum to 0, off-diagonals ≤ 0)"
+        )
+    });
     LapStats {
         build_ms,
         nnz: v.iter().filter(|&&x| x != 0.0).count() as i64,
@@ -1031,6 +1225,7 @@ fn laplacian_stats(l: &Tensor, build_ms: f64) -> LapStats {
         lambda_max: eig.last().copied().unwrap_or(0.0),
         connected,
         n_components,
+        warning,
     }
 }
 
@@ -1066,18 +1261,29 @@ fn lap_read_npy(bytes: &[u8]) -> Result<Tensor, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(str::parse::<i64>)
+        .map(str::parse::<u64>)
         .collect::<Result<Vec<_>, _>>();
-    let Ok(shape) = shape else { return bad("unparseable shape in .npy header") };
+    let Ok(shape) = shape else { return bad("the shape in the .npy header is not a list of sizes ≥ 0") };
+    // the bytes the shape needs, where it fits an i64 (the header is data: a dim may be anything)
+    let want = shape
+        .iter()
+        .try_fold(kind.elt_size_in_bytes() as u64, |n, &d| n.checked_mul(d))
+        .filter(|&n| n <= i64::MAX as u64 && shape.iter().all(|&d| d <= i64::MAX as u64));
+    let Some(want) = want else { return bad(&format!("the shape {shape:?} in the .npy header is too large")) };
     let data = &bytes[start + hlen..];
-    let want = shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes();
-    if data.len() != want {
+    if data.len() as u64 != want {
         return bad(&format!(
             "payload is {} bytes but shape {shape:?} needs {want} (truncated or corrupt)",
             data.len()
         ));
     }
-    Tensor::f_from_data_size(data, &shape, kind).map_err(|e| format!("{e}"))
+    let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    Tensor::f_from_data_size(data, &shape, kind).map_err(|e| one_line(&e))
+}
+
+// A libtorch error (a message and a C++ backtrace) as its first line.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or("error").to_string()
 }
 
 fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
@@ -1092,9 +1298,9 @@ fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
         "safetensors" => {
             let ts = Tensor::read_safetensors(path).map_err(|e| {
                 format!(
-                    "Laplacian file {p}: not a valid safetensors \
-                file ({}); re-export it with safetensors.torch.save_file",
-                    format!("{e}").replace('\n', " ")
+                    "Laplacian file {p}: not a valid safetensors file ({}); re-export it with \
+                    safetensors.torch.save_file",
+                    one_line(&e)
                 )
             })?;
             match ts.as_slice() {
@@ -1129,16 +1335,20 @@ fn load_laplacian_file(path: &Path, dim: i64) -> Result<Tensor, String> {
     Ok(t)
 }
 
+// L as a .npy (v1, little-endian f32, C order), written whole (write_atomic) and never over a file.
 fn save_laplacian(path: &Path, l: &Tensor) -> Result<(), String> {
     let sz = l.size();
     if sz.len() != 2 || sz[0] != sz[1] {
         return Err(format!("save_laplacian {}: shape {sz:?} is not square; pass the F×F Laplacian", path.display()));
     }
-    l.to_device(Device::Cpu)
-        .to_kind(Kind::Float)
-        .contiguous()
-        .write_npy(path)
-        .map_err(|e| format!("save_laplacian {}: {e}; check the directory exists and is writable", path.display()))
+    let v = Vec::<f32>::try_from(l.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().flatten(0, -1)).unwrap();
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {}), }}", sz[0], sz[1]);
+    let pad = 63 - (10 + dict.len()) % 64; // numpy aligns the data to 64 bytes; the header ends in a newline
+    let header = format!("{dict}{}\n", " ".repeat(pad));
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend(header.bytes().chain(v.iter().flat_map(|x| x.to_le_bytes())));
+    write_atomic(path, &bytes, Existing::Refuse).map(|_| ())
 }
 
 // --laplacian chain|corpus|file:PATH → (L, stats json). The corpus build reads the head of the train split.
@@ -1460,10 +1670,13 @@ fn profiled<T>(path: &Path, dev: Device, f: impl FnOnce() -> Res<T>) -> Res<T> {
     let fail = |(rc, err): (i32, String)| if rc == 0 { Ok(()) } else { Err(format!("profiler: {err}")) };
     fail(ffi(|e, n| unsafe { ext::tg_profile_start(dev.is_cuda() as i32, e, n) }))?;
     let out = f();
-    let tmp = std::ffi::CString::new(path.with_extension("partial").to_string_lossy().as_bytes()).unwrap();
-    fail(ffi(|e, n| unsafe { ext::tg_profile_stop(tmp.as_ptr(), e, n) }))?;
-    fs::rename(path.with_extension("partial"), path)
-        .map_err(|e| format!("{}: cannot write ({e}); check the folder is writable", path.display()))?;
+    let tmp = temp_beside(path);
+    let c = std::ffi::CString::new(tmp.to_string_lossy().as_bytes()).unwrap();
+    fail(ffi(|e, n| unsafe { ext::tg_profile_stop(c.as_ptr(), e, n) }))
+        .and_then(|_| publish(&tmp, path, true).map_err(|e| io_error(path, "write", &e)))
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
     out
 }
 
@@ -1531,6 +1744,45 @@ impl ModelCfg {
     }
     fn is_tau(&self) -> bool {
         self.attn != "causal"
+    }
+    // A config read from a file is data: checked, bounds included, before any tensor is made from it.
+    fn check(&self) -> Res<()> {
+        let (l, h, c, v, t) = (self.n_layer, self.n_head, self.n_embd, self.vocab_size, self.seq_len);
+        let within = |x: i64, hi: i64| (1..=hi).contains(&x);
+        if !(within(l, 1024) && within(h, 1024) && within(c, 1 << 16) && within(v, 1 << 24)) {
+            return Err(format!(
+                "config n_layer {l}, n_head {h}, n_embd {c}, vocab_size {v}: expected 1..=1024, 1..=1024, 1..=65536, \
+                1..=16777216"
+            ));
+        }
+        if c % h != 0 || (c / h) % 2 != 0 {
+            return Err(format!("config n_embd {c}: expected heads of even size (n_head {h})"));
+        }
+        if self.n_kv_head < 0 || h % self.kv_heads() != 0 {
+            return Err(format!("config n_kv_head {}: expected a divisor of n_head {h} (0: n_head)", self.n_kv_head));
+        }
+        if !(2..=MAX_SEQ_LEN).contains(&t) {
+            return Err(format!("config seq_len {t}: expected 2..={MAX_SEQ_LEN}"));
+        }
+        if !["causal", "tau", "tau-lt"].contains(&self.attn.as_str()) {
+            return Err(format!("config attn {:?}: expected causal, tau or tau-lt", self.attn));
+        }
+        Ok(())
+    }
+    // The trained parameters' names and shapes, in Model::new's order (a unit test holds the two together).
+    fn param_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let (c, qkv) = (self.n_embd, self.n_embd + 2 * self.kv_heads() * self.head_dim());
+        let mut v = vec![("wte".to_string(), vec![self.vocab_size, c])];
+        for l in 0..self.n_layer {
+            v.push((format!("blocks.{l}.attn.qkv"), vec![qkv, c]));
+            v.push((format!("blocks.{l}.attn.o"), vec![c, c]));
+            v.push((format!("blocks.{l}.mlp.fc"), vec![4 * c, c]));
+            v.push((format!("blocks.{l}.mlp.proj"), vec![c, 4 * c]));
+            if self.attn == "tau-lt" {
+                v.push((format!("blocks.{l}.attn.log_inv_temp"), vec![self.n_head]));
+            }
+        }
+        v
     }
 }
 
@@ -2493,25 +2745,37 @@ impl Log {
         Log { path: PathBuf::new(), file: None, silent: true }
     }
     // Everything logged is printed too.
-    fn line(&mut self, s: &str) {
+    fn line(&mut self, s: &str) -> Res<()> {
         if !self.silent {
             println!("{s}");
         }
-        self.quiet(s);
+        self.quiet(s)
     }
-    fn quiet(&mut self, s: &str) {
+    fn quiet(&mut self, s: &str) -> Res<()> {
         if let Some(f) = self.file.as_mut() {
-            writeln!(f, "{s}").expect("log write");
+            if let Err(e) = writeln!(f, "{s}") {
+                return Err(self.kept(&e));
+            }
         }
+        Ok(())
     }
-    fn finish(mut self) -> PathBuf {
-        self.file.take().unwrap().sync_all().expect("log sync");
-        fs::rename(self.path.with_extension("txt.partial"), &self.path).expect("log rename");
-        self.path.clone()
+    // A log that cannot be written (a full disk) ends the run, its .partial kept for reading.
+    fn kept(&mut self, e: &std::io::Error) -> String {
+        self.file = None;
+        let partial = self.path.with_extension("txt.partial");
+        format!("{}; the log so far is kept there", io_error(&partial, "write the log", e))
+    }
+    fn finish(mut self) -> Res<PathBuf> {
+        let f = self.file.as_ref().unwrap();
+        if let Err(e) = f.sync_all().and_then(|_| fs::rename(self.path.with_extension("txt.partial"), &self.path)) {
+            return Err(self.kept(&e));
+        }
+        self.file = None;
+        Ok(self.path.clone())
     }
 }
 
-// A run that fails leaves no half-written log behind.
+// A run that fails leaves no half-written log behind (but one the disk could not take: see `kept`).
 impl Drop for Log {
     fn drop(&mut self) {
         if self.file.is_some() {
@@ -2557,24 +2821,67 @@ fn gpu_name(dev: Device) -> Option<String> {
     }
 }
 
-fn write_header(log: &mut Log, dev: Device) {
-    log.quiet(SOURCE.trim_end());
+fn write_header(log: &mut Log, dev: Device) -> Res<()> {
+    log.quiet(SOURCE.trim_end())?;
     for (name, text) in KERNEL_FILES {
-        log.quiet(&"-".repeat(40));
-        log.quiet(&format!("# {name}"));
-        log.quiet(text.trim_end());
+        log.quiet(&"-".repeat(40))?;
+        log.quiet(&format!("# {name}"))?;
+        log.quiet(text.trim_end())?;
     }
-    log.quiet(&"=".repeat(100));
+    log.quiet(&"=".repeat(100))?;
     let (torch, cuda) = libtorch_version();
-    log.line(&format!("rustc: {}", env!("TRAIN_GPT_RUSTC")));
-    log.line(&format!("tch: {}", env!("TRAIN_GPT_TCH")));
-    log.line(&format!("libtorch: {torch}"));
-    log.line(&format!("cuda: {}", if dev.is_cuda() { cuda } else { "none".into() }));
-    log.line(&format!("gpu: {}", gpu_name(dev).unwrap_or("none".into())));
-    log.line(&format!("host_threads: {}", rayon::current_num_threads()));
-    log.quiet("nvidia-smi:");
-    log.quiet(&if dev.is_cuda() { sh("nvidia-smi", &[]).unwrap_or("none".into()) } else { "none".into() });
-    log.quiet(&"=".repeat(100));
+    log.line(&format!("rustc: {}", env!("TRAIN_GPT_RUSTC")))?;
+    log.line(&format!("tch: {}", env!("TRAIN_GPT_TCH")))?;
+    log.line(&format!("libtorch: {torch}"))?;
+    log.line(&format!("cuda: {}", if dev.is_cuda() { cuda } else { "none".into() }))?;
+    log.line(&format!("gpu: {}", gpu_name(dev).unwrap_or("none".into())))?;
+    log.line(&format!("host_threads: {}", rayon::current_num_threads()))?;
+    log.quiet("nvidia-smi:")?;
+    log.quiet(&if dev.is_cuda() { sh("nvidia-smi", &[]).unwrap_or("none".into()) } else { "none".into() })?;
+    log.quiet(&"=".repeat(100))?;
+    Ok(())
+}
+
+// Options outside their domain, refused before anything runs (train and bench).
+fn check_train_args(a: &TrainArgs, world: i64) -> Res<()> {
+    let finite_ge0 = |x: f64| x.is_finite() && x >= 0.0;
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    let unit = |x: f64| (0.0..1.0).contains(&x);
+    for (ok, what) in [
+        (a.steps > 0, "--steps must be > 0"),
+        (a.batch_size > 0, "--batch-size must be ≥ 1"),
+        (a.seq_len > 1, "--seq-len must be ≥ 2 (a token and its successor)"),
+        (a.val_every > 0, "--val-every must be > 0"),
+        (a.val_tokens >= 0, "--val-tokens must be ≥ 0 (0: the whole val split)"),
+        ((0.0..=1.0).contains(&a.cooldown_frac), "--cooldown-frac must be in [0,1]"),
+        (finite_ge0(a.lr_muon) && finite_ge0(a.lr_adam), "--lr-muon and --lr-adam must be finite and ≥ 0"),
+        (
+            unit(a.muon_momentum) && unit(a.adam_beta1) && unit(a.adam_beta2),
+            "--muon-momentum, --adam-beta1 and --adam-beta2 must be in [0,1)",
+        ),
+        (a.adam_eps.is_finite() && a.adam_eps > 0.0, "--adam-eps must be > 0"),
+        (a.target_val_loss.is_finite(), "--target-val-loss must be a finite loss"),
+        (positive(a.tau_temp) && positive(a.inv_temp_init), "--tau-temp and --inv-temp-init must be > 0"),
+        (a.tau.is_none_or(positive), "--tau must be > 0 (left out: calibrated)"),
+        (a.tau_chunk >= 0 && a.head_chunk >= 0, "--tau-chunk and --head-chunk must be ≥ 0"),
+        (a.n_layer >= 1 && a.n_head >= 1, "--n-layer and --n-head must be ≥ 1"),
+        // the line above refuses --n-head 0
+        (a.n_head < 1 || a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head"),
+        (
+            a.n_kv_head >= 0 && (a.n_kv_head == 0 || a.n_head % a.n_kv_head == 0),
+            "--n-head must be a multiple of --n-kv-head",
+        ),
+        (a.batch_size % world == 0, "--batch-size must split evenly over the ranks"),
+        (
+            a.micro_batch >= 0 && (a.micro_batch == 0 || (a.batch_size / world) % a.micro_batch == 0),
+            "--micro-batch must divide batch_size / ranks",
+        ),
+    ] {
+        if !ok {
+            return Err(format!("{what}; see train_gpt train --help"));
+        }
+    }
+    Ok(())
 }
 
 // --------------------------------------------------------------------------------------------------------------------
@@ -2586,38 +2893,31 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let dev = rank_device(&de, &a.device)?;
     apply_preset(&mut a, m, dev.is_cuda());
     let cdt = compute_kind(&a.dtype, dev)?;
-    for (ok, what) in [
-        (a.steps > 0, "--steps must be > 0"),
-        (a.batch_size > 0 && a.seq_len > 1, "--batch-size and --seq-len must be positive"),
-        (a.val_every > 0, "--val-every must be > 0"),
-        ((0.0..=1.0).contains(&a.cooldown_frac), "--cooldown-frac must be in [0,1]"),
-        (a.tau_temp > 0.0 && a.inv_temp_init > 0.0, "--tau-temp and --inv-temp-init must be > 0"),
-        (a.n_layer >= 1 && a.n_head >= 1, "--n-layer and --n-head must be ≥ 1"),
-        // the line above refuses --n-head 0
-        (a.n_head < 1 || a.n_embd % a.n_head == 0, "--n-embd must be a multiple of --n-head"),
-        (
-            a.n_kv_head >= 0 && (a.n_kv_head == 0 || a.n_head % a.n_kv_head == 0),
-            "--n-head must be a multiple of --n-kv-head",
-        ),
-        (a.batch_size % world_size == 0, "--batch-size must split evenly over the ranks"),
-        (
-            a.micro_batch >= 0 && (a.micro_batch == 0 || (a.batch_size / world_size) % a.micro_batch == 0),
-            "--micro-batch must divide batch_size / ranks",
-        ),
-    ] {
-        if !ok {
-            return Err(format!("{what}; see train_gpt train --help"));
-        }
-    }
+    check_train_args(&a, world_size)?;
     a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
+    if let (Some(path), 0) = (&a.save_checkpoint, rank) {
+        check_output(path, "--save-checkpoint", a.overwrite)?;
+    }
     let data = load_data(&a.data, a.vocab_size)?;
-    if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 || data.val.len() as i64 <= a.seq_len + 1 {
+    if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 {
         return Err(format!(
-            "{}: {} train / {} val tokens is too few for batch {}×{}; lower --batch-size/--seq-len",
+            "{}: {} train tokens is too few for batch {}×{}; lower --batch-size/--seq-len",
             a.data.display(),
             data.train.len(),
-            data.val.len(),
             a.batch_size,
+            a.seq_len
+        ));
+    }
+    // validation scores whole sequences of the val tokens it reads (see `evaluate`)
+    let val_read = if a.val_tokens > 0 { data.val.len().min(a.val_tokens as usize + 1) } else { data.val.len() };
+    if val_read as i64 <= a.seq_len {
+        return Err(format!(
+            "{}: too few val tokens ({val_read} of {} read, --val-tokens {}) for one sequence of --seq-len {}; pass \
+            --val-tokens ≥ {} or 0 (the whole split), or a lower --seq-len",
+            a.data.display(),
+            data.val.len(),
+            a.val_tokens,
+            a.seq_len,
             a.seq_len
         ));
     }
@@ -2636,15 +2936,15 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     );
 
     let mut log = if rank == 0 { Log::create(&a.log_dir)? } else { Log::silent() }; // rank 0 alone writes the log
-    write_header(&mut log, dev);
+    write_header(&mut log, dev)?;
     let mut config = serde_json::to_value(&a).unwrap();
     config["variant"] = json!(variant);
     config["track"] = json!(track);
     config["device"] = json!(format!("{dev:?}"));
     config["compute_dtype"] = json!(format!("{cdt:?}"));
     config["world_size"] = json!(world_size);
-    log.line(&format!("config: {config}"));
-    log.line(&format!("data: {}", data.info));
+    log.line(&format!("config: {config}"))?;
+    log.line(&format!("data: {}", data.info))?;
 
     // The timed region starts here: a tau run pays for its Laplacian and its τ calibration, but nobody for the CUDA
     // context, which the first device operation would otherwise create inside the clock.
@@ -2658,12 +2958,8 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let t0 = Instant::now();
     let (lap, lap_ms) = if cfg.is_tau() {
         let (l, stats) = build_laplacian(&a, cfg.head_dim(), &data, dev)?;
-        log.line(&format!("laplacian: {stats}"));
-        let ms = stats["build_ms"].as_f64();
-        if rank == 0 {
-            save_laplacian(&log.path.with_extension("laplacian.npy"), &l)?;
-        }
-        (Some(l), ms)
+        log.line(&format!("laplacian: {stats}"))?;
+        (Some(l), stats["build_ms"].as_f64())
     } else {
         (None, None)
     };
@@ -2674,27 +2970,30 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             // the whole batch on every rank
             None => model.calibrate_tau(&train_batch(&train_tokens, 0, a.batch_size, a.seq_len, 0, 1).0),
         };
-        log.line(&format!("tau: {}", model.tau));
+        log.line(&format!("tau: {}", model.tau))?;
     }
     let mut opt = Optim::new(&model);
     sync(dev);
     train_ms += t0.elapsed().as_secs_f64() * 1e3;
     let n_params = model.n_params();
-    log.line(&format!("params: {n_params}"));
+    log.line(&format!("params: {n_params}"))?;
 
     let tokens_per_step = a.batch_size * a.seq_len;
     let mut time_to_target: Option<f64> = None;
     let mut final_val = f64::NAN;
+    let mut val0: Option<f64> = None;
     // Steps are queued one ahead, as in modded-nanogpt: step s's loss is read (checked, logged) once step s+1 is
     // queued, so the GPU never waits for the host between steps. Validation syncs, and pauses the clock: train_time is
     // exact there; a step line's is when the line is written, once the next step is queued.
     let mut clock = Instant::now();
     let mut lagged: Option<(i64, Readback)> = None;
+    // what a diverged run may blame besides the learning rates
+    let suspects = if cfg.is_tau() { "check --laplacian and --tau" } else { "check the data" };
     let step_line = |log: &mut Log, s: i64, rb: Readback, ms: f64| -> Res<()> {
         let lv = rb.wait();
         if !lv.is_finite() {
             return Err(format!(
-                "step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or check the data",
+                "step {}: train loss is {lv}; the run diverged, lower --lr-muon/--lr-adam or {suspects}",
                 s + 1
             ));
         }
@@ -2703,7 +3002,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             s + 1,
             a.steps,
             ms / (s + 1) as f64
-        ));
+        ))?;
         Ok(())
     };
     for step in 0..=a.steps {
@@ -2715,8 +3014,17 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             sync(dev);
             train_ms += clock.elapsed().as_secs_f64() * 1e3; // the clock is paused during validation
             let vl = evaluate(&model, &data.val, a.batch_size, a.val_tokens, a.head_chunk, dist.as_ref())?;
-            if !vl.is_finite() {
-                return Err(format!("step {step}: val loss is {vl}; the run diverged, lower --lr-muon/--lr-adam"));
+            if step == 0 && !vl.is_finite() {
+                return Err(format!("step 0: val loss is {vl} before any training; {suspects}"));
+            }
+            // Logits are soft-capped, so a run can diverge with a finite loss: well above where it started, it has.
+            let v0 = *val0.get_or_insert(vl);
+            if !vl.is_finite() || vl > v0 + DIVERGED_BY {
+                let what = match vl.is_finite() {
+                    true => format!("val loss {vl:.4} is over {DIVERGED_BY} above its step-0 value {v0:.4}"),
+                    false => format!("val loss is {vl}"),
+                };
+                return Err(format!("step {step}: {what}; the run diverged, lower --lr-muon/--lr-adam or {suspects}"));
             }
             final_val = vl;
             if time_to_target.is_none() && vl <= a.target_val_loss {
@@ -2727,9 +3035,9 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
                 a.steps,
                 train_ms,
                 train_ms / step.max(1) as f64
-            ));
+            ))?;
             if cfg.is_tau() && rank == 0 {
-                log.line(&format!("diag: {}", tau_diagnostics(&model, &data.val, a.batch_size, step)));
+                log.line(&format!("diag: {}", tau_diagnostics(&model, &data.val, a.batch_size, step)))?;
             }
             clock = Instant::now();
         }
@@ -2749,7 +3057,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
 
     let peaks = memory_peaks(dev);
     if let Some((al, re)) = peaks {
-        log.line(&format!("peak memory allocated: {al:.0} MiB reserved: {re:.0} MiB"));
+        log.line(&format!("peak memory allocated: {al:.0} MiB reserved: {re:.0} MiB"))?;
     }
     let steps_ms = train_ms - lap_ms.unwrap_or(0.0);
     let tokens_per_s = (a.steps * tokens_per_step) as f64 / (steps_ms / 1e3);
@@ -2775,11 +3083,17 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             a.seed,
             true,
         )?)?;
-        log.line(&format!("sample: {}", json!(text)));
+        log.line(&format!("sample: {}", json!(text)))?;
     }
     if let Some(path) = &a.save_checkpoint {
-        save_checkpoint(&model, path)?;
-        log.line(&format!("checkpoint: {}", path.display()));
+        // the name was free at the start (check_output); if another run took it since, these weights go beside it,
+        // named after this run's log
+        let (stem, ext) = (path.file_stem().unwrap_or_default(), path.extension().unwrap_or_default());
+        let id = log.path.file_stem().unwrap_or_default().to_string_lossy().to_string();
+        let beside = path.with_file_name(format!("{}.{id}.{}", stem.to_string_lossy(), ext.to_string_lossy()));
+        let existing = if a.overwrite { Existing::Replace } else { Existing::Beside(&beside) };
+        let (to, sha) = save_checkpoint(&model, path, existing)?;
+        log.line(&format!("checkpoint: {} sha256:{sha}", to.display()))?;
     }
     let mfu = gpu.is_some().then(|| mfu(&model, tokens_per_s / world_size as f64));
     let per_rank: Vec<f64> = Vec::<f64>::try_from(per_rank.to(Device::Cpu).to_kind(Kind::Double))
@@ -2797,8 +3111,11 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         "world_size": world_size,
         "tokens_per_s_per_rank": per_rank, "micro_batch": a.micro_batch,
         "laplacian_build_ms": lap_ms, "tau": cfg.is_tau().then_some(model.tau), "params": n_params});
-    log.line(&format!("summary: {summary}"));
-    let path = log.finish();
+    log.line(&format!("summary: {summary}"))?;
+    if cfg.is_tau() {
+        save_laplacian(&log.path.with_extension("laplacian.npy"), &model.lap)?; // with the log, only for a whole run
+    }
+    let path = log.finish()?;
     println!("log: {}", path.display());
     Ok(())
 }
@@ -2811,6 +3128,13 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     let dev = rank_device(&de, &b.train.device)?;
     let mut a = b.train.clone();
     apply_preset(&mut a, m, dev.is_cuda());
+    check_train_args(&a, world)?;
+    if let (Some(out), 0) = (&b.out, rank) {
+        check_output(out, "--out", true)?;
+    }
+    if let Some(dir) = &b.profile {
+        check_output_dir(dir, "--profile")?;
+    }
     a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     let cdt = compute_kind(&a.dtype, dev)?;
     let gpu = gpu_name(dev);
@@ -2872,7 +3196,6 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
             }
         }
         if let Some(dir) = &b.profile {
-            fs::create_dir_all(dir).map_err(|e| format!("{}: {e}; pass a writable --profile folder", dir.display()))?;
             profiled(&dir.join(format!("{variant}_rank{rank}.json")), dev, || {
                 for _ in 0..PROFILE_STEPS {
                     let _ = train_step(&mut model, &mut opt, &x, &y, &a, 1.0, d)?;
@@ -2897,7 +3220,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         rows.push(row);
     }
     if let (Some(out), 0) = (&b.out, rank) {
-        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes())?;
+        write_atomic(out, serde_json::to_string_pretty(&rows).unwrap().as_bytes(), Existing::Replace)?;
     }
     Ok(())
 }
@@ -2905,7 +3228,8 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
 // --------------------------------------------------------------------------------------------------------------------
 // Checkpoints (safetensors: names in the README, config in the metadata) and sampling
 
-fn save_checkpoint(m: &Model, path: &Path) -> Res<()> {
+// Writes the weights whole or not at all; returns where they went and their sha256, which the log records.
+fn save_checkpoint(m: &Model, path: &Path, existing: Existing) -> Res<(PathBuf, String)> {
     let mut named: Vec<(String, Tensor)> =
         m.params.iter().map(|(n, p)| (n.clone(), p.detach().to(Device::Cpu).contiguous())).collect();
     if m.cfg.is_tau() {
@@ -2933,10 +3257,10 @@ fn save_checkpoint(m: &Model, path: &Path) -> Res<()> {
         })
         .collect();
     let meta = std::collections::HashMap::from([("config".to_string(), serde_json::to_string(&m.cfg).unwrap())]);
-    let tmp = path.with_extension("partial");
-    safetensors::tensor::serialize_to_file(views, &Some(meta), &tmp)
-        .map_err(|e| format!("{}: cannot write checkpoint ({e:?})", path.display()))?;
-    fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+    let bytes = safetensors::tensor::serialize(views, &Some(meta))
+        .map_err(|e| format!("{}: cannot serialize the checkpoint ({e:?})", path.display()))?;
+    let to = write_atomic(path, &bytes, existing)?;
+    Ok((to, format!("{:x}", Sha256::digest(&bytes))))
 }
 
 fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {
@@ -2950,21 +3274,37 @@ fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {
         .and_then(|m| m.get("config"))
         .and_then(|c| serde_json::from_str(c).ok())
         .ok_or(format!("{p}: no train_gpt config in the metadata; pass a file written by --save-checkpoint"))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{p}: {e:?}"))?;
-    let get = |n: &str| -> Res<Tensor> {
-        let v = st.tensor(n).map_err(|_| format!("{p}: tensor {n} missing"))?;
+    cfg.check().map_err(|e| format!("{p}: {e}; pass a file written by --save-checkpoint"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{p}: not a safetensors file ({e:?}); pass a file written by --save-checkpoint"))?;
+    // every tensor is checked against the config before the model is built
+    let get = |n: &str, shape: &[i64]| -> Res<Tensor> {
+        let v =
+            st.tensor(n).map_err(|_| format!("{p}: tensor {n} missing; pass a file written by --save-checkpoint"))?;
+        let have: Vec<i64> = v.shape().iter().map(|&s| s as i64).collect();
+        if v.dtype() != safetensors::Dtype::F32 || have != shape {
+            return Err(format!(
+                "{p}: tensor {n} is {:?} {have:?}, expected F32 {shape:?} for its config {}; pass a file written by \
+                --save-checkpoint",
+                v.dtype(),
+                serde_json::to_string(&cfg).unwrap()
+            ));
+        }
         let f: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-        Ok(Tensor::from_slice(&f).view(v.shape().iter().map(|&s| s as i64).collect::<Vec<_>>().as_slice()).to(dev))
+        Ok(Tensor::from_slice(&f).view(shape).to(dev))
     };
     let cdt = compute_kind("auto", dev)?;
-    let lap = if cfg.is_tau() { Some(get("laplacian")?) } else { None };
-    let tau = if cfg.is_tau() { get("tau")?.double_value(&[0]) } else { 1.0 };
-    let mut m = Model::new(cfg, dev, cdt, lap, tau, 1.0, 1.0);
-    if m.cfg.attn == "tau" {
-        m.inv_temp = get("inv_temp")?;
+    let (d, tau) = (cfg.head_dim(), cfg.is_tau());
+    let lap = if tau { Some(get("laplacian", &[d, d])?) } else { None };
+    let tau_value = if tau { get("tau", &[1])?.double_value(&[0]) } else { 1.0 };
+    let inv_temp = if cfg.attn == "tau" { Some(get("inv_temp", &[cfg.n_layer, cfg.n_head])?) } else { None };
+    let params = cfg.param_shapes().iter().map(|(n, s)| get(n, s)).collect::<Res<Vec<_>>>()?;
+    let mut m = Model::new(cfg, dev, cdt, lap, tau_value, 1.0, 1.0);
+    if let Some(t) = inv_temp {
+        m.inv_temp = t;
     }
-    for (n, w) in m.params.iter_mut() {
-        *w = get(n)?;
+    for ((_, w), t) in m.params.iter_mut().zip(params) {
+        *w = t;
     }
     Ok(m)
 }
@@ -3017,6 +3357,15 @@ fn decode_ids(ids: &[i64]) -> Res<String> {
 }
 
 fn cmd_sample(a: &SampleArgs) -> Res<()> {
+    for (ok, what) in [
+        (a.top_k >= 1, "--top-k must be ≥ 1"),
+        (a.temperature.is_finite() && a.temperature >= 0.0, "--temperature must be ≥ 0 (0: greedy)"),
+        (a.tokens >= 0, "--tokens must be ≥ 0"),
+    ] {
+        if !ok {
+            return Err(format!("{what}; see train_gpt sample --help"));
+        }
+    }
     let dev = pick_device(&a.device)?;
     let mut m = load_checkpoint(&a.checkpoint, dev)?;
     m.kernels = resolve_kernels(a.kernels, 0, dev, m.cfg.head_dim())?;

@@ -37,12 +37,17 @@ fn tiny_shards() -> &'static Path {
     })
 }
 
-// One short training run; returns the log path.
-fn train(log_dir: &Path, extra: &[&str]) -> PathBuf {
+// One short training run on the tiny shards, as it ends.
+fn train_output(log_dir: &Path, extra: &[&str]) -> Output {
     let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", log_dir.to_str().unwrap()];
     args.extend_from_slice(SMALL);
     args.extend_from_slice(extra);
-    let o = run(&args);
+    run(&args)
+}
+
+// One short training run; returns the log path.
+fn train(log_dir: &Path, extra: &[&str]) -> PathBuf {
+    let o = train_output(log_dir, extra);
     assert!(o.status.success(), "train failed: {}", text(&o.stderr));
     let out = text(&o.stdout);
     PathBuf::from(out.lines().find_map(|l| l.strip_prefix("log: ")).expect("the run names its log"))
@@ -554,4 +559,493 @@ fn parity_with_the_pytorch_reference() {
         assert_eq!(ours.len(), 6);
         assert_eq!(ours, theirs, "{attn}");
     }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Bad input (issue 20): one line, a non-zero exit, nothing half-written or overwritten
+
+// Issue 20.1: a bad output path costs no run: every one is checked before the first step.
+#[test]
+fn output_paths_are_checked_before_the_first_step() {
+    let dir = tmp("outputs");
+    let d = |p: &str| dir.join(p).to_str().unwrap().to_string();
+    std::fs::write(dir.join("file"), "x").unwrap();
+    let refused = |o: Output, want: &str| {
+        assert_one_line_error(&o, 1, want);
+        assert!(!text(&o.stdout).contains("step:") && !text(&o.stdout).contains("ms_per_step"), "{}", text(&o.stdout));
+    };
+    refused(train_output(&dir, &["--save-checkpoint", &d("missing/m.safetensors")]), "missing");
+    refused(train_output(&dir, &["--save-checkpoint", dir.to_str().unwrap()]), "a folder");
+    refused(train_output(&dir.join("file/logs"), &[]), "--log-dir");
+    #[rustfmt::skip]
+    let bench = |extra: &[&str]| {
+        let mut a = vec!["bench", "--device", "cpu", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+            "--seq-len", "32", "--batch-size", "2", "--bench-steps", "1", "--bench-warmup", "0",
+            "--variants", "causal"];
+        a.extend_from_slice(extra);
+        run(&a)
+    };
+    refused(bench(&["--out", &d("missing/bench.json")]), "missing");
+    refused(bench(&["--profile", &d("file/profile")]), "--profile");
+    let ck = dir.join("m.safetensors");
+    let log = train(&dir, &["--steps", "2", "--save-checkpoint", ck.to_str().unwrap()]);
+    let o =
+        run(&["bench-decode", "--checkpoint", ck.to_str().unwrap(), "--device", "cpu", "--out", &d("missing/d.json")]);
+    refused(o, "missing");
+    assert_one_line_error(&run(&["plot", log.to_str().unwrap(), "--out", &d("missing/p.svg")]), 1, "missing");
+    assert_eq!(logs_in(&dir).len(), 3, "one log, one checkpoint, the file: {:?}", logs_in(&dir));
+}
+
+// Issue 20.2: --save-checkpoint never replaces a file unless told to.
+#[test]
+fn save_checkpoint_replaces_a_file_only_with_overwrite() {
+    let dir = tmp("overwrite");
+    let ck = dir.join("m.safetensors");
+    train(&dir, &["--steps", "2", "--save-checkpoint", ck.to_str().unwrap()]);
+    let first = std::fs::read(&ck).unwrap();
+    let o = train_output(&dir, &["--steps", "2", "--seed", "1", "--save-checkpoint", ck.to_str().unwrap()]);
+    assert_one_line_error(&o, 1, "--overwrite");
+    assert!(!text(&o.stdout).contains("step:"), "refused before training");
+    assert_eq!(std::fs::read(&ck).unwrap(), first, "the file is untouched");
+    train(&dir, &["--steps", "2", "--seed", "1", "--save-checkpoint", ck.to_str().unwrap(), "--overwrite"]);
+    assert_ne!(std::fs::read(&ck).unwrap(), first, "--overwrite replaces it");
+}
+
+// Runs the binary with DIR a tmpfs of 2 MB, `fill` bytes of it taken, in a private mount namespace (unshare), then
+// lists DIR: (output, "NAMES steps=N", N the step lines of the .partial left). None where namespaces are not allowed.
+fn on_full_tmpfs(dir: &Path, fill: u64, args: &[&str]) -> Option<(Output, String)> {
+    let probe = Command::new("unshare").args(["--user", "--map-root-user", "--mount", "true"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: unshare cannot make a mount namespace here");
+        return None;
+    }
+    let script = r#"d=$1; fill=$2; shift 2
+        mount -t tmpfs -o size=2m none "$d" || exit 99
+        [ "$fill" -gt 0 ] && head -c "$fill" /dev/zero > "$d/fill"
+        "$@"; rc=$?
+        left=$(ls "$d" | grep -v '^fill$' | tr '\n' ' ')
+        echo "after: ${left}steps=$(cat "$d"/*.partial 2>/dev/null | grep -c '^step:')"
+        exit $rc"#;
+    let mut a = vec!["--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", dir.to_str().unwrap()];
+    let fill = fill.to_string();
+    a.push(&fill);
+    a.push(BIN);
+    a.extend_from_slice(args);
+    let o = Command::new("unshare").args(&a).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+    assert_ne!(o.status.code(), Some(99), "mount failed: {}", text(&o.stderr));
+    let after = text(&o.stdout).lines().find_map(|l| l.strip_prefix("after: ")).unwrap().to_string();
+    Some((o, after))
+}
+
+// Issue 20.3: a full disk under the log, at its header or mid-run: one line naming the file and the cause, and the
+// .partial log kept for reading. A tmpfs of 2 MB in a mount namespace stands for the disk.
+#[test]
+fn a_full_disk_gets_one_line_and_keeps_the_partial_log() {
+    let dir = tmp("full");
+    let log = std::fs::read_to_string(train(&dir, &["--steps", "2"])).unwrap();
+    let header = log.find("\nstep:").unwrap() as u64; // bytes before the first step line
+    let mnt = tmp("full-mnt");
+    let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", mnt.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--steps", "60", "--val-every", "30"]);
+    let page = 4096;
+    // at the header: 8 KB free; mid-run: the header's pages free, then 60 step lines need more
+    for (free, steps) in [(2 * page, false), (header.div_ceil(page) * page, true)] {
+        let Some((o, after)) = on_full_tmpfs(&mnt, 2 * 1024 * 1024 - free, &args) else { return };
+        assert_one_line_error(&o, 1, "No space left on device");
+        assert!(text(&o.stderr).contains(mnt.to_str().unwrap()), "names the path: {}", text(&o.stderr));
+        assert!(after.contains(".txt.partial") && !after.contains(".txt "), "the .partial alone is kept: {after}");
+        assert_eq!(!after.ends_with("steps=0"), steps, "{after}");
+    }
+}
+
+// A checkpoint's tensors: (name, dtype, shape, bytes).
+type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+// A checkpoint rewritten to `dst`: `cfg` edits its config, `edit` its tensors.
+fn rewrite_checkpoint(src: &Path, dst: &Path, cfg: &dyn Fn(&mut serde_json::Value), edit: &dyn Fn(&mut Tensors)) {
+    use safetensors::tensor::TensorView;
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["config"]).unwrap();
+    cfg(&mut c);
+    let mut ts: Tensors =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    edit(&mut ts);
+    let views: Vec<(String, TensorView)> =
+        ts.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let meta = Some(std::collections::HashMap::from([("config".to_string(), c.to_string())]));
+    std::fs::write(dst, safetensors::tensor::serialize(views, &meta).unwrap()).unwrap();
+}
+
+// Issue 20.4: checkpoints wrong for the code, and bad sampling options: one line naming the tensor or option.
+#[test]
+fn sample_and_bench_decode_refuse_checkpoints_wrong_for_the_code() {
+    let dir = tmp("wrong-ckpt");
+    let ck = dir.join("m.safetensors");
+    train(&dir, &["--steps", "2", "--save-checkpoint", ck.to_str().unwrap()]);
+    let write = |name: &str, cfg: &dyn Fn(&mut serde_json::Value), edit: &dyn Fn(&mut Tensors)| {
+        rewrite_checkpoint(&ck, &dir.join(name), cfg, edit);
+        dir.join(name)
+    };
+    let none = |_: &mut Tensors| {};
+    let f16 = |ts: &mut Tensors| {
+        let w = ts.iter_mut().find(|t| t.0 == "wte").unwrap();
+        w.1 = safetensors::Dtype::F16;
+        w.3.truncate(w.3.len() / 2);
+    };
+    let swap = |ts: &mut Tensors| {
+        let i = ts.iter().position(|t| t.0 == "blocks.0.mlp.fc").unwrap();
+        let j = ts.iter().position(|t| t.0 == "blocks.0.mlp.proj").unwrap();
+        let (a, b) = (ts[i].0.clone(), ts[j].0.clone());
+        (ts[i].0, ts[j].0) = (b, a);
+    };
+    let cases = [
+        (write("wide.safetensors", &|c| c["n_embd"] = 64.into(), &none), "wte"),
+        (write("seq0.safetensors", &|c| c["seq_len"] = 0.into(), &none), "seq_len"),
+        (write("f16.safetensors", &|_| {}, &f16), "wte"),
+        (write("swap.safetensors", &|_| {}, &swap), "blocks.0.mlp."),
+    ];
+    for (p, want) in &cases {
+        let p = p.to_str().unwrap();
+        assert_one_line_error(&run(&["sample", "--checkpoint", p, "--tokens", "3", "--device", "cpu"]), 1, want);
+        #[rustfmt::skip]
+        let o = run(&["bench-decode", "--checkpoint", p, "--prompt-lens", "4", "--gen-lens", "2", "--batch-sizes", "1",
+            "--repeats", "1", "--device", "cpu"]);
+        assert_one_line_error(&o, 1, want);
+    }
+    let c = ck.to_str().unwrap();
+    for (opt, v) in [("--top-k", "0"), ("--top-k", "-3"), ("--temperature", "nan"), ("--tokens", "-1")] {
+        let o = run(&["sample", "--checkpoint", c, &format!("{opt}={v}"), "--device", "cpu"]); // = passes -3 as a value
+        assert_one_line_error(&o, 1, opt);
+    }
+}
+
+// Issue 20.5: too few val tokens for one sequence.
+#[test]
+fn too_few_val_tokens_is_one_line() {
+    let dir = tmp("val-tokens");
+    assert_one_line_error(&train_output(&dir, &["--val-tokens", "1"]), 1, "too few val tokens");
+    assert_one_line_error(&train_output(&dir, &["--val-tokens=-5"]), 1, "--val-tokens");
+    assert!(logs_in(&dir).is_empty());
+}
+
+// Issue 20.6: a .npy Laplacian whose header is nonsense (negative or huge dims) is refused in one line.
+#[test]
+fn npy_laplacian_with_a_bad_shape_is_one_line() {
+    let dir = tmp("npy-shape");
+    for (name, shape, payload) in
+        [("neg", "(-4, -4)", 64), ("huge", "(4294967296, 4294967296)", 64), ("one", "(-1,)", 0)]
+    {
+        let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut b = b"\x93NUMPY\x01\x00".to_vec();
+        b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        b.extend_from_slice(header.as_bytes());
+        b.extend(std::iter::repeat_n(0u8, payload));
+        let p = dir.join(format!("{name}.npy"));
+        std::fs::write(&p, b).unwrap();
+        let lap = format!("file:{}", p.display());
+        let o = train_output(&dir, &["--attn", "tau", "--laplacian", &lap]);
+        assert_one_line_error(&o, 1, "shape");
+    }
+    assert_eq!(logs_in(&dir).len(), 3, "only the three .npy files");
+}
+
+// Issue 20.7: records-table needs a records folder; prepare needs documents and an --out apart from its input.
+#[test]
+fn records_table_and_prepare_refuse_what_they_cannot_use() {
+    assert_one_line_error(&run(&["records-table", "/nonexistent/records"]), 1, "records");
+    assert_one_line_error(&run(&["records-table", "Cargo.toml"]), 1, "records");
+    let empty_track = tmp("rt-empty").join("linux-c_1xH100");
+    std::fs::create_dir_all(&empty_track).unwrap();
+    assert_one_line_error(&run(&["records-table", empty_track.parent().unwrap().to_str().unwrap()]), 1, "no track");
+    let dir = tmp("prep-bad");
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let out = dir.join("out");
+    assert_one_line_error(
+        &run(&["prepare", empty.to_str().unwrap(), "--out", out.to_str().unwrap()]),
+        1,
+        "no documents",
+    );
+    assert!(!out.exists(), "no output folder");
+    let texts = dir.join("texts");
+    std::fs::create_dir_all(&texts).unwrap();
+    std::fs::write(texts.join("a.txt"), "Some text.\n\nMore text, then the held-out part.\n".repeat(50)).unwrap();
+    let t = texts.to_str().unwrap();
+    assert_one_line_error(&run(&["prepare", t, "--out", t]), 1, "--out");
+    assert_eq!(logs_in(&texts).len(), 1, "nothing written among the inputs");
+}
+
+// Issue 20.8: options outside their domain are refused before anything runs.
+#[test]
+fn nonsense_option_values_are_refused() {
+    let dir = tmp("domains");
+    for (opt, v) in [
+        ("--target-val-loss", "nan"),
+        ("--lr-muon", "-0.01"),
+        ("--lr-adam", "nan"),
+        ("--tau", "0"),
+        ("--tau", "-1"),
+        ("--muon-momentum", "1.5"),
+        ("--adam-eps", "-1"),
+    ] {
+        let o = train_output(&dir, &["--attn", "tau", "--laplacian", "chain", &format!("{opt}={v}")]);
+        assert_one_line_error(&o, 1, opt);
+    }
+    assert!(logs_in(&dir).is_empty());
+}
+
+// No command-line input panics (the readers' property test, hundreds of inputs in-process, is
+// file_readers_never_panic_on_mangled_input in tests/unit/train.rs): seeded mangled shards, checkpoints (bytes flipped,
+// or a config field out of range), .npy files and logs through the binary itself; a dozen runs, seconds.
+#[test]
+fn mangled_input_files_never_panic_the_binary() {
+    use rand::{Rng, SeedableRng};
+    let dir = tmp("fuzz");
+    let ck = dir.join("m.safetensors");
+    let log = train(&dir, &["--steps", "1", "--save-checkpoint", ck.to_str().unwrap()]);
+    let npy = dir.join("l.npy");
+    let l: Vec<u8> = (0..16 * 16).flat_map(|i| if i % 17 == 0 { 1f32 } else { 0f32 }.to_le_bytes()).collect();
+    let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (16, 16), }\n";
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend(header.bytes().chain(l));
+    std::fs::write(&npy, b).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let mut flip = |src: &Path, dst: &Path| {
+        let mut b = std::fs::read(src).unwrap();
+        (0..rng.gen_range(1..6)).for_each(|_| {
+            let i = rng.gen_range(0..b.len().min(400));
+            b[i] = if rng.gen_bool(0.5) { rng.gen() } else { b"-0123456789,:"[rng.gen_range(0..13)] };
+        });
+        b.truncate(if rng.gen_bool(0.3) { rng.gen_range(0..b.len()) } else { b.len() });
+        std::fs::write(dst, b).unwrap();
+    };
+    let logs = dir.join("logs");
+    let small: Vec<&str> = SMALL.iter().copied().chain(["--steps", "1", "--val-tokens", "64"]).collect();
+    let (fields, values) =
+        (["n_layer", "n_head", "n_embd", "seq_len", "vocab_size", "n_kv_head"], [-1i64, 0, 3, 1 << 40]);
+    for i in 0..12 {
+        let case = dir.join(format!("case{i}"));
+        std::fs::create_dir_all(&case).unwrap();
+        let c = case.to_str().unwrap().to_string();
+        let mut args: Vec<String> = match i % 4 {
+            0 => {
+                for f in ["train_000000.bin", "val_000000.bin"] {
+                    flip(&tiny_shards().join(f), &case.join(f));
+                }
+                vec!["train".into(), "--data".into(), c]
+            }
+            1 => {
+                let dst = case.join("m.safetensors");
+                match i {
+                    1 => flip(&ck, &dst),
+                    _ => rewrite_checkpoint(&ck, &dst, &|c| c[fields[i / 4]] = values[(i / 4 + 1) % 4].into(), &|_| {}),
+                }
+                vec!["sample".into(), "--checkpoint".into(), dst.display().to_string(), "--tokens".into(), "2".into()]
+            }
+            2 => {
+                flip(&npy, &case.join("l.npy"));
+                let lap = format!("file:{}", case.join("l.npy").display());
+                let data = tiny_shards().display().to_string();
+                ["train", "--data", &data, "--attn", "tau", "--laplacian", &lap].map(String::from).to_vec()
+            }
+            _ => {
+                flip(&log, &case.join("log.txt"));
+                vec!["stats".into(), case.join("log.txt").display().to_string(), log.display().to_string()]
+            }
+        };
+        if args[0] == "train" {
+            args.extend(["--log-dir", logs.to_str().unwrap()].iter().chain(&small).map(|s| s.to_string()));
+        } else if args[0] == "sample" {
+            args.extend(["--device".to_string(), "cpu".to_string()]);
+        }
+        let o = Command::new(BIN).args(&args).current_dir(env!("CARGO_MANIFEST_DIR")).output().unwrap();
+        let err = text(&o.stderr);
+        assert!(o.status.code() != Some(101) && !err.contains("panicked"), "case {i}: {args:?}: {err}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// Outputs that two runs, a full disk or a crash cannot corrupt (issue 21)
+
+// Issue 21.3: a run whose val loss climbs above its step-0 value diverged, finite or not: exit 1, no log to count.
+#[test]
+fn a_diverged_run_with_finite_loss_fails() {
+    let dir = tmp("diverged");
+    let o = train_output(&dir, &["--lr-adam", "1e9", "--val-every", "4"]);
+    assert_one_line_error(&o, 1, "diverged");
+    assert!(logs_in(&dir).is_empty(), "{:?}", logs_in(&dir));
+}
+
+// Issue 21.4: a log cut mid-run (a crash) or short of its configured steps is no run: stats and records-table skip it
+// and say so.
+#[test]
+fn cut_logs_are_skipped_and_named() {
+    let dir = tmp("cut");
+    let a = train(&dir, &["--steps", "4", "--val-every", "2"]);
+    let s = std::fs::read_to_string(&a).unwrap();
+    let b = dir.join("b.txt");
+    std::fs::copy(&a, &b).unwrap();
+    let cut = dir.join("cut.txt");
+    std::fs::write(&cut, &s[..s.find("step:2/4 val_loss").unwrap()]).unwrap();
+    let short = dir.join("short.txt");
+    let summary = s.lines().find(|l| l.starts_with("summary: ")).unwrap();
+    std::fs::write(&short, s.replace(summary, &summary.replace("\"steps\":4,", "\"steps\":2,"))).unwrap();
+    let p = |p: &Path| p.to_str().unwrap().to_string();
+    let o = run(&["stats", &p(&a), &p(&b), &p(&cut), &p(&short)]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("runs: 2"), "{}", text(&o.stdout));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains(&format!("skipped {}: ", p(&cut))) && err.contains(&format!("skipped {}: ", p(&short))),
+        "{err}"
+    );
+    // a records tree: the record counts its one full run
+    let rec = dir.join("records/tiny_1xCPU/2026-01-01_Cut");
+    std::fs::create_dir_all(&rec).unwrap();
+    std::fs::copy(&a, rec.join("a.txt")).unwrap();
+    std::fs::copy(&cut, rec.join("cut.txt")).unwrap();
+    let o = run(&["records-table", &p(&dir.join("records"))]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let row = text(&o.stdout).lines().find(|l| l.contains("[Cut]")).unwrap().to_string();
+    assert_eq!(row.split(" | ").nth(4), Some("1"), "one run: {row}");
+    assert!(text(&o.stderr).contains("cut.txt: "), "{}", text(&o.stderr));
+}
+
+// Issue 21.1: two runs saving to one --save-checkpoint path at once: the file holds exactly one run's weights, and
+// that run's log says so (its sha256); the other run's weights go beside it, under its own log's word.
+#[test]
+fn two_runs_saving_one_checkpoint_do_not_mix() {
+    use sha2::Digest;
+    let dir = tmp("race");
+    let ck = dir.join("m.safetensors");
+    let spawn = |seed: &str| {
+        let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap()];
+        args.extend_from_slice(SMALL);
+        args.extend_from_slice(&["--steps", "4", "--seed", seed, "--save-checkpoint", ck.to_str().unwrap()]);
+        Command::new(BIN).args(&args).current_dir(env!("CARGO_MANIFEST_DIR")).output()
+    };
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| spawn("1").unwrap());
+        let y = s.spawn(|| spawn("2").unwrap());
+        (x.join().unwrap(), y.join().unwrap())
+    });
+    let mut saved = vec![];
+    for o in [&x, &y] {
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        let line = text(&o.stdout).lines().find_map(|l| l.strip_prefix("checkpoint: ").map(str::to_string)).unwrap();
+        let (path, sha) = line.split_once(" sha256:").expect("the log names the checkpoint and its sha256");
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(format!("{:x}", sha2::Sha256::digest(&bytes)), sha, "{path} holds this run's weights");
+        saved.push(path.to_string());
+    }
+    assert!(saved.contains(&ck.to_str().unwrap().to_string()) && saved[0] != saved[1], "{saved:?}");
+    assert!(!logs_in(&dir).iter().any(|p| p.to_string_lossy().ends_with(".partial")), "{:?}", logs_in(&dir));
+}
+
+// Issue 21.1: two prepare runs into one --out: one is refused, the shards are one corpus.
+#[test]
+fn two_prepares_into_one_out_one_refused() {
+    let out = tmp("prep-race").join("out");
+    let spawn = || Command::new(BIN).args(["prepare", "data/tiny", "--out", out.to_str().unwrap()]).output();
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| spawn().unwrap());
+        let y = s.spawn(|| spawn().unwrap());
+        (x.join().unwrap(), y.join().unwrap())
+    });
+    let ok = [&x, &y].iter().filter(|o| o.status.success()).count();
+    assert_eq!(ok, 1, "exactly one prepare wins: {} / {}", text(&x.stderr), text(&y.stderr));
+    let failed = if x.status.success() { &y } else { &x };
+    assert_eq!(text(&failed.stderr).trim_end().lines().count(), 1, "{}", text(&failed.stderr));
+    let names: Vec<String> = logs_in(&out).iter().map(|p| p.file_name().unwrap().to_string_lossy().into()).collect();
+    assert_eq!(names.len(), 2, "train and val shards only: {names:?}");
+}
+
+// Issue 21.2 and 21.5: prepare on a full disk leaves nothing; a corpus without val documents and unknown kinds of
+// file are refused; .jsonl.gz is read as JSON Lines.
+#[test]
+fn prepare_is_whole_or_nothing() {
+    let mnt = tmp("prep-full");
+    let out = mnt.join("out");
+    if let Some((o, after)) =
+        on_full_tmpfs(&mnt, 2 * 1024 * 1024 - 64 * 1024, &["prepare", "data/tiny", "--out", out.to_str().unwrap()])
+    {
+        assert_one_line_error(&o, 1, "No space left on device");
+        assert_eq!(after, "steps=0", "nothing left");
+    }
+    let dir = tmp("prep-kinds");
+    let docs = |split: &str| {
+        (0..20).map(|i| format!("{{\"path\":\"{i}\",\"split\":\"{split}\",\"text\":\"doc {i} text\"}}\n")).collect()
+    };
+    let train_only: String = docs("train");
+    std::fs::write(dir.join("t.jsonl"), &train_only).unwrap();
+    let prep = |input: &str, out: &str| {
+        run(&["prepare", dir.join(input).to_str().unwrap(), "--out", dir.join(out).to_str().unwrap()])
+    };
+    assert_one_line_error(&prep("t.jsonl", "t"), 1, "no val documents");
+    std::fs::write(dir.join("c.json"), "[1, 2]").unwrap();
+    assert_one_line_error(&prep("c.json", "c"), 1, ".jsonl");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, (train_only + &docs("val")).as_bytes()).unwrap();
+    std::fs::write(dir.join("g.jsonl.gz"), gz.finish().unwrap()).unwrap();
+    let o = prep("g.jsonl.gz", "g");
+    assert!(
+        o.status.success() && text(&o.stdout).contains("val: 20 documents"),
+        "{}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert!(!dir.join("t").exists() && !dir.join("c").exists(), "refused runs leave no folder");
+}
+
+// Issue 21.5: a failed tau run leaves no Laplacian; a checkpoint on a full disk leaves no .partial.
+#[test]
+fn failed_runs_leave_nothing_behind() {
+    let dir = tmp("leftovers");
+    let o = train_output(&dir, &["--attn", "tau", "--laplacian", "chain", "--lr-adam", "1e30", "--lr-muon", "1e30"]);
+    assert_one_line_error(&o, 1, "diverged");
+    assert!(logs_in(&dir).is_empty(), "{:?}", logs_in(&dir));
+    let mnt = tmp("ckpt-full");
+    let ck = mnt.join("m.safetensors");
+    let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(&["--steps", "1", "--save-checkpoint", ck.to_str().unwrap()]);
+    if let Some((o, after)) = on_full_tmpfs(&mnt, 0, &args) {
+        assert_one_line_error(&o, 1, "No space left on device");
+        assert_eq!(after, "steps=0", "no .partial checkpoint");
+    }
+    assert!(logs_in(&dir).is_empty(), "{:?}", logs_in(&dir));
+}
+
+// Issue 21.6: error messages give advice that fits.
+#[test]
+fn error_messages_fit_their_cause() {
+    let dir = tmp("advice");
+    let o = train_output(&dir, &["--seq-len", "1"]);
+    assert_one_line_error(&o, 1, "--seq-len must be ≥ 2");
+    let o = run(&["train", "--data", "/nonexistent/shards", "--log-dir", dir.to_str().unwrap(), "--device", "cpu"]);
+    assert_one_line_error(&o, 1, "no such folder");
+    // a shard that cannot be read is not a missing one
+    let odd = tmp("advice-shards");
+    std::fs::create_dir_all(odd.join("train_000000.bin")).unwrap();
+    std::fs::copy(tiny_shards().join("val_000000.bin"), odd.join("val_000000.bin")).unwrap();
+    let o = run(&["train", "--data", odd.to_str().unwrap(), "--log-dir", dir.to_str().unwrap(), "--device", "cpu"]);
+    assert_one_line_error(&o, 1, "train_000000.bin");
+    assert!(!text(&o.stderr).contains("prepare"), "{}", text(&o.stderr));
+    let o = run(&["prepare", "data/tiny", "--out", "Cargo.toml/shards"]);
+    assert_one_line_error(&o, 1, "--out");
+    // a tau run that fails before any step is not the learning rates' fault
+    let lap = dir.join("nan.npy");
+    let header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': (16, 16), }}");
+    let mut b = b"\x93NUMPY\x01\x00".to_vec();
+    b.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    b.extend(header.bytes().chain((0..256).flat_map(|_| 3e38f32.to_le_bytes()))); // xᵀLx overflows f32
+    std::fs::write(&lap, b).unwrap();
+    let o = train_output(&dir, &["--attn", "tau", "--laplacian", &format!("file:{}", lap.display())]);
+    assert_one_line_error(&o, 1, "check --laplacian");
+    assert!(!text(&o.stderr).contains("--lr-"), "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("\"warning\":\"BFS says"), "the log says L is no graph Laplacian");
 }

@@ -586,12 +586,18 @@ fn checkpoint_round_trip() {
     for (attn, kv) in VARIANTS {
         let m = small_kv(attn, 512, kv);
         let p = tmp(&format!("{attn}-{kv}.safetensors"));
-        save_checkpoint(&m, &p).unwrap();
+        save_checkpoint(&m, &p, Existing::Replace).unwrap();
         let back = load_checkpoint(&p, Device::Cpu).unwrap();
         assert_eq!(back.cfg, m.cfg);
         let idx = Tensor::randint(512, [1, 16], (Kind::Int64, Device::Cpu));
         let (a, b) = tch::no_grad(|| (m.logits(&m.hidden(&idx, None)), back.logits(&back.hidden(&idx, None))));
         assert!((a - b).abs().max().double_value(&[]) == 0.0, "{attn}: reloaded weights give the same logits");
+    }
+    // what load_checkpoint checks a file against is what Model::new builds
+    for (attn, kv) in VARIANTS {
+        let m = small_kv(attn, 512, kv);
+        let built: Vec<(String, Vec<i64>)> = m.params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
+        assert_eq!(built, m.cfg.param_shapes(), "{attn}");
     }
     let e = load_checkpoint(&tmp("nothing.safetensors"), Device::Cpu).err().unwrap();
     assert!(e.contains("--save-checkpoint"), "{e}");
@@ -1388,4 +1394,82 @@ mod gpu {
         d.sync().unwrap();
         assert_eq!(Vec::<f32>::try_from(t.to(Device::Cpu)).unwrap(), vec![1.5, -2.0]);
     }
+}
+
+// No file a user can pass panics a reader: seeded random bytes, and valid files with bytes flipped, cut, or (for a
+// checkpoint) a config field set to a value out of range, through every reader of a command-line file. Cheap
+// (a few hundred inputs a reader) and deterministic.
+#[test]
+fn file_readers_never_panic_on_mangled_input() {
+    let mut rng = StdRng::seed_from_u64(20);
+    let shard = tmp("fuzz-base.bin");
+    write_shard(&shard, &(0..300u16).collect::<Vec<_>>()).unwrap();
+    let ck = tmp("fuzz-base.safetensors");
+    save_checkpoint(&small("tau", 512), &ck, Existing::Replace).unwrap();
+    let npy = tmp("fuzz-base.npy");
+    save_laplacian(&npy, &chain_laplacian(16)).unwrap();
+    let log = tmp("fuzz-base.txt");
+    let summary = r#"summary: {"variant":"causal","steps":20,"final_val_loss":5.0,"train_time_ms":100.0}"#;
+    #[rustfmt::skip]
+    fs::write(&log, format!("fn main() {{}}\n{}\nrustc: 1\n{}\nconfig: {{\"steps\":20,\"target_val_loss\":6.0}}\n\
+        step:0/20 val_loss:10.8 train_time:0ms step_avg:0.00ms\nstep:20/20 val_loss:5.0 train_time:100ms \
+        step_avg:5.00ms\n{summary}\n", "=".repeat(100), "=".repeat(100))).unwrap();
+    let mangle = |rng: &mut StdRng, base: &[u8]| -> Vec<u8> {
+        let mut b = base.to_vec();
+        match rng.gen_range(0..4) {
+            0 => (0..rng.gen_range(0..2000)).map(|_| rng.gen()).collect(),
+            1 => {
+                let cut = rng.gen_range(0..=b.len());
+                b.truncate(cut);
+                b
+            }
+            _ => {
+                // flips, mostly in the header where the structure is
+                for _ in 0..rng.gen_range(1..8) {
+                    let hi = if rng.gen_bool(0.7) { b.len().min(300) } else { b.len() };
+                    let i = rng.gen_range(0..hi);
+                    b[i] = if rng.gen_bool(0.5) {
+                        rng.gen()
+                    } else {
+                        *b"-0123456789,()[]{}:\"' ".get(rng.gen_range(0..22)).unwrap()
+                    };
+                }
+                b
+            }
+        }
+    };
+    // a checkpoint whose config has one field set to a value out of range
+    let ck_bytes = fs::read(&ck).unwrap();
+    let odd_config = |rng: &mut StdRng| -> Vec<u8> {
+        let st = safetensors::SafeTensors::deserialize(&ck_bytes).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&ck_bytes).unwrap();
+        let mut c: Value = serde_json::from_str(&meta.metadata().as_ref().unwrap()["config"]).unwrap();
+        let field = ["n_layer", "n_head", "n_kv_head", "n_embd", "seq_len", "vocab_size", "attn"][rng.gen_range(0..7)];
+        let vals = [json!(-1), json!(0), json!(1), json!(3), json!(1i64 << 40), json!("tau-lt"), json!(null)];
+        c[field] = vals[rng.gen_range(0..vals.len())].clone();
+        let meta = Some(std::collections::HashMap::from([("config".to_string(), c.to_string())]));
+        safetensors::tensor::serialize(st.tensors(), &meta).unwrap()
+    };
+    let mut panics = vec![];
+    for i in 0..1200 {
+        let (what, bytes) = match i % 5 {
+            0 => ("shard", mangle(&mut rng, &fs::read(&shard).unwrap())),
+            1 => ("checkpoint", mangle(&mut rng, &ck_bytes)),
+            2 => ("checkpoint config", odd_config(&mut rng)),
+            3 => ("npy", mangle(&mut rng, &fs::read(&npy).unwrap())),
+            _ => ("log", mangle(&mut rng, &fs::read(&log).unwrap())),
+        };
+        let p = tmp(&format!("fuzz-case.{}", if what == "npy" { "npy" } else { "txt" }));
+        fs::write(&p, &bytes).unwrap();
+        let r = std::panic::catch_unwind(|| match what {
+            "shard" => read_shard(&p).err(),
+            "checkpoint" | "checkpoint config" => load_checkpoint(&p, Device::Cpu).err(),
+            "npy" => load_laplacian_file(&p, 16).err(),
+            _ => tools::parse_log(&p).err(),
+        });
+        if r.is_err() {
+            panics.push(format!("case {i} ({what})"));
+        }
+    }
+    assert!(panics.is_empty(), "panicked on {} inputs: {:?}", panics.len(), &panics[..panics.len().min(10)]);
 }
