@@ -1,5 +1,6 @@
 // tools.rs: records tooling (parse logs of any harness version, statistics against the target, log diffs, SVG
-// plots, the README leaderboard) and the decode bench. Not part of the speedrun: logs do not embed it.
+// plots, the README leaderboard, the source tree a log embeds) and the decode bench. Not part of the speedrun, but
+// `mod tools` makes it part of the build, so logs embed it too.
 
 use super::*;
 use plotters::prelude::*;
@@ -295,12 +296,86 @@ fn fn_owners(src: &str) -> Vec<Option<String>> {
             (first..=last).for_each(|l| out[l - 1] = Some(name.clone()));
         }
     }
+    // a file's header is the `# <path>` line right after a rule: run.sh and Cargo.toml hold `# ` comments of their own
     let mut kernel = None::<String>;
     for (i, l) in lines.iter().enumerate().skip(rust) {
-        kernel = l.strip_prefix("# ").map(|k| k.trim().to_string()).or(kernel);
+        if i > 0 && is_rule(lines[i - 1], b'-', 40) {
+            kernel = l.strip_prefix("# ").map(|k| k.trim().to_string()).or(kernel);
+        }
         out[i] = kernel.clone();
     }
     out
+}
+
+/// The files a log's source block holds, in order: train_gpt.rs, then each `# <path>` that follows a 40-dash rule,
+/// each text with the one final newline that the log trims.
+pub fn embedded_files(source: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = source.lines().collect();
+    let mut files = vec![("train_gpt.rs".to_string(), vec![])];
+    let mut i = 0;
+    while i < lines.len() {
+        match lines[i + 1..].first().and_then(|h| h.strip_prefix("# ")) {
+            Some(path) if is_rule(lines[i], b'-', 40) => {
+                files.push((path.trim().to_string(), vec![]));
+                i += 2;
+            }
+            _ => {
+                files.last_mut().unwrap().1.push(lines[i]);
+                i += 1;
+            }
+        }
+    }
+    files.into_iter().map(|(p, l)| (p, l.join("\n") + "\n")).collect()
+}
+
+/// `train_gpt source LOG --out DIR`: the embedded tree, written into a temporary sibling of DIR that is renamed into
+/// place, so a failure leaves no half tree.
+pub fn cmd_source(log: &Path, out: &Path) -> Res<()> {
+    let o = out.display();
+    if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+        return Err(format!("{o}: exists and is not an empty folder; pass a new or empty --out folder"));
+    }
+    let l = parse_log(log)?;
+    let files = embedded_files(&l.source);
+    for (p, _) in &files {
+        if !Path::new(p).components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+            return Err(format!("{}: embedded path {p:?} leaves the tree; pass a log written by train_gpt", l.path));
+        }
+    }
+    let name = out.file_name().ok_or_else(|| format!("{o}: not a folder path; pass --out DIR"))?.to_string_lossy();
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        for (p, text) in &files {
+            let f = tmp.join(p);
+            std::fs::create_dir_all(f.parent().unwrap())?;
+            std::fs::write(f, text)?;
+        }
+        if out.exists() {
+            std::fs::remove_dir(out)?; // empty, checked above
+        }
+        std::fs::rename(&tmp, out)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        format!("{o}: {e}; pass a writable --out folder")
+    })?;
+    let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+    println!("wrote {} files to {o}: {}", files.len(), names.join(", "));
+    for k in ["git_commit", "git_dirty", "embedded_files_match_checkout", "command"] {
+        if let Some((_, v)) = l.versions.iter().find(|(x, _)| x == k) {
+            println!("{k}: {v}");
+        }
+    }
+    let missing: Vec<&str> =
+        ["tools.rs", "Cargo.toml", "Cargo.lock", "build.rs"].into_iter().filter(|f| !names.contains(f)).collect();
+    match missing.is_empty() {
+        true => println!("build: cd {o} && ./run.sh setup"),
+        false => println!(
+            "note: the log predates embedded build files; {} are missing: take them from the harness's git history",
+            missing.join(", ")
+        ),
+    }
+    Ok(())
 }
 
 fn opt(x: Option<f64>, prec: usize) -> String {

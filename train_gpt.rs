@@ -1,7 +1,7 @@
 // train_gpt.rs: the speedrun. A ~30M GPT on GPT-2 tokens of real data, raced to a validation loss with ordinary
 // causal attention or the Tauformer's topological ("tau") attention, over libtorch (tch). Read top to bottom:
 // set-up, data, Laplacian, kernels, model, optimizer, several GPUs, logs, training, checkpoints, main.
-// Every log embeds this file and kernels/* verbatim; records tooling lives in tools.rs, tests under tests/.
+// Every log embeds this file and what builds it (EMBEDDED_FILES); records tooling is in tools.rs, tests under tests/.
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -18,13 +18,22 @@ use tch::{Device, Kind, Reduction, Tensor};
 mod tools;
 
 const SOURCE: &str = include_str!("train_gpt.rs");
-const KERNEL_FILES: &[(&str, &str)] = &[
+// Every log embeds these after SOURCE, so that `train_gpt source LOG` gives back a tree that builds the run's binary:
+// the kernels, then tools.rs (records tooling, not the speedrun, but `mod tools` needs it to compile), then the build:
+// pinned crates, build script, libtorch location, set-up.
+const EMBEDDED_FILES: &[(&str, &str)] = &[
     ("kernels/ext.cpp", include_str!("kernels/ext.cpp")),
     ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu")),
     ("kernels/softcap_ce.cu", include_str!("kernels/softcap_ce.cu")),
     ("kernels/block_ops.cu", include_str!("kernels/block_ops.cu")),
     ("kernels/mma_bf16.cuh", include_str!("kernels/mma_bf16.cuh")),
     ("kernels/launchers.h", include_str!("kernels/launchers.h")),
+    ("tools.rs", include_str!("tools.rs")),
+    ("Cargo.toml", include_str!("Cargo.toml")),
+    ("Cargo.lock", include_str!("Cargo.lock")),
+    ("build.rs", include_str!("build.rs")),
+    (".cargo/config.toml", include_str!(".cargo/config.toml")),
+    ("run.sh", include_str!("run.sh")),
 ];
 const SHARD_MAGIC: i32 = 20240520; // modded-nanogpt / llm.c token shard
 const SHARD_VERSION: i32 = 1;
@@ -73,6 +82,13 @@ enum Cmd {
         /// Also compare with these runs (e.g. another variant): Welch's two-sided t-test of final val loss and time
         #[arg(long, num_args = 1..)]
         vs: Vec<PathBuf>,
+    },
+    /// Write the source tree a log embeds (train_gpt.rs, kernels, tools.rs, Cargo.toml, Cargo.lock, build.rs, run.sh)
+    /// into DIR, new or empty; `cd DIR && ./run.sh setup` builds the run's binary
+    Source {
+        log: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// Differences between two runs: options, embedded source, val loss at matched steps, speed, memory
     Diff { a: PathBuf, b: PathBuf },
@@ -2557,14 +2573,52 @@ fn gpu_name(dev: Device) -> Option<String> {
     }
 }
 
+// The checkout this binary was built from, as it is at run time: its commit, its uncommitted changes (`git status
+// --porcelain`, at most 20 paths) and whether the embedded files still equal its files (an edit without a rebuild makes
+// them differ; the embedded files are what ran). At run time rather than from build.rs: a build script that reran on
+// every commit or edit would recompile the kernels each time, and one that did not would log a stale commit.
+fn git_state() -> [(&'static str, String); 3] {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| sh("git", &[&["-C", dir], args].concat());
+    let dirty = git(&["status", "--porcelain"]).map_or("unknown".into(), |s| match s.lines().count() {
+        0 => "clean".to_string(),
+        n => {
+            let shown: Vec<&str> = s.lines().take(20).map(str::trim).collect();
+            format!("{n} paths: {}{}", shown.join(", "), if n > 20 { ", ..." } else { "" })
+        }
+    });
+    let files = std::iter::once(&("train_gpt.rs", SOURCE)).chain(EMBEDDED_FILES);
+    let same = files.map(|(p, text)| fs::read_to_string(Path::new(dir).join(p)).ok().map(|t| t == *text));
+    let same = same.collect::<Option<Vec<bool>>>().map_or("unknown".into(), |v| v.iter().all(|&b| b).to_string());
+    [
+        ("git_commit", git(&["rev-parse", "HEAD"]).unwrap_or("unknown".into())),
+        ("git_dirty", dirty),
+        ("embedded_files_match_checkout", same),
+    ]
+}
+
+// The command line as a shell would take it back.
+fn command_line() -> String {
+    let quote = |a: String| match a.chars().all(|c| c.is_ascii_alphanumeric() || "_-./:=,@+%".contains(c)) {
+        true if !a.is_empty() => a,
+        _ => format!("'{}'", a.replace('\'', "'\\''")),
+    };
+    std::env::args_os().map(|a| quote(a.to_string_lossy().into_owned())).collect::<Vec<_>>().join(" ")
+}
+
 fn write_header(log: &mut Log, dev: Device) {
     log.quiet(SOURCE.trim_end());
-    for (name, text) in KERNEL_FILES {
+    for (name, text) in EMBEDDED_FILES {
         log.quiet(&"-".repeat(40));
         log.quiet(&format!("# {name}"));
         log.quiet(text.trim_end());
     }
     log.quiet(&"=".repeat(100));
+    for (k, v) in git_state() {
+        log.line(&format!("{k}: {v}"));
+    }
+    log.line(&format!("command: {}", command_line()));
+    log.line(&format!("cwd: {}", std::env::current_dir().map_or("unknown".into(), |d| d.display().to_string())));
     let (torch, cuda) = libtorch_version();
     log.line(&format!("rustc: {}", env!("TRAIN_GPT_RUSTC")));
     log.line(&format!("tch: {}", env!("TRAIN_GPT_TCH")));
@@ -3091,6 +3145,7 @@ fn main() {
         Cmd::Plot { logs, out } => tools::parse_logs(&logs)
             .and_then(|l| tools::plot_svg(&l, &out))
             .map(|_| println!("wrote {}", out.display())),
+        Cmd::Source { log, out } => tools::cmd_source(&log, &out),
         Cmd::RecordsTable { root } => tools::records_table(&root).map(|t| print!("{t}")),
         Cmd::Bench(a) => cmd_bench(a, matches.subcommand_matches("bench").unwrap()),
         Cmd::BenchDecode(a) => tools::cmd_bench_decode(&a),

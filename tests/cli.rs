@@ -88,6 +88,72 @@ fn a_run_writes_a_self_describing_log() {
     assert!(!logs_in(&dir).iter().any(|p| p.to_string_lossy().ends_with(".partial")), "no partial file left");
 }
 
+// A log is enough to rebuild its run: `source` gives back the files that built the binary, byte for byte, from the
+// plain log or its gzipped copy; the header names the checkout and the command.
+#[test]
+fn source_of_a_log_is_the_repo_tree() {
+    let dir = tmp("source");
+    let log = train(&dir, &[]);
+    let s = std::fs::read_to_string(&log).unwrap();
+    let header = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).unwrap_or_else(|| panic!("no {k}")).to_string();
+    assert!(header("command: ").ends_with(&format!("--log-dir {} {}", dir.display(), SMALL.join(" "))));
+    let commit = header("git_commit: ");
+    assert!(commit.len() == 40 || commit == "unknown", "{commit}");
+    assert!(!header("git_dirty: ").is_empty());
+    assert_eq!(header("embedded_files_match_checkout: "), "true");
+    let gz = dir.join("copy.txt.gz");
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::best());
+    std::io::Write::write_all(&mut enc, s.as_bytes()).unwrap();
+    enc.finish().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let want = [
+        "train_gpt.rs",
+        "tools.rs",
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        ".cargo/config.toml",
+        "run.sh",
+        "kernels/ext.cpp",
+        "kernels/tau_attn.cu",
+        "kernels/softcap_ce.cu",
+        "kernels/block_ops.cu",
+        "kernels/mma_bf16.cuh",
+        "kernels/launchers.h",
+    ];
+    for (i, from) in [&log, &gz].into_iter().enumerate() {
+        let out = dir.join(format!("tree{i}"));
+        let o = run(&["source", from.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert!(text(&o.stdout).contains("build: cd "), "{}", text(&o.stdout));
+        fn walk(d: &Path, base: &Path, got: &mut Vec<String>) {
+            for e in std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()) {
+                match e.is_dir() {
+                    true => walk(&e, base, got),
+                    false => got.push(e.strip_prefix(base).unwrap().display().to_string()),
+                }
+            }
+        }
+        let mut got = vec![];
+        walk(&out, &out, &mut got);
+        let (mut got, mut want) = (got, want.map(String::from).to_vec());
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        for f in &want {
+            assert!(std::fs::read(out.join(f)).unwrap() == std::fs::read(root.join(f)).unwrap(), "{f} differs");
+        }
+        assert_one_line_error(
+            &run(&["source", from.to_str().unwrap(), "--out", out.to_str().unwrap()]),
+            1,
+            "exists and is not an empty folder",
+        );
+    }
+    let empty = tmp("source-empty");
+    assert!(run(&["source", log.to_str().unwrap(), "--out", empty.to_str().unwrap()]).status.success());
+    assert_one_line_error(&run(&["source", "Cargo.toml", "--out", tmp("x").join("t").to_str().unwrap()]), 1, "not a");
+}
+
 #[test]
 fn tau_run_logs_laplacian_tau_and_diagnostics() {
     let dir = tmp("tau");

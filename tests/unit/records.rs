@@ -296,3 +296,22 @@ fn plot_writes_svg_atomically() {
         .collect();
     assert!(left.is_empty());
 }
+
+#[test]
+fn embedded_files_split_at_rule_and_header_only() {
+    // a `# ` comment inside an embedded file (run.sh, Cargo.toml) is text, not a file header
+    let src = format!("{}\n{}\n# run.sh\n#!/bin/sh\n# a comment\necho hi", *SRC, "-".repeat(40));
+    let files = embedded_files(&src);
+    let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(names, ["train_gpt.rs", "kernels/foo.cu", "run.sh"]);
+    assert!(files[0].1.starts_with("use std::fmt;\n") && files[0].1.ends_with("    println!(\"{}\", lr(0));\n}\n"));
+    assert_eq!(files[1].1, "__global__ void foo(float* x) { x[0] = 1.0f; }\n");
+    assert_eq!(files[2].1, "#!/bin/sh\n# a comment\necho hi\n");
+    let owners = fn_owners(&src);
+    assert_eq!(owners.last().unwrap().as_deref(), Some("run.sh"));
+    // a path that would leave --out is refused, and nothing is written
+    let evil = format!("fn main() {{}}\n{}\n# ../escape.rs\nx\n{}\n", "-".repeat(40), "=".repeat(100));
+    let out = tmp("evil-tree");
+    let e = cmd_source(&write("evil.txt", &evil), &out).unwrap_err();
+    assert!(e.contains("leaves the tree") && !out.exists() && !tmp("escape.rs").exists(), "{e}");
+}
