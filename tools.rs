@@ -152,6 +152,7 @@ pub struct Stats {
     pub target: f64,
     pub t: f64,
     pub p_value: f64,
+    pub missed: Vec<String>, // logs of runs that never reached the target
 }
 
 type Metric = fn(&RunLog) -> Option<f64>;
@@ -191,7 +192,8 @@ pub fn stats(logs: &[RunLog]) -> Result<Stats, String> {
     // identical losses equal to the target give t = 0/0; statrs would be fed a NaN
     let p_value =
         if t.is_nan() { f64::NAN } else { StudentsT::new(0.0, 1.0, (n - 1) as f64).map_err(|e| e.to_string())?.cdf(t) };
-    Ok(Stats { n, loss_mean, loss_std, time_mean, time_std, time_kind, target: targets[0], t, p_value })
+    let missed = logs.iter().filter(|l| l.time_to_target_ms().is_none()).map(|l| l.path.clone()).collect();
+    Ok(Stats { n, loss_mean, loss_std, time_mean, time_std, time_kind, target: targets[0], t, p_value, missed })
 }
 
 /// Welch's unequal-variance t-test, two-sided: (t, Welch–Satterthwaite df, p).
@@ -213,39 +215,158 @@ pub fn welch(a: &[f64], b: &[f64]) -> Result<(f64, f64, f64), String> {
     Ok((t, df, p))
 }
 
-/// Two sets of runs side by side: final val loss and training time (time-to-target when every run of both reached
-/// it), each with Welch's two-sided test of the difference.
+/// One run against a set: z = (x − mean)/σ of the set, and the two-sided p that a new run of the set lands as far
+/// out (the prediction t: (x − mean)/(σ·√(1 + 1/n)), n − 1 df). Returns (z, df, p).
+pub fn one_vs_set(x: f64, set: &[f64]) -> Result<(f64, f64, f64), String> {
+    if set.len() < 2 {
+        return Err(format!("compare: one run against {} needs at least 2 runs on the other side", set.len()));
+    }
+    let ((m, sd), n) = (mean_std(set), set.len() as f64);
+    if sd == 0.0 {
+        return Ok(if x == m { (0.0, n - 1.0, 1.0) } else { ((x - m).signum() * f64::INFINITY, n - 1.0, 0.0) });
+    }
+    let t = (x - m) / (sd * (1.0 + 1.0 / n).sqrt());
+    let p = 2.0 * StudentsT::new(0.0, 1.0, n - 1.0).map_err(|e| e.to_string())?.cdf(-t.abs());
+    Ok(((x - m) / sd, n - 1.0, p))
+}
+
+fn fmt_p(p: f64) -> String {
+    if p >= 1e-3 || p == 0.0 {
+        format!("{p:.4}")
+    } else {
+        format!("{p:.3e}")
+    }
+}
+
+/// Two sets of runs side by side: final val loss and time, each with a two-sided test of the difference (Welch's
+/// t-test, or with one run on a side, that run's z-score against the other side's spread), then the winner. Time is
+/// time-to-target when every run of both sides reached the target; runs that missed it are named, and the whole
+/// runs' training times are compared instead.
 pub fn compare_report(a: &[RunLog], b: &[RunLog]) -> Result<String, String> {
     let col = |logs: &[RunLog], f: Metric, what: &str| -> Result<Vec<f64>, String> {
         logs.iter().map(|l| f(l).ok_or_else(|| format!("{}: no {what}", l.path))).collect()
     };
-    let reached = a.iter().chain(b).all(|l| l.time_to_target_ms().is_some());
-    let (tk, tf): (&str, Metric) = if reached {
+    let reached = |logs: &[RunLog]| logs.iter().filter(|l| l.time_to_target_ms().is_some()).count();
+    let (ra, rb) = (reached(a) == a.len(), reached(b) == b.len());
+    let (tk, tf): (&str, Metric) = if ra && rb {
         ("time_to_target_ms", RunLog::time_to_target_ms)
     } else {
         ("train_time_ms", RunLog::train_time_ms)
     };
     let mut out = format!("compare: {} ({} runs) vs {} ({} runs)\n", a[0].label(), a.len(), b[0].label(), b.len());
+    if !(ra && rb) {
+        out += &format!(
+            "time_to_target_ms: not compared: a reached the target in {}/{} runs, b in {}/{}; the whole runs' \
+             train_time_ms instead\n",
+            reached(a),
+            a.len(),
+            reached(b),
+            b.len()
+        );
+        for l in a.iter().chain(b).filter(|l| l.time_to_target_ms().is_none()) {
+            out += &format!("missed the target: {} (final val loss {})\n", l.path, opt(l.final_val_loss(), 4));
+        }
+    }
     let mut j = Map::new();
+    let mut tests = BTreeMap::new();
     for (name, f) in [("final_val_loss", RunLog::final_val_loss as Metric), (tk, tf)] {
         let (x, y) = (col(a, f, name)?, col(b, f, name)?);
-        let (t, df, p) = welch(&x, &y)?;
         let (mx, my) = (mean_std(&x).0, mean_std(&y).0);
-        out +=
-            &format!("{name}: {mx:.4} vs {my:.4} diff {:.4} welch_t {t:.3} df {df:.2} p_two_sided {p:.3e}\n", mx - my);
-        j.insert(name.to_string(), json!({"a": mx, "b": my, "t": t, "df": df, "p": p}));
+        let (test, stat, df, p) = match (x.len(), y.len()) {
+            (1, 1) => {
+                return Err("compare: one run a side has no spread to test against; pass 2 or more runs on \
+                                  one side"
+                    .into())
+            }
+            (1, _) => {
+                let (z, df, p) = one_vs_set(x[0], &y)?;
+                (format!("z {z:.3} (a's one run against b's spread, σ {:.4})", mean_std(&y).1), z, df, p)
+            }
+            (_, 1) => {
+                let (z, df, p) = one_vs_set(y[0], &x)?;
+                (format!("z {:.3} (b's one run against a's spread, σ {:.4})", -z, mean_std(&x).1), -z, df, p)
+            }
+            _ => {
+                let (t, df, p) = welch(&x, &y)?;
+                (format!("welch_t {t:.3}"), t, df, p)
+            }
+        };
+        out += &format!("{name}: {mx:.4} vs {my:.4} diff {:.4} {test} df {df:.2} p_two_sided {p:.3e}\n", mx - my);
+        let kind = if x.len() == 1 || y.len() == 1 { "z" } else { "t" };
+        j.insert(name.to_string(), json!({"a": mx, "b": my, kind: stat, "df": df, "p": p}));
+        tests.insert(name, (mx, my, p));
     }
+    // The speedrun's rule: reaching the target first wins; a side that missed it loses to one that did not; where
+    // neither side always reached it, the lower final val loss wins.
+    let side = |first: bool| match first {
+        true => format!("a ({})", a[0].label()),
+        false => format!("b ({})", b[0].label()),
+    };
+    let (metric, why) = match (ra, rb) {
+        (true, true) => ("time_to_target_ms", String::new()),
+        (false, false) => ("final_val_loss", " (neither side reached the target in every run)".into()),
+        _ => ("final_val_loss", String::new()),
+    };
+    let (ma, mb, p) = tests[metric];
+    let winner = match (ra, rb) {
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        _ if ma == mb => None,
+        _ => Some(ma < mb),
+    };
+    let sig = if p < 0.05 { "" } else { "; not significant at 0.05" };
+    out += &match winner {
+        None => format!("winner: none: a and b are equal in {metric}{why}\n"),
+        Some(w) if ra != rb => format!(
+            "winner: {}: every run reached the target, {} missed it in {} run(s); final_val_loss p_two_sided {}{sig}\n",
+            side(w),
+            side(!w),
+            if w { b.len() - reached(b) } else { a.len() - reached(a) },
+            fmt_p(p)
+        ),
+        Some(w) => format!(
+            "winner: {} by {metric} {:.4} vs {:.4}{why}, p_two_sided {}{sig}\n",
+            side(w),
+            ma.min(mb),
+            ma.max(mb),
+            fmt_p(p)
+        ),
+    };
+    j.insert("winner".into(), json!(winner.map(|w| if w { "a" } else { "b" })));
     out += &format!("compare_json: {}", Value::Object(j));
     Ok(out)
+}
+
+/// One run against the target: its final val loss, and its time-to-target or that it missed the target.
+pub fn single_report(l: &RunLog) -> Result<String, String> {
+    let loss = l.final_val_loss().ok_or_else(|| format!("{}: no final val loss", l.path))?;
+    let target = l.target().ok_or_else(|| format!("{}: no target_val_loss", l.path))?;
+    let time = match l.time_to_target_ms() {
+        Some(t) => format!("time_to_target_ms: {t:.1}\n"),
+        None => format!(
+            "time_to_target_ms: none: missed the target by {:.4} (train_time_ms {})\n",
+            loss - target,
+            opt(l.train_time_ms(), 1)
+        ),
+    };
+    Ok(format!(
+        "runs: 1 (no spread: no t-test against the target)\ntarget_val_loss: {target}\nfinal_val_loss: {loss:.4}\n\
+         {time}"
+    ))
 }
 
 pub fn stats_report(s: &Stats) -> String {
     let k = s.time_kind;
     let j = json!({"n": s.n, "loss_mean": s.loss_mean, "loss_std": s.loss_std, "time_kind": k, "time_mean": s.time_mean,
-        "time_std": s.time_std, "target": s.target, "t": s.t, "p_value": s.p_value});
+        "time_std": s.time_std, "target": s.target, "t": s.t, "p_value": s.p_value, "missed": s.missed});
+    let mut missed = format!("reached_target: {}/{}\n", s.n - s.missed.len(), s.n);
+    if !s.missed.is_empty() {
+        missed += "time: not time-to-target (runs missed the target): train_time_ms of the whole runs\n";
+        s.missed.iter().for_each(|p| missed += &format!("missed the target: {p}\n"));
+    }
     format!(
-        "runs: {}\ntarget_val_loss: {}\nval_loss_mean: {:.6}\nval_loss_std: {:.6}\n{k}_mean: {:.1}\n{k}_std: {:.1}\n\
-         t: {:.4}\np_value: {}\nstats: {j}\n",
+        "runs: {}\ntarget_val_loss: {}\nval_loss_mean: {:.6}\nval_loss_std: {:.6}\n{missed}{k}_mean: {:.1}\n\
+         {k}_std: {:.1}\nt: {:.4}\np_value: {}\nstats: {j}\n",
         s.n,
         s.target,
         s.loss_mean,
@@ -791,7 +912,10 @@ pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
 
 pub fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
     let (a, b) = (parse_logs(logs)?, parse_logs(vs)?); // every log read before anything is printed
-    let mut out = stats_report(&stats(&a)?);
+    let mut out = match a.len() {
+        1 => single_report(&a[0])?,
+        _ => stats_report(&stats(&a)?),
+    };
     if !b.is_empty() {
         out += &compare_report(&a, &b)?;
     }

@@ -186,6 +186,15 @@ fn stats_diff_and_plot_read_logs() {
             && out.lines().any(|l| l.starts_with("final_val_loss:") && l.contains("diff 0.0000 welch_t 0.000")),
         "{out}"
     );
+    assert!(out.contains("winner: none: a and b are equal in time_to_target_ms"), "{out}");
+    // one new run against a record's runs
+    let o = run(&["stats", a.to_str().unwrap(), "--vs", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success() && out.starts_with("runs: 1") && out.contains("(a's one run against b's spread"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("winner: ")), "{out}");
     let o = run(&["diff", a.to_str().unwrap(), b.to_str().unwrap()]);
     let out = text(&o.stdout);
     assert!(o.status.success() && out.contains("seed: 1 -> 2"), "{out}");

@@ -315,3 +315,43 @@ fn embedded_files_split_at_rule_and_header_only() {
     let e = cmd_source(&write("evil.txt", &evil), &out).unwrap_err();
     assert!(e.contains("leaves the tree") && !out.exists() && !tmp("escape.rs").exists(), "{e}");
 }
+
+#[test]
+fn one_run_against_a_set_is_a_z_score() {
+    // mpmath 1.3 (the venv's): z = (x − mean)/sd, t = (x − mean)/(sd·√(1 + 1/n)), p = I_{df/(df+t²)}(df/2, 1/2)
+    let set = [3.279, 3.2785, 3.2778, 3.2792, 3.2781];
+    let (z, df, p) = one_vs_set(3.2801, &set).unwrap();
+    assert!((z - 2.68220735798728).abs() < 1e-9 && df == 4.0 && (p - 0.070558465420326827).abs() < 1e-9, "{z} {p}");
+    assert_eq!(one_vs_set(5.0, &[5.0, 5.0]).unwrap(), (0.0, 1.0, 1.0));
+    assert!(one_vs_set(5.0, &[5.0]).is_err());
+    let set: Vec<RunLog> =
+        set.iter().enumerate().map(|(i, &x)| run(&format!("s{i}.txt"), x, Some(900.0 + i as f64))).collect();
+    let one = [run("one.txt", 3.2801, Some(880.0))];
+    let r = compare_report(&one, &set).unwrap();
+    assert!(r.contains("final_val_loss: 3.2801 vs 3.2785 diff 0.0016 z 2.682 (a's one run against b's spread"), "{r}");
+    assert!(r.contains("time_to_target_ms: 880.0000 vs 902.0000 diff -22.0000 z -13.914"), "{r}");
+    assert!(r.contains("winner: a (causal) by time_to_target_ms 880.0000 vs 902.0000, p_two_sided "), "{r}");
+    // the one run on the other side: the same z, seen from b
+    let r = compare_report(&set, &one).unwrap();
+    assert!(r.contains("z -2.682 (b's one run against a's spread") && r.contains("winner: b (causal)"), "{r}");
+    assert!(compare_report(&one, &one).unwrap_err().contains("2 or more runs on one side"));
+}
+
+#[test]
+fn runs_that_missed_the_target_are_named() {
+    let a: Vec<RunLog> = (0..3).map(|i| run(&format!("m{i}.txt"), 3.27 + 0.001 * i as f64, Some(900.0))).collect();
+    let mut b: Vec<RunLog> = (0..2).map(|i| run(&format!("n{i}.txt"), 3.275 + 0.001 * i as f64, Some(800.0))).collect();
+    b.push(run("nmiss.txt", 3.3, None));
+    let r = stats_report(&stats(&b).unwrap());
+    assert!(r.contains("reached_target: 2/3\ntime: not time-to-target (runs missed the target)"), "{r}");
+    assert!(r.contains(&format!("missed the target: {}\n", b[2].path)) && r.contains("train_time_ms_mean"), "{r}");
+    let r = compare_report(&a, &b).unwrap();
+    assert!(r.contains("time_to_target_ms: not compared: a reached the target in 3/3 runs, b in 2/3"), "{r}");
+    assert!(r.contains(&format!("missed the target: {} (final val loss 3.3000)", b[2].path)), "{r}");
+    assert!(r.contains("winner: a (causal): every run reached the target, b (causal) missed it in 1 run(s)"), "{r}");
+    let j: Value = serde_json::from_str(r.lines().last().unwrap().strip_prefix("compare_json: ").unwrap()).unwrap();
+    assert_eq!(j["winner"], json!("a"));
+    let r = single_report(&b[2]).unwrap();
+    assert!(r.contains("final_val_loss: 3.3000\ntime_to_target_ms: none: missed the target by 0.0200"), "{r}");
+    assert!(single_report(&a[0]).unwrap().contains("time_to_target_ms: 900.0\n"));
+}
