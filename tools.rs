@@ -18,6 +18,7 @@ pub struct RunLog {
     pub data: Option<Value>,
     pub summary: Option<Value>,
     pub val: Vec<(u64 /*step*/, f64 /*train_time_ms*/, f64 /*val_loss*/)>,
+    pub train: Vec<(u64 /*step*/, f64 /*train_time_ms*/, f64 /*train_loss*/)>,
     pub step_avg_ms: Option<f64>, // last step line
     pub peak_alloc_mib: Option<f64>,
     pub versions: Vec<(String, String)>,
@@ -44,6 +45,7 @@ pub fn parse_log(path: &Path) -> Result<RunLog, String> {
         data: None,
         summary: None,
         val: vec![],
+        train: vec![],
         step_avg_ms: None,
         peak_alloc_mib: None,
         versions: vec![],
@@ -87,6 +89,9 @@ pub fn parse_log(path: &Path) -> Result<RunLog, String> {
             };
             if let Some(v) = num("val_loss") {
                 log.val.push((step, num("train_time").unwrap_or(f64::NAN), v));
+            }
+            if let Some(v) = num("train_loss") {
+                log.train.push((step, num("train_time").unwrap_or(f64::NAN), v));
             }
             log.step_avg_ms = num("step_avg").or(log.step_avg_ms);
         }
@@ -134,6 +139,28 @@ impl RunLog {
             Some(lap) => format!("{}/{lap}", self.variant()),
             None => self.variant(),
         }
+    }
+    /// The record folder the log sits in (`<YYYY-MM-DD>_<Name>`), if it sits in one.
+    pub fn record(&self) -> Option<String> {
+        let dir = Path::new(&self.path).parent()?.file_name()?.to_string_lossy().to_string();
+        let b = dir.as_bytes();
+        let date = b.len() > 11 && [4, 7].iter().all(|&i| b[i] == b'-') && b[10] == b'_';
+        (date && [0, 1, 2, 3, 5, 6, 8, 9].iter().all(|&i| b[i].is_ascii_digit())).then_some(dir)
+    }
+    pub fn seed(&self) -> Option<i64> {
+        self.config.get("seed")?.as_i64()
+    }
+    /// Per step: (train loss, val loss, train_time_ms), the validation's exact time where there is one.
+    pub fn curve(&self) -> BTreeMap<u64, (Option<f64>, Option<f64>, f64)> {
+        let mut c = BTreeMap::new();
+        for &(s, t, v) in &self.train {
+            c.insert(s, (Some(v), None, t));
+        }
+        for &(s, t, v) in &self.val {
+            let e = c.entry(s).or_insert((None, None, t));
+            (e.1, e.2) = (Some(v), t);
+        }
+        c
     }
     /// Log file stem, cut to a uuid's first group, to tell runs of one variant apart.
     fn short_id(&self) -> String {
@@ -732,10 +759,14 @@ pub fn diff_report(a: &RunLog, b: &RunLog) -> String {
 }
 
 /// Renders into memory first and writes through a temp file + rename, so a failure leaves no partial SVG.
-pub fn plot_svg(logs: &[RunLog], out: &Path) -> Result<(), String> {
+pub fn plot_svg(logs: &[RunLog], out: &Path, train: bool) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| format!("{}: {e}", out.display());
     let mut svg = String::new();
-    draw(logs, &mut svg).map_err(|e| err(&e))?;
+    let mut targets: Vec<f64> = logs.iter().filter_map(RunLog::target).collect();
+    targets.sort_by(f64::total_cmp);
+    targets.dedup();
+    draw(&plot_lines(logs, train), &targets, if train { "train loss" } else { "val loss" }, &mut svg)
+        .map_err(|e| err(&e))?;
     let name = out.file_name().ok_or_else(|| err(&"not a file path"))?.to_string_lossy();
     let tmp = out.with_file_name(format!(".{name}.tmp"));
     std::fs::write(&tmp, &svg).and_then(|_| std::fs::rename(&tmp, out)).map_err(|e| {
@@ -744,7 +775,75 @@ pub fn plot_svg(logs: &[RunLog], out: &Path) -> Result<(), String> {
     })
 }
 
-type XOf = fn(&(u64, f64, f64)) -> f64;
+type Pt = (f64 /*time s*/, f64 /*step*/, f64 /*mean loss*/, f64 /*min*/, f64 /*max*/);
+
+/// One line of a plot: a log, or the runs of one record folder as their mean at the steps all of them logged, with
+/// the min–max band over them, so that a plot of many records stays one line a record.
+struct PlotLine {
+    label: String,
+    pts: Vec<Pt>,
+    runs: usize,
+}
+
+fn plot_lines(logs: &[RunLog], train: bool) -> Vec<PlotLine> {
+    let mut groups: Vec<(Option<String>, Vec<&RunLog>)> = vec![];
+    for l in logs {
+        let rec = l.record();
+        match groups.iter_mut().find(|g| rec.is_some() && g.0 == rec) {
+            Some(g) => g.1.push(l),
+            None => groups.push((rec, vec![l])),
+        }
+    }
+    let mut lines: Vec<(PlotLine, String)> = groups
+        .into_iter()
+        .map(|(rec, ls)| {
+            let mut at: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
+            for l in &ls {
+                for &(s, t, y) in if train { &l.train } else { &l.val } {
+                    // log y: a loss must be positive
+                    if t.is_finite() && y.is_finite() && y > 0.0 {
+                        at.entry(s).or_default().push((t, y));
+                    }
+                }
+            }
+            let pts = at
+                .into_iter()
+                .filter(|(_, v)| v.len() == ls.len())
+                .map(|(s, v)| {
+                    let n = v.len() as f64;
+                    let (lo, hi) =
+                        v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+                    (
+                        v.iter().map(|p| p.0).sum::<f64>() / n / 1e3,
+                        s as f64,
+                        v.iter().map(|p| p.1).sum::<f64>() / n,
+                        lo,
+                        hi,
+                    )
+                })
+                .collect();
+            let label = match (&rec, ls.len()) {
+                (Some(r), n) if n > 1 => format!("{r} ({n} runs, min–max)"),
+                _ => format!(
+                    "{} seed {}",
+                    rec.unwrap_or_else(|| ls[0].label()),
+                    ls[0].seed().map_or("-".into(), |s| s.to_string())
+                ),
+            };
+            (PlotLine { label, pts, runs: ls.len() }, ls[0].short_id())
+        })
+        .collect();
+    // runs outside record folders with one variant and seed would share a label: the log's id tells them apart
+    let labels: Vec<String> = lines.iter().map(|l| l.0.label.clone()).collect();
+    for (l, id) in lines.iter_mut() {
+        if labels.iter().filter(|x| **x == l.label).count() > 1 {
+            l.label += &format!(" {id}");
+        }
+    }
+    lines.into_iter().map(|l| l.0).collect()
+}
+
+type XOf = fn(&Pt) -> f64;
 
 // matplotlib's tab10: distinct on white, unlike plotters' Palette99 whose third colour is a pale yellow
 const COLORS: [RGBColor; 10] = [
@@ -760,55 +859,62 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(0x17, 0xbe, 0xcf),
 ];
 
-fn draw(logs: &[RunLog], svg: &mut String) -> Result<(), Box<dyn std::error::Error>> {
+fn draw(lines: &[PlotLine], targets: &[f64], what: &str, svg: &mut String) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::with_string(svg, (1400, 560)).into_drawing_area();
     root.fill(&WHITE)?;
-    let panels: [(&str, XOf); 2] = [("training time (s)", |v| v.1 / 1000.0), ("step", |v| v.0 as f64)];
+    let panels: [(&str, XOf); 2] = [("training time (s)", |p| p.0), ("step", |p| p.1)];
+    if lines.iter().all(|l| l.pts.is_empty()) {
+        return Err(format!("no {what} lines to plot").into());
+    }
     for (area, (xdesc, x)) in root.split_evenly((1, 2)).iter().zip(panels) {
-        // log y: the step-0 loss (~10.8) would otherwise flatten the end of training, where runs differ
-        let series: Vec<Vec<(f64, f64)>> = logs
-            .iter()
-            .map(|l| {
-                l.val.iter().map(|v| (x(v), v.2)).filter(|p| p.0.is_finite() && p.1.is_finite() && p.1 > 0.0).collect()
-            })
-            .collect();
-        let all = || series.iter().flatten();
-        let lim = |f: fn(&(f64, f64)) -> f64| {
-            all().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)))
-        };
-        if all().next().is_none() {
-            return Err("no val_loss lines to plot".into());
-        }
-        let ((x0, x1), (y0, y1)) = (lim(|p| p.0), lim(|p| p.1));
+        let all = || lines.iter().flat_map(|l| l.pts.iter());
+        let (x0, x1) = all().map(x).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+        let (y0, y1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.3), b.max(p.4)));
+        // the target is always in view: how far a run ends from it is the point
+        let (y0, y1) = targets.iter().filter(|t| **t > 0.0).fold((y0, y1), |(a, b), &t| (a.min(t), b.max(t)));
+        // log y: the step-0 loss (~10.8) would otherwise flatten the end of training, where runs differ.
         // plotters' own log ticks are powers of ten only, which leaves a 2..11 loss axis with one label
         let (y0, y1) = (y0 * 0.98, y1 * 1.02);
         let yticks = (-3..4)
             .flat_map(|k| [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0].map(|m| m * 10f64.powi(k)))
             .filter(|t| (y0..=y1).contains(t))
             .collect();
+        let x1 = x1.max(x0 + 1.0);
         let mut chart = ChartBuilder::on(area)
-            .caption(format!("val loss vs {xdesc}"), ("sans-serif", 24))
+            .caption(format!("{what} vs {xdesc}"), ("sans-serif", 24))
             .margin(15)
             .margin_right(35) // room for the last x label
             .x_label_area_size(50)
             .y_label_area_size(65)
-            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0..y1).log_scale().with_key_points(yticks))?;
+            .build_cartesian_2d(x0..x1, (y0..y1).log_scale().with_key_points(yticks))?;
         chart
             .configure_mesh()
             .x_desc(xdesc)
-            .y_desc("val loss")
+            .y_desc(what)
             .label_style(("sans-serif", 16))
             .axis_desc_style(("sans-serif", 18))
             .light_line_style(BLACK.mix(0.04))
             .x_label_formatter(&|x| format!("{x}"))
             .y_label_formatter(&|y| format!("{y}"))
             .draw()?;
-        for (i, (l, pts)) in logs.iter().zip(series).enumerate() {
-            let c = COLORS[i % COLORS.len()].stroke_width(2);
+        for (i, l) in lines.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            if l.runs > 1 {
+                let band = l.pts.iter().map(|p| (x(p), p.4)).chain(l.pts.iter().rev().map(|p| (x(p), p.3)));
+                chart.draw_series(std::iter::once(Polygon::new(band.collect::<Vec<_>>(), color.mix(0.2).filled())))?;
+            }
+            let c = color.stroke_width(2);
             chart
-                .draw_series(LineSeries::new(pts, c))?
-                .label(format!("{} {}", l.label(), l.short_id()))
+                .draw_series(LineSeries::new(l.pts.iter().map(|p| (x(p), p.2)), c))?
+                .label(&l.label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
+        for &t in targets.iter().filter(|t| **t > 0.0) {
+            let style = BLACK.stroke_width(1);
+            chart
+                .draw_series(DashedLineSeries::new(vec![(x0, t), (x1, t)], 8, 5, style))?
+                .label(format!("target {t}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         }
         chart
             .configure_series_labels()
@@ -921,6 +1027,42 @@ pub fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
     }
     println!("{out}");
     Ok(())
+}
+
+/// `train_gpt curves`: every log's loss curve, one row a step (CSV) or one object a log (JSON).
+pub fn curves(logs: &[RunLog], json_out: bool) -> String {
+    let num = |x: Option<f64>| x.filter(|x| x.is_finite());
+    if json_out {
+        let runs: Vec<Value> = logs
+            .iter()
+            .map(|l| {
+                let pts: Vec<Value> = l
+                    .curve()
+                    .into_iter()
+                    .map(|(s, (tl, vl, t))| {
+                        json!({"step": s, "train_loss": tl, "val_loss": vl, "train_time_ms": num(Some(t))})
+                    })
+                    .collect();
+                json!({"log": l.path, "record": l.record(), "variant": l.label(), "seed": l.seed(), "points": pts})
+            })
+            .collect();
+        return serde_json::to_string_pretty(&runs).unwrap() + "\n";
+    }
+    // RFC 4180: a field with a comma, quote or line break is quoted, its quotes doubled
+    let field = |x: &str| match x.contains([',', '"', '\n', '\r']) {
+        true => format!("\"{}\"", x.replace('"', "\"\"")),
+        false => x.to_string(),
+    };
+    let cell = |x: Option<f64>| num(x).map_or(String::new(), |x| x.to_string());
+    let mut out = "log,record,variant,seed,step,train_loss,val_loss,train_time_ms\n".to_string();
+    for l in logs {
+        let head = [field(&l.path), field(&l.record().unwrap_or_default()), field(&l.label())].join(",");
+        let seed = l.seed().map_or(String::new(), |s| s.to_string());
+        for (s, (tl, vl, t)) in l.curve() {
+            out += &format!("{head},{seed},{s},{},{},{}\n", cell(tl), cell(vl), cell(Some(t)));
+        }
+    }
+    out
 }
 
 pub fn parse_logs(paths: &[PathBuf]) -> Res<Vec<RunLog>> {

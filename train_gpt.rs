@@ -92,11 +92,22 @@ enum Cmd {
     },
     /// Differences between two runs: options, embedded source, val loss at matched steps, speed, memory
     Diff { a: PathBuf, b: PathBuf },
-    /// Val loss against training time and step, one line per log, as SVG
+    /// Val loss against training time and step, as SVG: one line a log (labelled by record folder or variant, and
+    /// seed), or, for the logs of one record folder, their mean with a min–max band; dashed: the target
     Plot {
         logs: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+        /// Plot the train loss of every step instead of the val loss
+        #[arg(long)]
+        train: bool,
+    },
+    /// Loss curves as data: one row a step (log, record, variant, seed, step, train_loss, val_loss, train_time_ms; a
+    /// cell is empty where a step has no such value) as CSV, or one object a log with its points as JSON
+    Curves {
+        logs: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: CurveFormat,
     },
     /// The README records table, recomputed from the logs under ROOT (default records/)
     RecordsTable {
@@ -112,6 +123,12 @@ enum Cmd {
     DistCheck(DistCheckArgs),
     /// Exit 0 when a CUDA device is usable, 1 otherwise (for scripts)
     HasCuda,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum CurveFormat {
+    Csv,
+    Json,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
@@ -3142,9 +3159,12 @@ fn main() {
         Cmd::Sample(a) => cmd_sample(&a),
         Cmd::Stats { logs, vs } => tools::cmd_stats(&logs, &vs),
         Cmd::Diff { a, b } => tools::parse_logs(&[a, b]).map(|l| println!("{}", tools::diff_report(&l[0], &l[1]))),
-        Cmd::Plot { logs, out } => tools::parse_logs(&logs)
-            .and_then(|l| tools::plot_svg(&l, &out))
+        Cmd::Plot { logs, out, train } => tools::parse_logs(&logs)
+            .and_then(|l| tools::plot_svg(&l, &out, train))
             .map(|_| println!("wrote {}", out.display())),
+        Cmd::Curves { logs, format } => {
+            tools::parse_logs(&logs).map(|l| print!("{}", tools::curves(&l, format == CurveFormat::Json)))
+        }
         Cmd::Source { log, out } => tools::cmd_source(&log, &out),
         Cmd::RecordsTable { root } => tools::records_table(&root).map(|t| print!("{t}")),
         Cmd::Bench(a) => cmd_bench(a, matches.subcommand_matches("bench").unwrap()),

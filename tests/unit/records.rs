@@ -272,12 +272,14 @@ fn plot_writes_svg_atomically() {
         parse_log(&write("pb.txt", &log_text(&SRC, &CFG.replace("causal", "tau"), &VALS[..3], None, false))).unwrap();
     b.val.iter_mut().for_each(|v| v.2 += 0.1);
     let out = tmp("plot.svg");
-    plot_svg(&[a, b], &out).unwrap();
+    plot_svg(&[a, b], &out, false).unwrap();
     let svg = std::fs::read_to_string(&out).unwrap();
     assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{}", &svg[..50]);
     assert!(svg.trim_end().ends_with("</svg>"));
     let texts: Vec<&str> = svg.lines().map(str::trim).collect(); // plotters puts <text> content on its own line
-    for t in ["causal pa", "tau pb", "val loss vs step", "training time (s)", "val loss", "2.5", "10"] {
+    for t in
+        ["causal seed 0", "tau seed 0", "target 2", "val loss vs step", "training time (s)", "val loss", "2.5", "10"]
+    {
         assert!(texts.contains(&t), "no text {t:?}");
     }
     // each log: one curve per panel + one legend swatch per panel, in its own colour
@@ -286,8 +288,9 @@ fn plot_writes_svg_atomically() {
         assert_eq!(svg.lines().filter(|l| l.starts_with("<polyline") && l.contains(&stroke)).count(), 4, "{stroke}");
     }
     let [a, b] = [out.parent().unwrap().join("no-such-dir/plot.svg"), tmp("empty.svg")];
-    assert!(plot_svg(&[], &b).is_err()); // nothing to plot
-    assert!(plot_svg(&[parse_log(&write("pc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap()], &a).is_err());
+    assert!(plot_svg(&[], &b, false).is_err()); // nothing to plot
+    let c = parse_log(&write("pc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap();
+    assert!(plot_svg(&[c], &a, false).is_err());
     assert!(!a.exists() && !b.exists() && !a.parent().unwrap().exists());
     let left: Vec<_> = std::fs::read_dir(out.parent().unwrap())
         .unwrap()
@@ -354,4 +357,80 @@ fn runs_that_missed_the_target_are_named() {
     let r = single_report(&b[2]).unwrap();
     assert!(r.contains("final_val_loss: 3.3000\ntime_to_target_ms: none: missed the target by 0.0200"), "{r}");
     assert!(single_report(&a[0]).unwrap().contains("time_to_target_ms: 900.0\n"));
+}
+
+// Step lines as the harness writes them now: train loss and an ETA.
+fn with_train_lines(text: &str, seed: i64, shift: f64) -> String {
+    let mut lines = String::new();
+    for s in [1u64, 50, 100, 1200] {
+        let loss = 11.0 - (s as f64).ln() + shift;
+        lines += &format!(
+            "step:{s}/1200 train_loss:{loss:.4} train_time:{}ms step_avg:130.00ms eta:{:.1}s\n",
+            s * 131,
+            (1200 - s) as f64 * 0.13
+        );
+    }
+    text.replace("\"seed\":0", &format!("\"seed\":{seed}")).replacen("diag: ", &format!("{lines}diag: "), 1)
+}
+
+#[test]
+fn step_lines_with_eta_give_train_curves() {
+    let l = parse_log(&write("eta.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, Some(SUMMARY), true), 3, 0.0)))
+        .unwrap();
+    assert_eq!(l.train.len(), 4);
+    assert_eq!(l.train[1], (50, 6550.0, 7.0880));
+    assert_eq!((l.val.len(), l.step_avg_ms, l.seed()), (4, Some(130.0), Some(3)));
+    let csv = curves(std::slice::from_ref(&l), false);
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "log,record,variant,seed,step,train_loss,val_loss,train_time_ms");
+    assert_eq!(rows[1], format!("{},,causal,3,0,,10.8253,0", l.path));
+    assert_eq!(rows[3], format!("{},,causal,3,50,7.088,,6550", l.path));
+    assert_eq!(rows[4], format!("{},,causal,3,100,6.3948,4.5476,13000", l.path)); // val's time: exact
+    assert_eq!(rows.len(), 1 + 6);
+    let j: Value = serde_json::from_str(&curves(&[l], true)).unwrap();
+    assert_eq!(j[0]["seed"], json!(3));
+    assert_eq!(
+        j[0]["points"][3],
+        json!({"step": 100, "train_loss": 6.3948, "val_loss": 4.5476, "train_time_ms": 13000.0})
+    );
+}
+
+#[test]
+fn plot_groups_a_record_folder_into_a_band() {
+    let rec = tmp("2026-01-02_Fast");
+    std::fs::create_dir_all(&rec).unwrap();
+    let log = |name: &str, seed: i64, shift: f64| {
+        let mut text = with_train_lines(&log_text(&SRC, CFG, VALS, Some(SUMMARY), true), seed, shift);
+        text = text.replace("val_loss:1.9824", &format!("val_loss:{}", 1.9824 + shift));
+        let p = rec.join(name);
+        std::fs::write(&p, text).unwrap();
+        parse_log(&p).unwrap()
+    };
+    let (a, b) = (log("r1.txt", 1, 0.0), log("r2.txt", 2, 0.05));
+    assert_eq!(a.record().as_deref(), Some("2026-01-02_Fast"));
+    let other =
+        parse_log(&write("solo.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, None, false), 7, 0.1))).unwrap();
+    assert_eq!(other.record(), None);
+    let lines = plot_lines(&[a.clone(), b.clone(), other.clone()], false);
+    let labels: Vec<&str> = lines.iter().map(|l| l.label.as_str()).collect();
+    assert_eq!(labels, ["2026-01-02_Fast (2 runs, min–max)", "causal seed 7"]);
+    let (t, step, mean, lo, hi) = *lines[0].pts.last().unwrap();
+    assert_eq!((t, step, lo), (156.0, 1200.0, 1.9824));
+    assert!((mean - 2.0074).abs() < 1e-12 && (hi - 2.0324).abs() < 1e-12, "{mean} {hi}");
+    for train in [false, true] {
+        let out = tmp(&format!("band-{train}.svg"));
+        plot_svg(&[a.clone(), b.clone(), other.clone()], &out, train).unwrap();
+        let svg = std::fs::read_to_string(&out).unwrap();
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+        let what = if train { "train loss" } else { "val loss" };
+        for t in ["2026-01-02_Fast (2 runs, min–max)", "causal seed 7", "target 2", &format!("{what} vs step")] {
+            assert!(texts.contains(&t), "no text {t:?}");
+        }
+        assert_eq!(svg.lines().filter(|l| l.starts_with("<polygon")).count(), 2, "one band a panel");
+    }
+    // two runs outside a record folder with one variant and seed: the log's id tells them apart
+    let twin =
+        parse_log(&write("twin.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, None, false), 7, 0.1))).unwrap();
+    let labels: Vec<String> = plot_lines(&[other, twin], false).into_iter().map(|l| l.label).collect();
+    assert_eq!(labels, ["causal seed 7 solo", "causal seed 7 twin"]);
 }
