@@ -138,7 +138,9 @@ enum Preset {
     Auto,
     /// the 30M linux-c recipe (every default below)
     Speedrun,
-    /// a small model on the embedded tiny corpus, minutes on a 2-core CPU
+    /// a small model on the embedded tiny corpus, minutes on a 2-core CPU: --data data/tokens/tiny --n-layer 4
+    /// --n-head 4 --n-embd 128 --seq-len 64 --batch-size 8 --steps 200 --warmup-steps 20 --val-every 25 --val-tokens
+    /// 4096 --target-val-loss 6.5 --sample-tokens 48 --lap-tokens 1000000 --lap-k 1024, each unless given
     Tiny,
 }
 
@@ -170,6 +172,7 @@ struct TrainArgs {
     /// Shard folder made by `train_gpt prepare`
     #[arg(long, default_value = "data/tokens/linux-c")]
     data: PathBuf,
+    /// The recipe. The defaults shown below are the speedrun's: tiny (auto's pick on a CPU) replaces those it lists
     #[arg(long, value_enum, default_value = "auto")]
     preset: Preset,
     #[arg(long, value_enum, default_value = "causal")]

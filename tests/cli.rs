@@ -630,3 +630,36 @@ fn parity_with_the_pytorch_reference() {
         assert_eq!(ours, theirs, "{attn}");
     }
 }
+
+// `./run.sh --steps 30` trains, as `./run.sh run --steps 30` does; a word it does not know is still a usage error.
+#[test]
+fn run_sh_takes_train_options_directly() {
+    let sh = |args: &[&str]| {
+        Command::new("./run.sh")
+            .args(args)
+            .env("RUN_SH_DRY_RUN", "1")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap()
+    };
+    for args in [&["--steps", "30"][..], &["run", "--steps", "30"]] {
+        let o = sh(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), "train --steps 30\n");
+    }
+    assert_eq!(text(&sh(&[]).stdout), "train \n");
+    let o = sh(&["steps"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).starts_with("usage: ./run.sh [run] [train options]"));
+}
+
+// The tiny preset's values are in `train --help`, which otherwise shows the speedrun's defaults.
+#[test]
+fn train_help_shows_the_tiny_preset() {
+    let o = run(&["train", "--help"]);
+    assert!(o.status.success());
+    let help = text(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in ["The defaults shown below are the speedrun's", "--n-layer 4 --n-head 4 --n-embd 128", "--lap-k 1024"] {
+        assert!(help.contains(want), "{want:?} not in: {help}");
+    }
+}

@@ -1389,3 +1389,29 @@ mod gpu {
         assert_eq!(Vec::<f32>::try_from(t.to(Device::Cpu)).unwrap(), vec![1.5, -2.0]);
     }
 }
+
+// Preset::Tiny's help lists every option apply_preset changes, with the value it sets, and nothing else.
+#[test]
+fn tiny_preset_help_matches_apply_preset() {
+    let parse = |args: &[&str]| {
+        let m = Cli::command().try_get_matches_from(args).unwrap();
+        let m = m.subcommand_matches("train").unwrap().clone();
+        let mut a = TrainArgs::from_arg_matches(&m).unwrap();
+        apply_preset(&mut a, &m, true);
+        serde_json::to_value(&a).unwrap()
+    };
+    let (speedrun, tiny) = (parse(&["train_gpt", "train"]), parse(&["train_gpt", "train", "--preset", "tiny"]));
+    let mut cmd = Cli::command();
+    let help = cmd.find_subcommand_mut("train").unwrap().render_long_help().to_string();
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    let listed = help.split("tiny: ").nth(1).unwrap().split(", each unless given").next().unwrap();
+    let mut want = vec![];
+    for (k, v) in tiny.as_object().unwrap() {
+        if k != "preset" && speedrun[k] != *v {
+            want.push(format!("--{} {}", k.replace('_', "-"), v.as_str().map_or(v.to_string(), str::to_string)));
+        }
+    }
+    let mut got: Vec<String> = listed.split(" --").skip(1).map(|f| format!("--{f}")).collect();
+    (got.sort(), want.sort());
+    assert_eq!(got, want, "{listed}");
+}
