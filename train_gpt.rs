@@ -2772,11 +2772,13 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
                 s + 1
             ));
         }
+        let avg = ms / (s + 1) as f64;
+        // steps left × step_avg: validation pauses not counted
+        let eta = (a.steps - s - 1) as f64 * avg / 1e3;
         log.line(&format!(
-            "step:{}/{} train_loss:{lv:.4} train_time:{ms:.0}ms step_avg:{:.2}ms",
+            "step:{}/{} train_loss:{lv:.4} train_time:{ms:.0}ms step_avg:{avg:.2}ms eta:{eta:.1}s",
             s + 1,
-            a.steps,
-            ms / (s + 1) as f64
+            a.steps
         ));
         Ok(())
     };

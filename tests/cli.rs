@@ -85,6 +85,17 @@ fn a_run_writes_a_self_describing_log() {
     assert_eq!(vals.len(), 3, "validation at 0, 10 and 20");
     assert!(vals[2] < vals[0] - 0.3, "val loss falls: {vals:?}");
     assert!(s.contains("step:4/20 train_loss:") && s.contains("step_avg:"));
+    // every train step line ends with its ETA: steps left × step_avg
+    let train_lines: Vec<&str> = s.lines().filter(|l| l.starts_with("step:") && l.contains("train_loss:")).collect();
+    assert_eq!(train_lines.len(), 20);
+    for l in &train_lines {
+        let field = |k: &str| l.split(k).nth(1).unwrap().split(|c: char| c == ' ' || c == 'm').next().unwrap();
+        let (step, avg): (f64, f64) =
+            (field("step:").split('/').next().unwrap().parse().unwrap(), field("step_avg:").parse().unwrap());
+        let eta: f64 = l.rsplit_once(" eta:").expect("eta last").1.strip_suffix('s').unwrap().parse().unwrap();
+        assert!((eta - (20.0 - step) * avg / 1e3).abs() <= 0.051, "{l}");
+    }
+    assert!(train_lines[19].ends_with(" eta:0.0s"));
     assert!(!logs_in(&dir).iter().any(|p| p.to_string_lossy().ends_with(".partial")), "no partial file left");
 }
 
