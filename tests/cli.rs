@@ -213,7 +213,20 @@ fn stats_diff_and_plot_read_logs() {
     let o = run(&["plot", a.to_str().unwrap(), b.to_str().unwrap(), "--out", svg.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let s = std::fs::read_to_string(&svg).unwrap();
-    assert!(s.starts_with("<svg") && s.contains("causal"));
+    assert!(s.starts_with("<svg") && s.contains("causal seed 1") && s.contains("target 20"));
+    let o = run(&["plot", a.to_str().unwrap(), "--train", "--out", svg.to_str().unwrap()]);
+    assert!(o.status.success() && std::fs::read_to_string(&svg).unwrap().contains("train loss vs step"));
+    // curves: a row a step (train lines 1..20, validations at 0, 10, 20), or a JSON object a log
+    let o = run(&["curves", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let csv = text(&o.stdout);
+    assert!(o.status.success() && csv.starts_with("log,record,variant,seed,step,train_loss,val_loss,train_time_ms\n"));
+    assert_eq!(csv.lines().count(), 1 + 2 * 21, "{csv}");
+    let row = format!("{},,causal,2,10,", b.display());
+    let row: Vec<&str> = csv.lines().find(|l| l.starts_with(&row)).unwrap().split(',').collect();
+    assert!(row[5].parse::<f64>().is_ok() && row[6].parse::<f64>().is_ok() && row[7].parse::<f64>().is_ok());
+    let o = run(&["curves", a.to_str().unwrap(), "--format", "json"]);
+    let j: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
+    assert_eq!((j[0]["seed"].as_i64(), j[0]["points"].as_array().unwrap().len()), (Some(1), 21));
     assert_one_line_error(&run(&["stats", "Cargo.toml"]), 1, "not a train_gpt log");
     // records are committed gzipped: every tool reads `.txt.gz` as the `.txt` it holds
     let gz = dir.join("b.txt.gz");
