@@ -687,3 +687,25 @@ fn train_help_shows_the_tiny_preset() {
         assert!(help.contains(want), "{want:?} not in: {help}");
     }
 }
+
+// The CPU path runs one libtorch thread unless told otherwise, logs what it used, and the thread count changes no
+// number: the same losses at every step with one thread and with two.
+#[test]
+fn cpu_threads_are_logged_and_change_no_number() {
+    let dir = tmp("threads");
+    let losses = |extra: &[&str]| {
+        let s = std::fs::read_to_string(train(&dir, extra)).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("config: ")).unwrap()).unwrap();
+        let losses: Vec<String> = s
+            .lines()
+            .filter(|l| l.starts_with("step:"))
+            .map(|l| l.split(" train_time").next().unwrap().to_string())
+            .collect();
+        (config["threads"].as_i64(), losses)
+    };
+    let (one, two) = (losses(&[]), losses(&["--threads", "2"]));
+    assert_eq!((one.0, two.0), (Some(1), Some(2)));
+    assert_eq!(one.1.len(), 23);
+    assert_eq!(one.1, two.1);
+}
