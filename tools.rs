@@ -473,7 +473,20 @@ pub fn embedded_files(source: &str) -> Vec<(String, String)> {
             }
         }
     }
-    files.into_iter().map(|(p, l)| (p, l.join("\n") + "\n")).collect()
+    let mut files: Vec<(String, String)> = files.into_iter().map(|(p, l)| (p, l.join("\n") + "\n")).collect();
+    // Older harnesses held a rule and a `# ` line inside a string of their own tests: a Rust file that does not parse
+    // until the section after it is put back was cut there.
+    let mut i = 0;
+    while i + 1 < files.len() {
+        let (p, text) = &files[i];
+        if p.ends_with(".rs") && syn::parse_file(text).is_err() {
+            let (next, rest) = files.remove(i + 1);
+            files[i].1 += &format!("{}\n# {next}\n{rest}", "-".repeat(40));
+        } else {
+            i += 1;
+        }
+    }
+    files
 }
 
 /// `train_gpt source LOG --out DIR`: the embedded tree, written into a temporary sibling of DIR that is renamed into

@@ -310,6 +310,14 @@ fn embedded_files_split_at_rule_and_header_only() {
     assert!(files[0].1.starts_with("use std::fmt;\n") && files[0].1.ends_with("    println!(\"{}\", lr(0));\n}\n"));
     assert_eq!(files[1].1, "__global__ void foo(float* x) { x[0] = 1.0f; }\n");
     assert_eq!(files[2].1, "#!/bin/sh\n# a comment\necho hi\n");
+    // an older harness's tests held a rule and a header in a raw string: the Rust file is put back together
+    let old = format!(
+        "fn t() {{\n    let s = r#\"\n{r}\n# kernels/foo.cu\nx\"#;\n}}\n{r}\n# kernels/ext.cpp\nint x;",
+        r = "-".repeat(40)
+    );
+    let files = embedded_files(&old);
+    assert_eq!(files.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), ["train_gpt.rs", "kernels/ext.cpp"]);
+    assert_eq!(files[0].1, old[..old.rfind(&"-".repeat(40)).unwrap()]);
     let owners = fn_owners(&src);
     assert_eq!(owners.last().unwrap().as_deref(), Some("run.sh"));
     // a path that would leave --out is refused, and nothing is written
