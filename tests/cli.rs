@@ -688,24 +688,29 @@ fn train_help_shows_the_tiny_preset() {
     }
 }
 
-// The CPU path runs one libtorch thread unless told otherwise, logs what it used, and the thread count changes no
-// number: the same losses at every step with one thread and with two.
+// The CPU path runs one libtorch thread unless told otherwise and logs what it used; the thread count moves the
+// losses by float rounding at most (the tiny preset's 200 steps: one train loss of 200 by 1e-4, in its last digit).
 #[test]
-fn cpu_threads_are_logged_and_change_no_number() {
+fn cpu_threads_are_logged_and_keep_the_numbers() {
     let dir = tmp("threads");
     let losses = |extra: &[&str]| {
         let s = std::fs::read_to_string(train(&dir, extra)).unwrap();
         let config: serde_json::Value =
             serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("config: ")).unwrap()).unwrap();
-        let losses: Vec<String> = s
+        let losses: Vec<(String, f64)> = s
             .lines()
             .filter(|l| l.starts_with("step:"))
-            .map(|l| l.split(" train_time").next().unwrap().to_string())
+            .map(|l| {
+                let (key, loss) = l.split(" train_time").next().unwrap().split_once("_loss:").unwrap();
+                (key.to_string(), loss.parse().unwrap())
+            })
             .collect();
         (config["threads"].as_i64(), losses)
     };
     let (one, two) = (losses(&[]), losses(&["--threads", "2"]));
     assert_eq!((one.0, two.0), (Some(1), Some(2)));
-    assert_eq!(one.1.len(), 23);
-    assert_eq!(one.1, two.1);
+    assert_eq!((one.1.len(), two.1.len()), (23, 23));
+    for (a, b) in one.1.iter().zip(&two.1) {
+        assert!(a.0 == b.0 && (a.1 - b.1).abs() <= 2e-4, "{a:?} {b:?}");
+    }
 }
