@@ -1,5 +1,6 @@
 // tools.rs: records tooling (parse logs of any harness version, statistics against the target, log diffs, SVG
-// plots, the README leaderboard) and the decode bench. Not part of the speedrun: logs do not embed it.
+// plots, the README leaderboard, the source tree a log embeds) and the decode bench. Not part of the speedrun, but
+// `mod tools` makes it part of the build, so logs embed it too.
 
 use super::*;
 use plotters::prelude::*;
@@ -17,6 +18,7 @@ pub struct RunLog {
     pub data: Option<Value>,
     pub summary: Option<Value>,
     pub val: Vec<(u64 /*step*/, f64 /*train_time_ms*/, f64 /*val_loss*/)>,
+    pub train: Vec<(u64 /*step*/, f64 /*train_time_ms*/, f64 /*train_loss*/)>,
     pub step_avg_ms: Option<f64>, // last step line
     pub peak_alloc_mib: Option<f64>,
     pub versions: Vec<(String, String)>,
@@ -43,6 +45,7 @@ pub fn parse_log(path: &Path) -> Result<RunLog, String> {
         data: None,
         summary: None,
         val: vec![],
+        train: vec![],
         step_avg_ms: None,
         peak_alloc_mib: None,
         versions: vec![],
@@ -86,6 +89,9 @@ pub fn parse_log(path: &Path) -> Result<RunLog, String> {
             };
             if let Some(v) = num("val_loss") {
                 log.val.push((step, num("train_time").unwrap_or(f64::NAN), v));
+            }
+            if let Some(v) = num("train_loss") {
+                log.train.push((step, num("train_time").unwrap_or(f64::NAN), v));
             }
             log.step_avg_ms = num("step_avg").or(log.step_avg_ms);
         }
@@ -146,6 +152,28 @@ impl RunLog {
             _ => None,
         }
     }
+    /// The record folder the log sits in (`<YYYY-MM-DD>_<Name>`), if it sits in one.
+    pub fn record(&self) -> Option<String> {
+        let dir = Path::new(&self.path).parent()?.file_name()?.to_string_lossy().to_string();
+        let b = dir.as_bytes();
+        let date = b.len() > 11 && [4, 7].iter().all(|&i| b[i] == b'-') && b[10] == b'_';
+        (date && [0, 1, 2, 3, 5, 6, 8, 9].iter().all(|&i| b[i].is_ascii_digit())).then_some(dir)
+    }
+    pub fn seed(&self) -> Option<i64> {
+        self.config.get("seed")?.as_i64()
+    }
+    /// Per step: (train loss, val loss, train_time_ms), the validation's exact time where there is one.
+    pub fn curve(&self) -> BTreeMap<u64, (Option<f64>, Option<f64>, f64)> {
+        let mut c = BTreeMap::new();
+        for &(s, t, v) in &self.train {
+            c.insert(s, (Some(v), None, t));
+        }
+        for &(s, t, v) in &self.val {
+            let e = c.entry(s).or_insert((None, None, t));
+            (e.1, e.2) = (Some(v), t);
+        }
+        c
+    }
     /// Log file stem, cut to a uuid's first group, to tell runs of one variant apart.
     fn short_id(&self) -> String {
         Path::new(&self.path).file_stem().map_or(String::new(), |s| s.to_string_lossy().chars().take(8).collect())
@@ -163,6 +191,7 @@ pub struct Stats {
     pub target: f64,
     pub t: f64,
     pub p_value: f64,
+    pub missed: Vec<String>, // logs of runs that never reached the target
 }
 
 type Metric = fn(&RunLog) -> Option<f64>;
@@ -202,7 +231,8 @@ pub fn stats(logs: &[RunLog]) -> Result<Stats, String> {
     // identical losses equal to the target give t = 0/0; statrs would be fed a NaN
     let p_value =
         if t.is_nan() { f64::NAN } else { StudentsT::new(0.0, 1.0, (n - 1) as f64).map_err(|e| e.to_string())?.cdf(t) };
-    Ok(Stats { n, loss_mean, loss_std, time_mean, time_std, time_kind, target: targets[0], t, p_value })
+    let missed = logs.iter().filter(|l| l.time_to_target_ms().is_none()).map(|l| l.path.clone()).collect();
+    Ok(Stats { n, loss_mean, loss_std, time_mean, time_std, time_kind, target: targets[0], t, p_value, missed })
 }
 
 /// Welch's unequal-variance t-test, two-sided: (t, Welch–Satterthwaite df, p).
@@ -224,39 +254,158 @@ pub fn welch(a: &[f64], b: &[f64]) -> Result<(f64, f64, f64), String> {
     Ok((t, df, p))
 }
 
-/// Two sets of runs side by side: final val loss and training time (time-to-target when every run of both reached
-/// it), each with Welch's two-sided test of the difference.
+/// One run against a set: z = (x − mean)/σ of the set, and the two-sided p that a new run of the set lands as far
+/// out (the prediction t: (x − mean)/(σ·√(1 + 1/n)), n − 1 df). Returns (z, df, p).
+pub fn one_vs_set(x: f64, set: &[f64]) -> Result<(f64, f64, f64), String> {
+    if set.len() < 2 {
+        return Err(format!("compare: one run against {} needs at least 2 runs on the other side", set.len()));
+    }
+    let ((m, sd), n) = (mean_std(set), set.len() as f64);
+    if sd == 0.0 {
+        return Ok(if x == m { (0.0, n - 1.0, 1.0) } else { ((x - m).signum() * f64::INFINITY, n - 1.0, 0.0) });
+    }
+    let t = (x - m) / (sd * (1.0 + 1.0 / n).sqrt());
+    let p = 2.0 * StudentsT::new(0.0, 1.0, n - 1.0).map_err(|e| e.to_string())?.cdf(-t.abs());
+    Ok(((x - m) / sd, n - 1.0, p))
+}
+
+fn fmt_p(p: f64) -> String {
+    if p >= 1e-3 || p == 0.0 {
+        format!("{p:.4}")
+    } else {
+        format!("{p:.3e}")
+    }
+}
+
+/// Two sets of runs side by side: final val loss and time, each with a two-sided test of the difference (Welch's
+/// t-test, or with one run on a side, that run's z-score against the other side's spread), then the winner. Time is
+/// time-to-target when every run of both sides reached the target; runs that missed it are named, and the whole
+/// runs' training times are compared instead.
 pub fn compare_report(a: &[RunLog], b: &[RunLog]) -> Result<String, String> {
     let col = |logs: &[RunLog], f: Metric, what: &str| -> Result<Vec<f64>, String> {
         logs.iter().map(|l| f(l).ok_or_else(|| format!("{}: no {what}", l.path))).collect()
     };
-    let reached = a.iter().chain(b).all(|l| l.time_to_target_ms().is_some());
-    let (tk, tf): (&str, Metric) = if reached {
+    let reached = |logs: &[RunLog]| logs.iter().filter(|l| l.time_to_target_ms().is_some()).count();
+    let (ra, rb) = (reached(a) == a.len(), reached(b) == b.len());
+    let (tk, tf): (&str, Metric) = if ra && rb {
         ("time_to_target_ms", RunLog::time_to_target_ms)
     } else {
         ("train_time_ms", RunLog::train_time_ms)
     };
     let mut out = format!("compare: {} ({} runs) vs {} ({} runs)\n", a[0].label(), a.len(), b[0].label(), b.len());
+    if !(ra && rb) {
+        out += &format!(
+            "time_to_target_ms: not compared: a reached the target in {}/{} runs, b in {}/{}; the whole runs' \
+             train_time_ms instead\n",
+            reached(a),
+            a.len(),
+            reached(b),
+            b.len()
+        );
+        for l in a.iter().chain(b).filter(|l| l.time_to_target_ms().is_none()) {
+            out += &format!("missed the target: {} (final val loss {})\n", l.path, opt(l.final_val_loss(), 4));
+        }
+    }
     let mut j = Map::new();
+    let mut tests = BTreeMap::new();
     for (name, f) in [("final_val_loss", RunLog::final_val_loss as Metric), (tk, tf)] {
         let (x, y) = (col(a, f, name)?, col(b, f, name)?);
-        let (t, df, p) = welch(&x, &y)?;
         let (mx, my) = (mean_std(&x).0, mean_std(&y).0);
-        out +=
-            &format!("{name}: {mx:.4} vs {my:.4} diff {:.4} welch_t {t:.3} df {df:.2} p_two_sided {p:.3e}\n", mx - my);
-        j.insert(name.to_string(), json!({"a": mx, "b": my, "t": t, "df": df, "p": p}));
+        let (test, stat, df, p) = match (x.len(), y.len()) {
+            (1, 1) => {
+                return Err("compare: one run a side has no spread to test against; pass 2 or more runs on \
+                                  one side"
+                    .into())
+            }
+            (1, _) => {
+                let (z, df, p) = one_vs_set(x[0], &y)?;
+                (format!("z {z:.3} (a's one run against b's spread, σ {:.4})", mean_std(&y).1), z, df, p)
+            }
+            (_, 1) => {
+                let (z, df, p) = one_vs_set(y[0], &x)?;
+                (format!("z {:.3} (b's one run against a's spread, σ {:.4})", -z, mean_std(&x).1), -z, df, p)
+            }
+            _ => {
+                let (t, df, p) = welch(&x, &y)?;
+                (format!("welch_t {t:.3}"), t, df, p)
+            }
+        };
+        out += &format!("{name}: {mx:.4} vs {my:.4} diff {:.4} {test} df {df:.2} p_two_sided {p:.3e}\n", mx - my);
+        let kind = if x.len() == 1 || y.len() == 1 { "z" } else { "t" };
+        j.insert(name.to_string(), json!({"a": mx, "b": my, kind: stat, "df": df, "p": p}));
+        tests.insert(name, (mx, my, p));
     }
+    // The speedrun's rule: reaching the target first wins; a side that missed it loses to one that did not; where
+    // neither side always reached it, the lower final val loss wins.
+    let side = |first: bool| match first {
+        true => format!("a ({})", a[0].label()),
+        false => format!("b ({})", b[0].label()),
+    };
+    let (metric, why) = match (ra, rb) {
+        (true, true) => ("time_to_target_ms", String::new()),
+        (false, false) => ("final_val_loss", " (neither side reached the target in every run)".into()),
+        _ => ("final_val_loss", String::new()),
+    };
+    let (ma, mb, p) = tests[metric];
+    let winner = match (ra, rb) {
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        _ if ma == mb => None,
+        _ => Some(ma < mb),
+    };
+    let sig = if p < 0.05 { "" } else { "; not significant at 0.05" };
+    out += &match winner {
+        None => format!("winner: none: a and b are equal in {metric}{why}\n"),
+        Some(w) if ra != rb => format!(
+            "winner: {}: every run reached the target, {} missed it in {} run(s); final_val_loss p_two_sided {}{sig}\n",
+            side(w),
+            side(!w),
+            if w { b.len() - reached(b) } else { a.len() - reached(a) },
+            fmt_p(p)
+        ),
+        Some(w) => format!(
+            "winner: {} by {metric} {:.4} vs {:.4}{why}, p_two_sided {}{sig}\n",
+            side(w),
+            ma.min(mb),
+            ma.max(mb),
+            fmt_p(p)
+        ),
+    };
+    j.insert("winner".into(), json!(winner.map(|w| if w { "a" } else { "b" })));
     out += &format!("compare_json: {}", Value::Object(j));
     Ok(out)
+}
+
+/// One run against the target: its final val loss, and its time-to-target or that it missed the target.
+pub fn single_report(l: &RunLog) -> Result<String, String> {
+    let loss = l.final_val_loss().ok_or_else(|| format!("{}: no final val loss", l.path))?;
+    let target = l.target().ok_or_else(|| format!("{}: no target_val_loss", l.path))?;
+    let time = match l.time_to_target_ms() {
+        Some(t) => format!("time_to_target_ms: {t:.1}\n"),
+        None => format!(
+            "time_to_target_ms: none: missed the target by {:.4} (train_time_ms {})\n",
+            loss - target,
+            opt(l.train_time_ms(), 1)
+        ),
+    };
+    Ok(format!(
+        "runs: 1 (no spread: no t-test against the target)\ntarget_val_loss: {target}\nfinal_val_loss: {loss:.4}\n\
+         {time}"
+    ))
 }
 
 pub fn stats_report(s: &Stats) -> String {
     let k = s.time_kind;
     let j = json!({"n": s.n, "loss_mean": s.loss_mean, "loss_std": s.loss_std, "time_kind": k, "time_mean": s.time_mean,
-        "time_std": s.time_std, "target": s.target, "t": s.t, "p_value": s.p_value});
+        "time_std": s.time_std, "target": s.target, "t": s.t, "p_value": s.p_value, "missed": s.missed});
+    let mut missed = format!("reached_target: {}/{}\n", s.n - s.missed.len(), s.n);
+    if !s.missed.is_empty() {
+        missed += "time: not time-to-target (runs missed the target): train_time_ms of the whole runs\n";
+        s.missed.iter().for_each(|p| missed += &format!("missed the target: {p}\n"));
+    }
     format!(
-        "runs: {}\ntarget_val_loss: {}\nval_loss_mean: {:.6}\nval_loss_std: {:.6}\n{k}_mean: {:.1}\n{k}_std: {:.1}\n\
-         t: {:.4}\np_value: {}\nstats: {j}\n",
+        "runs: {}\ntarget_val_loss: {}\nval_loss_mean: {:.6}\nval_loss_std: {:.6}\n{missed}{k}_mean: {:.1}\n\
+         {k}_std: {:.1}\nt: {:.4}\np_value: {}\nstats: {j}\n",
         s.n,
         s.target,
         s.loss_mean,
@@ -307,12 +456,99 @@ fn fn_owners(src: &str) -> Vec<Option<String>> {
             (first..=last).for_each(|l| out[l - 1] = Some(name.clone()));
         }
     }
+    // a file's header is the `# <path>` line right after a rule: run.sh and Cargo.toml hold `# ` comments of their own
     let mut kernel = None::<String>;
     for (i, l) in lines.iter().enumerate().skip(rust) {
-        kernel = l.strip_prefix("# ").map(|k| k.trim().to_string()).or(kernel);
+        if i > 0 && is_rule(lines[i - 1], b'-', 40) {
+            kernel = l.strip_prefix("# ").map(|k| k.trim().to_string()).or(kernel);
+        }
         out[i] = kernel.clone();
     }
     out
+}
+
+/// The files a log's source block holds, in order: train_gpt.rs, then each `# <path>` that follows a 40-dash rule,
+/// each text with the one final newline that the log trims.
+pub fn embedded_files(source: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = source.lines().collect();
+    let mut files = vec![("train_gpt.rs".to_string(), vec![])];
+    let mut i = 0;
+    while i < lines.len() {
+        match lines[i + 1..].first().and_then(|h| h.strip_prefix("# ")) {
+            Some(path) if is_rule(lines[i], b'-', 40) => {
+                files.push((path.trim().to_string(), vec![]));
+                i += 2;
+            }
+            _ => {
+                files.last_mut().unwrap().1.push(lines[i]);
+                i += 1;
+            }
+        }
+    }
+    let mut files: Vec<(String, String)> = files.into_iter().map(|(p, l)| (p, l.join("\n") + "\n")).collect();
+    // Older harnesses held a rule and a `# ` line inside a string of their own tests: a Rust file that does not parse
+    // until the section after it is put back was cut there.
+    let mut i = 0;
+    while i + 1 < files.len() {
+        let (p, text) = &files[i];
+        if p.ends_with(".rs") && syn::parse_file(text).is_err() {
+            let (next, rest) = files.remove(i + 1);
+            files[i].1 += &format!("{}\n# {next}\n{rest}", "-".repeat(40));
+        } else {
+            i += 1;
+        }
+    }
+    files
+}
+
+/// `train_gpt source LOG --out DIR`: the embedded tree, written into a temporary sibling of DIR that is renamed into
+/// place, so a failure leaves no half tree.
+pub fn cmd_source(log: &Path, out: &Path) -> Res<()> {
+    let o = out.display();
+    if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+        return Err(format!("{o}: exists and is not an empty folder; pass a new or empty --out folder"));
+    }
+    let l = parse_log(log)?;
+    let files = embedded_files(&l.source);
+    for (p, _) in &files {
+        if !Path::new(p).components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+            return Err(format!("{}: embedded path {p:?} leaves the tree; pass a log written by train_gpt", l.path));
+        }
+    }
+    let name = out.file_name().ok_or_else(|| format!("{o}: not a folder path; pass --out DIR"))?.to_string_lossy();
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        for (p, text) in &files {
+            let f = tmp.join(p);
+            std::fs::create_dir_all(f.parent().unwrap())?;
+            std::fs::write(f, text)?;
+        }
+        if out.exists() {
+            std::fs::remove_dir(out)?; // empty, checked above
+        }
+        std::fs::rename(&tmp, out)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        format!("{o}: {e}; pass a writable --out folder")
+    })?;
+    let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+    println!("wrote {} files to {o}: {}", files.len(), names.join(", "));
+    for k in ["git_commit", "git_dirty", "embedded_files_match_checkout", "command"] {
+        if let Some((_, v)) = l.versions.iter().find(|(x, _)| x == k) {
+            println!("{k}: {v}");
+        }
+    }
+    let missing: Vec<&str> =
+        ["tools.rs", "Cargo.toml", "Cargo.lock", "build.rs"].into_iter().filter(|f| !names.contains(f)).collect();
+    match missing.is_empty() {
+        true => println!("build: cd {o} && ./run.sh setup"),
+        false => println!(
+            "note: the log predates embedded build files; {} are missing: take them from the harness's git history",
+            missing.join(", ")
+        ),
+    }
+    Ok(())
 }
 
 fn opt(x: Option<f64>, prec: usize) -> String {
@@ -551,14 +787,86 @@ pub fn diff_report(a: &RunLog, b: &RunLog) -> String {
 }
 
 /// Renders into memory first, then writes whole (write_atomic), so a failure leaves no partial SVG.
-pub fn plot_svg(logs: &[RunLog], out: &Path) -> Result<(), String> {
+pub fn plot_svg(logs: &[RunLog], out: &Path, train: bool) -> Result<(), String> {
     check_output(out, "--out", true)?;
     let mut svg = String::new();
-    draw(logs, &mut svg).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut targets: Vec<f64> = logs.iter().filter_map(RunLog::target).collect();
+    targets.sort_by(f64::total_cmp);
+    targets.dedup();
+    draw(&plot_lines(logs, train), &targets, if train { "train loss" } else { "val loss" }, &mut svg)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
     write_atomic(out, svg.as_bytes(), Existing::Replace).map(|_| ())
 }
 
-type XOf = fn(&(u64, f64, f64)) -> f64;
+type Pt = (f64 /*time s*/, f64 /*step*/, f64 /*mean loss*/, f64 /*min*/, f64 /*max*/);
+
+/// One line of a plot: a log, or the runs of one record folder as their mean at the steps all of them logged, with
+/// the min–max band over them, so that a plot of many records stays one line a record.
+struct PlotLine {
+    label: String,
+    pts: Vec<Pt>,
+    runs: usize,
+}
+
+fn plot_lines(logs: &[RunLog], train: bool) -> Vec<PlotLine> {
+    let mut groups: Vec<(Option<String>, Vec<&RunLog>)> = vec![];
+    for l in logs {
+        let rec = l.record();
+        match groups.iter_mut().find(|g| rec.is_some() && g.0 == rec) {
+            Some(g) => g.1.push(l),
+            None => groups.push((rec, vec![l])),
+        }
+    }
+    let mut lines: Vec<(PlotLine, String)> = groups
+        .into_iter()
+        .map(|(rec, ls)| {
+            let mut at: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
+            for l in &ls {
+                for &(s, t, y) in if train { &l.train } else { &l.val } {
+                    // log y: a loss must be positive
+                    if t.is_finite() && y.is_finite() && y > 0.0 {
+                        at.entry(s).or_default().push((t, y));
+                    }
+                }
+            }
+            let pts = at
+                .into_iter()
+                .filter(|(_, v)| v.len() == ls.len())
+                .map(|(s, v)| {
+                    let n = v.len() as f64;
+                    let (lo, hi) =
+                        v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+                    (
+                        v.iter().map(|p| p.0).sum::<f64>() / n / 1e3,
+                        s as f64,
+                        v.iter().map(|p| p.1).sum::<f64>() / n,
+                        lo,
+                        hi,
+                    )
+                })
+                .collect();
+            let label = match (&rec, ls.len()) {
+                (Some(r), n) if n > 1 => format!("{r} ({n} runs, min–max)"),
+                _ => format!(
+                    "{} seed {}",
+                    rec.unwrap_or_else(|| ls[0].label()),
+                    ls[0].seed().map_or("-".into(), |s| s.to_string())
+                ),
+            };
+            (PlotLine { label, pts, runs: ls.len() }, ls[0].short_id())
+        })
+        .collect();
+    // runs outside record folders with one variant and seed would share a label: the log's id tells them apart
+    let labels: Vec<String> = lines.iter().map(|l| l.0.label.clone()).collect();
+    for (l, id) in lines.iter_mut() {
+        if labels.iter().filter(|x| **x == l.label).count() > 1 {
+            l.label += &format!(" {id}");
+        }
+    }
+    lines.into_iter().map(|l| l.0).collect()
+}
+
+type XOf = fn(&Pt) -> f64;
 
 // matplotlib's tab10: distinct on white, unlike plotters' Palette99 whose third colour is a pale yellow
 const COLORS: [RGBColor; 10] = [
@@ -574,55 +882,62 @@ const COLORS: [RGBColor; 10] = [
     RGBColor(0x17, 0xbe, 0xcf),
 ];
 
-fn draw(logs: &[RunLog], svg: &mut String) -> Result<(), Box<dyn std::error::Error>> {
+fn draw(lines: &[PlotLine], targets: &[f64], what: &str, svg: &mut String) -> Result<(), Box<dyn std::error::Error>> {
     let root = SVGBackend::with_string(svg, (1400, 560)).into_drawing_area();
     root.fill(&WHITE)?;
-    let panels: [(&str, XOf); 2] = [("training time (s)", |v| v.1 / 1000.0), ("step", |v| v.0 as f64)];
+    let panels: [(&str, XOf); 2] = [("training time (s)", |p| p.0), ("step", |p| p.1)];
+    if lines.iter().all(|l| l.pts.is_empty()) {
+        return Err(format!("no {what} lines to plot").into());
+    }
     for (area, (xdesc, x)) in root.split_evenly((1, 2)).iter().zip(panels) {
-        // log y: the step-0 loss (~10.8) would otherwise flatten the end of training, where runs differ
-        let series: Vec<Vec<(f64, f64)>> = logs
-            .iter()
-            .map(|l| {
-                l.val.iter().map(|v| (x(v), v.2)).filter(|p| p.0.is_finite() && p.1.is_finite() && p.1 > 0.0).collect()
-            })
-            .collect();
-        let all = || series.iter().flatten();
-        let lim = |f: fn(&(f64, f64)) -> f64| {
-            all().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)))
-        };
-        if all().next().is_none() {
-            return Err("no val_loss lines to plot".into());
-        }
-        let ((x0, x1), (y0, y1)) = (lim(|p| p.0), lim(|p| p.1));
+        let all = || lines.iter().flat_map(|l| l.pts.iter());
+        let (x0, x1) = all().map(x).fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+        let (y0, y1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.3), b.max(p.4)));
+        // the target is always in view: how far a run ends from it is the point
+        let (y0, y1) = targets.iter().filter(|t| **t > 0.0).fold((y0, y1), |(a, b), &t| (a.min(t), b.max(t)));
+        // log y: the step-0 loss (~10.8) would otherwise flatten the end of training, where runs differ.
         // plotters' own log ticks are powers of ten only, which leaves a 2..11 loss axis with one label
         let (y0, y1) = (y0 * 0.98, y1 * 1.02);
         let yticks = (-3..4)
             .flat_map(|k| [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0].map(|m| m * 10f64.powi(k)))
             .filter(|t| (y0..=y1).contains(t))
             .collect();
+        let x1 = x1.max(x0 + 1.0);
         let mut chart = ChartBuilder::on(area)
-            .caption(format!("val loss vs {xdesc}"), ("sans-serif", 24))
+            .caption(format!("{what} vs {xdesc}"), ("sans-serif", 24))
             .margin(15)
             .margin_right(35) // room for the last x label
             .x_label_area_size(50)
             .y_label_area_size(65)
-            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0..y1).log_scale().with_key_points(yticks))?;
+            .build_cartesian_2d(x0..x1, (y0..y1).log_scale().with_key_points(yticks))?;
         chart
             .configure_mesh()
             .x_desc(xdesc)
-            .y_desc("val loss")
+            .y_desc(what)
             .label_style(("sans-serif", 16))
             .axis_desc_style(("sans-serif", 18))
             .light_line_style(BLACK.mix(0.04))
             .x_label_formatter(&|x| format!("{x}"))
             .y_label_formatter(&|y| format!("{y}"))
             .draw()?;
-        for (i, (l, pts)) in logs.iter().zip(series).enumerate() {
-            let c = COLORS[i % COLORS.len()].stroke_width(2);
+        for (i, l) in lines.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            if l.runs > 1 {
+                let band = l.pts.iter().map(|p| (x(p), p.4)).chain(l.pts.iter().rev().map(|p| (x(p), p.3)));
+                chart.draw_series(std::iter::once(Polygon::new(band.collect::<Vec<_>>(), color.mix(0.2).filled())))?;
+            }
+            let c = color.stroke_width(2);
             chart
-                .draw_series(LineSeries::new(pts, c))?
-                .label(format!("{} {}", l.label(), l.short_id()))
+                .draw_series(LineSeries::new(l.pts.iter().map(|p| (x(p), p.2)), c))?
+                .label(&l.label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        }
+        for &t in targets.iter().filter(|t| **t > 0.0) {
+            let style = BLACK.stroke_width(1);
+            chart
+                .draw_series(DashedLineSeries::new(vec![(x0, t), (x1, t)], 8, 5, style))?
+                .label(format!("target {t}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
         }
         chart
             .configure_series_labels()
@@ -729,12 +1044,51 @@ pub fn cmd_bench_decode(a: &BenchDecodeArgs) -> Res<()> {
 
 pub fn cmd_stats(logs: &[PathBuf], vs: &[PathBuf]) -> Res<()> {
     let (a, b) = (whole_runs(parse_logs(logs)?), whole_runs(parse_logs(vs)?)); // all read before anything is printed
-    let mut out = stats_report(&stats(&a)?);
+    let mut out = match a.len() {
+        1 => single_report(&a[0])?,
+        _ => stats_report(&stats(&a)?),
+    };
     if !b.is_empty() {
         out += &compare_report(&a, &b)?;
     }
     println!("{out}");
     Ok(())
+}
+
+/// `train_gpt curves`: every log's loss curve, one row a step (CSV) or one object a log (JSON).
+pub fn curves(logs: &[RunLog], json_out: bool) -> String {
+    let num = |x: Option<f64>| x.filter(|x| x.is_finite());
+    if json_out {
+        let runs: Vec<Value> = logs
+            .iter()
+            .map(|l| {
+                let pts: Vec<Value> = l
+                    .curve()
+                    .into_iter()
+                    .map(|(s, (tl, vl, t))| {
+                        json!({"step": s, "train_loss": tl, "val_loss": vl, "train_time_ms": num(Some(t))})
+                    })
+                    .collect();
+                json!({"log": l.path, "record": l.record(), "variant": l.label(), "seed": l.seed(), "points": pts})
+            })
+            .collect();
+        return serde_json::to_string_pretty(&runs).unwrap() + "\n";
+    }
+    // RFC 4180: a field with a comma, quote or line break is quoted, its quotes doubled
+    let field = |x: &str| match x.contains([',', '"', '\n', '\r']) {
+        true => format!("\"{}\"", x.replace('"', "\"\"")),
+        false => x.to_string(),
+    };
+    let cell = |x: Option<f64>| num(x).map_or(String::new(), |x| x.to_string());
+    let mut out = "log,record,variant,seed,step,train_loss,val_loss,train_time_ms\n".to_string();
+    for l in logs {
+        let head = [field(&l.path), field(&l.record().unwrap_or_default()), field(&l.label())].join(",");
+        let seed = l.seed().map_or(String::new(), |s| s.to_string());
+        for (s, (tl, vl, t)) in l.curve() {
+            out += &format!("{head},{seed},{s},{},{},{}\n", cell(tl), cell(vl), cell(Some(t)));
+        }
+    }
+    out
 }
 
 pub fn parse_logs(paths: &[PathBuf]) -> Res<Vec<RunLog>> {

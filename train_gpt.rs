@@ -1,7 +1,7 @@
 // train_gpt.rs: the speedrun. A ~30M GPT on GPT-2 tokens of real data, raced to a validation loss with ordinary
 // causal attention or the Tauformer's topological ("tau") attention, over libtorch (tch). Read top to bottom:
 // set-up, data, Laplacian, kernels, model, optimizer, several GPUs, logs, training, checkpoints, main.
-// Every log embeds this file and kernels/* verbatim; records tooling lives in tools.rs, tests under tests/.
+// Every log embeds this file and what builds it (EMBEDDED_FILES); records tooling is in tools.rs, tests under tests/.
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -18,13 +18,22 @@ use tch::{Device, Kind, Reduction, Tensor};
 mod tools;
 
 const SOURCE: &str = include_str!("train_gpt.rs");
-const KERNEL_FILES: &[(&str, &str)] = &[
+// Every log embeds these after SOURCE, so that `train_gpt source LOG` gives back a tree that builds the run's binary:
+// the kernels, then tools.rs (records tooling, not the speedrun, but `mod tools` needs it to compile), then the build:
+// pinned crates, build script, libtorch location, set-up.
+const EMBEDDED_FILES: &[(&str, &str)] = &[
     ("kernels/ext.cpp", include_str!("kernels/ext.cpp")),
     ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu")),
     ("kernels/softcap_ce.cu", include_str!("kernels/softcap_ce.cu")),
     ("kernels/block_ops.cu", include_str!("kernels/block_ops.cu")),
     ("kernels/mma_bf16.cuh", include_str!("kernels/mma_bf16.cuh")),
     ("kernels/launchers.h", include_str!("kernels/launchers.h")),
+    ("tools.rs", include_str!("tools.rs")),
+    ("Cargo.toml", include_str!("Cargo.toml")),
+    ("Cargo.lock", include_str!("Cargo.lock")),
+    ("build.rs", include_str!("build.rs")),
+    (".cargo/config.toml", include_str!(".cargo/config.toml")),
+    ("run.sh", include_str!("run.sh")),
 ];
 const SHARD_MAGIC: i32 = 20240520; // modded-nanogpt / llm.c token shard
 const SHARD_VERSION: i32 = 1;
@@ -79,13 +88,31 @@ enum Cmd {
         #[arg(long, num_args = 1..)]
         vs: Vec<PathBuf>,
     },
+    /// Write the source tree a log embeds (train_gpt.rs, kernels, tools.rs, Cargo.toml, Cargo.lock, build.rs, run.sh)
+    /// into DIR, new or empty; `cd DIR && ./run.sh setup` builds the run's binary
+    Source {
+        log: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
     /// Differences between two runs: options, embedded source, val loss at matched steps, speed, memory
     Diff { a: PathBuf, b: PathBuf },
-    /// Val loss against training time and step, one line per log, as SVG
+    /// Val loss against training time and step, as SVG: one line a log (labelled by record folder or variant, and
+    /// seed), or, for the logs of one record folder, their mean with a min–max band; dashed: the target
     Plot {
         logs: Vec<PathBuf>,
         #[arg(long)]
         out: PathBuf,
+        /// Plot the train loss of every step instead of the val loss
+        #[arg(long)]
+        train: bool,
+    },
+    /// Loss curves as data: one row a step (log, record, variant, seed, step, train_loss, val_loss, train_time_ms; a
+    /// cell is empty where a step has no such value) as CSV, or one object a log with its points as JSON
+    Curves {
+        logs: Vec<PathBuf>,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: CurveFormat,
     },
     /// The README records table, recomputed from the logs under ROOT (default records/)
     RecordsTable {
@@ -103,6 +130,12 @@ enum Cmd {
     HasCuda,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum CurveFormat {
+    Csv,
+    Json,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Preset {
@@ -110,7 +143,9 @@ enum Preset {
     Auto,
     /// the 30M linux-c recipe (every default below)
     Speedrun,
-    /// a small model on the embedded tiny corpus, minutes on a 2-core CPU
+    /// a small model on the embedded tiny corpus, minutes on a 2-core CPU: --data data/tokens/tiny --n-layer 4
+    /// --n-head 4 --n-embd 128 --seq-len 64 --batch-size 8 --steps 200 --warmup-steps 20 --val-every 25 --val-tokens
+    /// 4096 --target-val-loss 6.5 --sample-tokens 48 --lap-tokens 1000000 --lap-k 1024, each unless given
     Tiny,
 }
 
@@ -142,6 +177,7 @@ struct TrainArgs {
     /// Shard folder made by `train_gpt prepare`
     #[arg(long, default_value = "data/tokens/linux-c")]
     data: PathBuf,
+    /// The recipe. The defaults shown below are the speedrun's: tiny (auto's pick on a CPU) replaces those it lists
     #[arg(long, value_enum, default_value = "auto")]
     preset: Preset,
     #[arg(long, value_enum, default_value = "causal")]
@@ -248,6 +284,11 @@ struct TrainArgs {
     /// --kernels fused a fixed chunk that bounds the bf16 logits)
     #[arg(long, default_value_t = 0)]
     head_chunk: i64,
+    /// CPU path: libtorch's intra-op threads (0: one; on a shared 2-core box one thread runs the tiny preset at
+    /// 0.50–0.55 s/step where two run 0.26 s idle but up to 3.2 s while another process takes a core). Logged as
+    /// resolved; CUDA runs keep libtorch's default
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..=1024))]
+    threads: i64,
     /// Write the final weights as safetensors (names in the README); never over a file unless --overwrite
     #[arg(long)]
     save_checkpoint: Option<PathBuf>,
@@ -380,6 +421,24 @@ fn apply_preset(a: &mut TrainArgs, m: &ArgMatches, cuda: bool) {
         lap_tokens = 1_000_000,
         lap_k = 1024
     );
+}
+
+// The CPU path: `threads` intra-op threads (0: one: libtorch's one a core collapses as soon as another process takes
+// a core), and a heap that keeps its pages: glibc otherwise maps each large tensor (the tiny preset's 100 MB logits)
+// fresh and unmaps it on free, 12M page faults and half the time in the kernel over 40 steps. The heap changes no
+// number; the thread count only float rounding (tiny preset, 200 steps, one thread against two: every val loss and
+// the sample equal, one train loss of 200 off by 1e-4 in the last logged digit). CUDA runs keep libtorch's and glibc's
+// defaults. Returns the threads in use, as logged.
+fn set_up_cpu(threads: i64, dev: Device) -> i64 {
+    if !dev.is_cuda() {
+        tch::set_num_threads(threads.max(1) as i32);
+        // no mmap for large blocks, and no trimming of the heap's top below 2 GiB
+        unsafe {
+            libc::mallopt(libc::M_MMAP_MAX, 0);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+    tch::get_num_threads() as i64
 }
 
 // One-line errors from here down: Result<_, String> carries "what is wrong; how to fix it".
@@ -2821,14 +2880,52 @@ fn gpu_name(dev: Device) -> Option<String> {
     }
 }
 
+// The checkout this binary was built from, as it is at run time: its commit, its uncommitted changes (`git status
+// --porcelain`, at most 20 paths) and whether the embedded files still equal its files (an edit without a rebuild makes
+// them differ; the embedded files are what ran). At run time rather than from build.rs: a build script that reran on
+// every commit or edit would recompile the kernels each time, and one that did not would log a stale commit.
+fn git_state() -> [(&'static str, String); 3] {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| sh("git", &[&["-C", dir], args].concat());
+    let dirty = git(&["status", "--porcelain"]).map_or("unknown".into(), |s| match s.lines().count() {
+        0 => "clean".to_string(),
+        n => {
+            let shown: Vec<&str> = s.lines().take(20).map(str::trim).collect();
+            format!("{n} paths: {}{}", shown.join(", "), if n > 20 { ", ..." } else { "" })
+        }
+    });
+    let files = std::iter::once(&("train_gpt.rs", SOURCE)).chain(EMBEDDED_FILES);
+    let same = files.map(|(p, text)| fs::read_to_string(Path::new(dir).join(p)).ok().map(|t| t == *text));
+    let same = same.collect::<Option<Vec<bool>>>().map_or("unknown".into(), |v| v.iter().all(|&b| b).to_string());
+    [
+        ("git_commit", git(&["rev-parse", "HEAD"]).unwrap_or("unknown".into())),
+        ("git_dirty", dirty),
+        ("embedded_files_match_checkout", same),
+    ]
+}
+
+// The command line as a shell would take it back.
+fn command_line() -> String {
+    let quote = |a: String| match a.chars().all(|c| c.is_ascii_alphanumeric() || "_-./:=,@+%".contains(c)) {
+        true if !a.is_empty() => a,
+        _ => format!("'{}'", a.replace('\'', "'\\''")),
+    };
+    std::env::args_os().map(|a| quote(a.to_string_lossy().into_owned())).collect::<Vec<_>>().join(" ")
+}
+
 fn write_header(log: &mut Log, dev: Device) -> Res<()> {
     log.quiet(SOURCE.trim_end())?;
-    for (name, text) in KERNEL_FILES {
+    for (name, text) in EMBEDDED_FILES {
         log.quiet(&"-".repeat(40))?;
         log.quiet(&format!("# {name}"))?;
         log.quiet(text.trim_end())?;
     }
     log.quiet(&"=".repeat(100))?;
+    for (k, v) in git_state() {
+        log.line(&format!("{k}: {v}"))?;
+    }
+    log.line(&format!("command: {}", command_line()))?;
+    log.line(&format!("cwd: {}", std::env::current_dir().map_or("unknown".into(), |d| d.display().to_string())))?;
     let (torch, cuda) = libtorch_version();
     log.line(&format!("rustc: {}", env!("TRAIN_GPT_RUSTC")))?;
     log.line(&format!("tch: {}", env!("TRAIN_GPT_TCH")))?;
@@ -2892,6 +2989,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let (rank, world_size) = de.as_ref().map_or((0, 1), |e| (e.rank, e.world));
     let dev = rank_device(&de, &a.device)?;
     apply_preset(&mut a, m, dev.is_cuda());
+    a.threads = set_up_cpu(a.threads, dev);
     let cdt = compute_kind(&a.dtype, dev)?;
     check_train_args(&a, world_size)?;
     a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
@@ -2997,11 +3095,13 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
                 s + 1
             ));
         }
+        let avg = ms / (s + 1) as f64;
+        // steps left × step_avg: validation pauses not counted
+        let eta = (a.steps - s - 1) as f64 * avg / 1e3;
         log.line(&format!(
-            "step:{}/{} train_loss:{lv:.4} train_time:{ms:.0}ms step_avg:{:.2}ms",
+            "step:{}/{} train_loss:{lv:.4} train_time:{ms:.0}ms step_avg:{avg:.2}ms eta:{eta:.1}s",
             s + 1,
-            a.steps,
-            ms / (s + 1) as f64
+            a.steps
         ))?;
         Ok(())
     };
@@ -3135,6 +3235,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     if let Some(dir) = &b.profile {
         check_output_dir(dir, "--profile")?;
     }
+    a.threads = set_up_cpu(a.threads, dev);
     a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     let cdt = compute_kind(&a.dtype, dev)?;
     let gpu = gpu_name(dev);
@@ -3437,9 +3538,13 @@ fn main() {
         Cmd::Sample(a) => cmd_sample(&a),
         Cmd::Stats { logs, vs } => tools::cmd_stats(&logs, &vs),
         Cmd::Diff { a, b } => tools::parse_logs(&[a, b]).map(|l| println!("{}", tools::diff_report(&l[0], &l[1]))),
-        Cmd::Plot { logs, out } => tools::parse_logs(&logs)
-            .and_then(|l| tools::plot_svg(&l, &out))
+        Cmd::Plot { logs, out, train } => tools::parse_logs(&logs)
+            .and_then(|l| tools::plot_svg(&l, &out, train))
             .map(|_| println!("wrote {}", out.display())),
+        Cmd::Curves { logs, format } => {
+            tools::parse_logs(&logs).map(|l| print!("{}", tools::curves(&l, format == CurveFormat::Json)))
+        }
+        Cmd::Source { log, out } => tools::cmd_source(&log, &out),
         Cmd::RecordsTable { root } => tools::records_table(&root).map(|t| print!("{t}")),
         Cmd::Bench(a) => cmd_bench(a, matches.subcommand_matches("bench").unwrap()),
         Cmd::BenchDecode(a) => tools::cmd_bench_decode(&a),

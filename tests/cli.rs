@@ -90,7 +90,84 @@ fn a_run_writes_a_self_describing_log() {
     assert_eq!(vals.len(), 3, "validation at 0, 10 and 20");
     assert!(vals[2] < vals[0] - 0.3, "val loss falls: {vals:?}");
     assert!(s.contains("step:4/20 train_loss:") && s.contains("step_avg:"));
+    // every train step line ends with its ETA: steps left × step_avg
+    let train_lines: Vec<&str> = s.lines().filter(|l| l.starts_with("step:") && l.contains("train_loss:")).collect();
+    assert_eq!(train_lines.len(), 20);
+    for l in &train_lines {
+        let field = |k: &str| l.split(k).nth(1).unwrap().split(|c: char| c == ' ' || c == 'm').next().unwrap();
+        let (step, avg): (f64, f64) =
+            (field("step:").split('/').next().unwrap().parse().unwrap(), field("step_avg:").parse().unwrap());
+        let eta: f64 = l.rsplit_once(" eta:").expect("eta last").1.strip_suffix('s').unwrap().parse().unwrap();
+        assert!((eta - (20.0 - step) * avg / 1e3).abs() <= 0.051, "{l}");
+    }
+    assert!(train_lines[19].ends_with(" eta:0.0s"));
     assert!(!logs_in(&dir).iter().any(|p| p.to_string_lossy().ends_with(".partial")), "no partial file left");
+}
+
+// A log is enough to rebuild its run: `source` gives back the files that built the binary, byte for byte, from the
+// plain log or its gzipped copy; the header names the checkout and the command.
+#[test]
+fn source_of_a_log_is_the_repo_tree() {
+    let dir = tmp("source");
+    let log = train(&dir, &[]);
+    let s = std::fs::read_to_string(&log).unwrap();
+    let header = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).unwrap_or_else(|| panic!("no {k}")).to_string();
+    assert!(header("command: ").ends_with(&format!("--log-dir {} {}", dir.display(), SMALL.join(" "))));
+    let commit = header("git_commit: ");
+    assert!(commit.len() == 40 || commit == "unknown", "{commit}");
+    assert!(!header("git_dirty: ").is_empty());
+    assert_eq!(header("embedded_files_match_checkout: "), "true");
+    let gz = dir.join("copy.txt.gz");
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::best());
+    std::io::Write::write_all(&mut enc, s.as_bytes()).unwrap();
+    enc.finish().unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let want = [
+        "train_gpt.rs",
+        "tools.rs",
+        "Cargo.toml",
+        "Cargo.lock",
+        "build.rs",
+        ".cargo/config.toml",
+        "run.sh",
+        "kernels/ext.cpp",
+        "kernels/tau_attn.cu",
+        "kernels/softcap_ce.cu",
+        "kernels/block_ops.cu",
+        "kernels/mma_bf16.cuh",
+        "kernels/launchers.h",
+    ];
+    for (i, from) in [&log, &gz].into_iter().enumerate() {
+        let out = dir.join(format!("tree{i}"));
+        let o = run(&["source", from.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text(&o.stderr));
+        assert!(text(&o.stdout).contains("build: cd "), "{}", text(&o.stdout));
+        fn walk(d: &Path, base: &Path, got: &mut Vec<String>) {
+            for e in std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()) {
+                match e.is_dir() {
+                    true => walk(&e, base, got),
+                    false => got.push(e.strip_prefix(base).unwrap().display().to_string()),
+                }
+            }
+        }
+        let mut got = vec![];
+        walk(&out, &out, &mut got);
+        let (mut got, mut want) = (got, want.map(String::from).to_vec());
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+        for f in &want {
+            assert!(std::fs::read(out.join(f)).unwrap() == std::fs::read(root.join(f)).unwrap(), "{f} differs");
+        }
+        assert_one_line_error(
+            &run(&["source", from.to_str().unwrap(), "--out", out.to_str().unwrap()]),
+            1,
+            "exists and is not an empty folder",
+        );
+    }
+    let empty = tmp("source-empty");
+    assert!(run(&["source", log.to_str().unwrap(), "--out", empty.to_str().unwrap()]).status.success());
+    assert_one_line_error(&run(&["source", "Cargo.toml", "--out", tmp("x").join("t").to_str().unwrap()]), 1, "not a");
 }
 
 #[test]
@@ -125,6 +202,15 @@ fn stats_diff_and_plot_read_logs() {
             && out.lines().any(|l| l.starts_with("final_val_loss:") && l.contains("diff 0.0000 welch_t 0.000")),
         "{out}"
     );
+    assert!(out.contains("winner: none: a and b are equal in time_to_target_ms"), "{out}");
+    // one new run against a record's runs
+    let o = run(&["stats", a.to_str().unwrap(), "--vs", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert!(
+        o.status.success() && out.starts_with("runs: 1") && out.contains("(a's one run against b's spread"),
+        "{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("winner: ")), "{out}");
     let o = run(&["diff", a.to_str().unwrap(), b.to_str().unwrap()]);
     let out = text(&o.stdout);
     assert!(o.status.success() && out.contains("seed: 1 -> 2"), "{out}");
@@ -132,7 +218,20 @@ fn stats_diff_and_plot_read_logs() {
     let o = run(&["plot", a.to_str().unwrap(), b.to_str().unwrap(), "--out", svg.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o.stderr));
     let s = std::fs::read_to_string(&svg).unwrap();
-    assert!(s.starts_with("<svg") && s.contains("causal"));
+    assert!(s.starts_with("<svg") && s.contains("causal seed 1") && s.contains("target 20"));
+    let o = run(&["plot", a.to_str().unwrap(), "--train", "--out", svg.to_str().unwrap()]);
+    assert!(o.status.success() && std::fs::read_to_string(&svg).unwrap().contains("train loss vs step"));
+    // curves: a row a step (train lines 1..20, validations at 0, 10, 20), or a JSON object a log
+    let o = run(&["curves", a.to_str().unwrap(), b.to_str().unwrap()]);
+    let csv = text(&o.stdout);
+    assert!(o.status.success() && csv.starts_with("log,record,variant,seed,step,train_loss,val_loss,train_time_ms\n"));
+    assert_eq!(csv.lines().count(), 1 + 2 * 21, "{csv}");
+    let row = format!("{},,causal,2,10,", b.display());
+    let row: Vec<&str> = csv.lines().find(|l| l.starts_with(&row)).unwrap().split(',').collect();
+    assert!(row[5].parse::<f64>().is_ok() && row[6].parse::<f64>().is_ok() && row[7].parse::<f64>().is_ok());
+    let o = run(&["curves", a.to_str().unwrap(), "--format", "json"]);
+    let j: serde_json::Value = serde_json::from_str(&text(&o.stdout)).unwrap();
+    assert_eq!((j[0]["seed"].as_i64(), j[0]["points"].as_array().unwrap().len()), (Some(1), 21));
     assert_one_line_error(&run(&["stats", "Cargo.toml"]), 1, "not a train_gpt log");
     // records are committed gzipped: every tool reads `.txt.gz` as the `.txt` it holds
     let gz = dir.join("b.txt.gz");
@@ -1048,4 +1147,64 @@ fn error_messages_fit_their_cause() {
     assert_one_line_error(&o, 1, "check --laplacian");
     assert!(!text(&o.stderr).contains("--lr-"), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("\"warning\":\"BFS says"), "the log says L is no graph Laplacian");
+}
+
+// `./run.sh --steps 30` trains, as `./run.sh run --steps 30` does; a word it does not know is still a usage error.
+#[test]
+fn run_sh_takes_train_options_directly() {
+    let sh = |args: &[&str]| {
+        Command::new("./run.sh")
+            .args(args)
+            .env("RUN_SH_DRY_RUN", "1")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap()
+    };
+    for args in [&["--steps", "30"][..], &["run", "--steps", "30"]] {
+        let o = sh(args);
+        assert!(o.status.success(), "{args:?}: {}", text(&o.stderr));
+        assert_eq!(text(&o.stdout), "train --steps 30\n");
+    }
+    assert_eq!(text(&sh(&[]).stdout), "train \n");
+    let o = sh(&["steps"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o.stderr).starts_with("usage: ./run.sh [run] [train options]"));
+}
+
+// The tiny preset's values are in `train --help`, which otherwise shows the speedrun's defaults.
+#[test]
+fn train_help_shows_the_tiny_preset() {
+    let o = run(&["train", "--help"]);
+    assert!(o.status.success());
+    let help = text(&o.stdout).split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in ["The defaults shown below are the speedrun's", "--n-layer 4 --n-head 4 --n-embd 128", "--lap-k 1024"] {
+        assert!(help.contains(want), "{want:?} not in: {help}");
+    }
+}
+
+// The CPU path runs one libtorch thread unless told otherwise and logs what it used; the thread count moves the
+// losses by float rounding at most (the tiny preset's 200 steps: one train loss of 200 by 1e-4, in its last digit).
+#[test]
+fn cpu_threads_are_logged_and_keep_the_numbers() {
+    let dir = tmp("threads");
+    let losses = |extra: &[&str]| {
+        let s = std::fs::read_to_string(train(&dir, extra)).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(s.lines().find_map(|l| l.strip_prefix("config: ")).unwrap()).unwrap();
+        let losses: Vec<(String, f64)> = s
+            .lines()
+            .filter(|l| l.starts_with("step:"))
+            .map(|l| {
+                let (key, loss) = l.split(" train_time").next().unwrap().split_once("_loss:").unwrap();
+                (key.to_string(), loss.parse().unwrap())
+            })
+            .collect();
+        (config["threads"].as_i64(), losses)
+    };
+    let (one, two) = (losses(&[]), losses(&["--threads", "2"]));
+    assert_eq!((one.0, two.0), (Some(1), Some(2)));
+    assert_eq!((one.1.len(), two.1.len()), (23, 23));
+    for (a, b) in one.1.iter().zip(&two.1) {
+        assert!(a.0 == b.0 && (a.1 - b.1).abs() <= 2e-4, "{a:?} {b:?}");
+    }
 }

@@ -272,12 +272,14 @@ fn plot_writes_svg_atomically() {
         parse_log(&write("pb.txt", &log_text(&SRC, &CFG.replace("causal", "tau"), &VALS[..3], None, false))).unwrap();
     b.val.iter_mut().for_each(|v| v.2 += 0.1);
     let out = tmp("plot.svg");
-    plot_svg(&[a, b], &out).unwrap();
+    plot_svg(&[a, b], &out, false).unwrap();
     let svg = std::fs::read_to_string(&out).unwrap();
     assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{}", &svg[..50]);
     assert!(svg.trim_end().ends_with("</svg>"));
     let texts: Vec<&str> = svg.lines().map(str::trim).collect(); // plotters puts <text> content on its own line
-    for t in ["causal pa", "tau pb", "val loss vs step", "training time (s)", "val loss", "2.5", "10"] {
+    for t in
+        ["causal seed 0", "tau seed 0", "target 2", "val loss vs step", "training time (s)", "val loss", "2.5", "10"]
+    {
         assert!(texts.contains(&t), "no text {t:?}");
     }
     // each log: one curve per panel + one legend swatch per panel, in its own colour
@@ -286,8 +288,9 @@ fn plot_writes_svg_atomically() {
         assert_eq!(svg.lines().filter(|l| l.starts_with("<polyline") && l.contains(&stroke)).count(), 4, "{stroke}");
     }
     let [a, b] = [out.parent().unwrap().join("no-such-dir/plot.svg"), tmp("empty.svg")];
-    assert!(plot_svg(&[], &b).is_err()); // nothing to plot
-    assert!(plot_svg(&[parse_log(&write("pc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap()], &a).is_err());
+    assert!(plot_svg(&[], &b, false).is_err()); // nothing to plot
+    let c = parse_log(&write("pc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap();
+    assert!(plot_svg(&[c], &a, false).is_err());
     assert!(!a.exists() && !b.exists() && !a.parent().unwrap().exists());
     let left: Vec<_> = std::fs::read_dir(out.parent().unwrap())
         .unwrap()
@@ -295,4 +298,147 @@ fn plot_writes_svg_atomically() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(left.is_empty());
+}
+
+#[test]
+fn embedded_files_split_at_rule_and_header_only() {
+    // a `# ` comment inside an embedded file (run.sh, Cargo.toml) is text, not a file header
+    let src = format!("{}\n{}\n# run.sh\n#!/bin/sh\n# a comment\necho hi", *SRC, "-".repeat(40));
+    let files = embedded_files(&src);
+    let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(names, ["train_gpt.rs", "kernels/foo.cu", "run.sh"]);
+    assert!(files[0].1.starts_with("use std::fmt;\n") && files[0].1.ends_with("    println!(\"{}\", lr(0));\n}\n"));
+    assert_eq!(files[1].1, "__global__ void foo(float* x) { x[0] = 1.0f; }\n");
+    assert_eq!(files[2].1, "#!/bin/sh\n# a comment\necho hi\n");
+    // an older harness's tests held a rule and a header in a raw string: the Rust file is put back together
+    let old = format!(
+        "fn t() {{\n    let s = r#\"\n{r}\n# kernels/foo.cu\nx\"#;\n}}\n{r}\n# kernels/ext.cpp\nint x;",
+        r = "-".repeat(40)
+    );
+    let files = embedded_files(&old);
+    assert_eq!(files.iter().map(|f| f.0.as_str()).collect::<Vec<_>>(), ["train_gpt.rs", "kernels/ext.cpp"]);
+    assert_eq!(files[0].1, old[..old.rfind(&"-".repeat(40)).unwrap()]);
+    let owners = fn_owners(&src);
+    assert_eq!(owners.last().unwrap().as_deref(), Some("run.sh"));
+    // a path that would leave --out is refused, and nothing is written
+    let evil = format!("fn main() {{}}\n{}\n# ../escape.rs\nx\n{}\n", "-".repeat(40), "=".repeat(100));
+    let out = tmp("evil-tree");
+    let e = cmd_source(&write("evil.txt", &evil), &out).unwrap_err();
+    assert!(e.contains("leaves the tree") && !out.exists() && !tmp("escape.rs").exists(), "{e}");
+}
+
+#[test]
+fn one_run_against_a_set_is_a_z_score() {
+    // mpmath 1.3 (the venv's): z = (x − mean)/sd, t = (x − mean)/(sd·√(1 + 1/n)), p = I_{df/(df+t²)}(df/2, 1/2)
+    let set = [3.279, 3.2785, 3.2778, 3.2792, 3.2781];
+    let (z, df, p) = one_vs_set(3.2801, &set).unwrap();
+    assert!((z - 2.68220735798728).abs() < 1e-9 && df == 4.0 && (p - 0.070558465420326827).abs() < 1e-9, "{z} {p}");
+    assert_eq!(one_vs_set(5.0, &[5.0, 5.0]).unwrap(), (0.0, 1.0, 1.0));
+    assert!(one_vs_set(5.0, &[5.0]).is_err());
+    let set: Vec<RunLog> =
+        set.iter().enumerate().map(|(i, &x)| run(&format!("s{i}.txt"), x, Some(900.0 + i as f64))).collect();
+    let one = [run("one.txt", 3.2801, Some(880.0))];
+    let r = compare_report(&one, &set).unwrap();
+    assert!(r.contains("final_val_loss: 3.2801 vs 3.2785 diff 0.0016 z 2.682 (a's one run against b's spread"), "{r}");
+    assert!(r.contains("time_to_target_ms: 880.0000 vs 902.0000 diff -22.0000 z -13.914"), "{r}");
+    assert!(r.contains("winner: a (causal) by time_to_target_ms 880.0000 vs 902.0000, p_two_sided "), "{r}");
+    // the one run on the other side: the same z, seen from b
+    let r = compare_report(&set, &one).unwrap();
+    assert!(r.contains("z -2.682 (b's one run against a's spread") && r.contains("winner: b (causal)"), "{r}");
+    assert!(compare_report(&one, &one).unwrap_err().contains("2 or more runs on one side"));
+}
+
+#[test]
+fn runs_that_missed_the_target_are_named() {
+    let a: Vec<RunLog> = (0..3).map(|i| run(&format!("m{i}.txt"), 3.27 + 0.001 * i as f64, Some(900.0))).collect();
+    let mut b: Vec<RunLog> = (0..2).map(|i| run(&format!("n{i}.txt"), 3.275 + 0.001 * i as f64, Some(800.0))).collect();
+    b.push(run("nmiss.txt", 3.3, None));
+    let r = stats_report(&stats(&b).unwrap());
+    assert!(r.contains("reached_target: 2/3\ntime: not time-to-target (runs missed the target)"), "{r}");
+    assert!(r.contains(&format!("missed the target: {}\n", b[2].path)) && r.contains("train_time_ms_mean"), "{r}");
+    let r = compare_report(&a, &b).unwrap();
+    assert!(r.contains("time_to_target_ms: not compared: a reached the target in 3/3 runs, b in 2/3"), "{r}");
+    assert!(r.contains(&format!("missed the target: {} (final val loss 3.3000)", b[2].path)), "{r}");
+    assert!(r.contains("winner: a (causal): every run reached the target, b (causal) missed it in 1 run(s)"), "{r}");
+    let j: Value = serde_json::from_str(r.lines().last().unwrap().strip_prefix("compare_json: ").unwrap()).unwrap();
+    assert_eq!(j["winner"], json!("a"));
+    let r = single_report(&b[2]).unwrap();
+    assert!(r.contains("final_val_loss: 3.3000\ntime_to_target_ms: none: missed the target by 0.0200"), "{r}");
+    assert!(single_report(&a[0]).unwrap().contains("time_to_target_ms: 900.0\n"));
+}
+
+// Step lines as the harness writes them now: train loss and an ETA.
+fn with_train_lines(text: &str, seed: i64, shift: f64) -> String {
+    let mut lines = String::new();
+    for s in [1u64, 50, 100, 1200] {
+        let loss = 11.0 - (s as f64).ln() + shift;
+        lines += &format!(
+            "step:{s}/1200 train_loss:{loss:.4} train_time:{}ms step_avg:130.00ms eta:{:.1}s\n",
+            s * 131,
+            (1200 - s) as f64 * 0.13
+        );
+    }
+    text.replace("\"seed\":0", &format!("\"seed\":{seed}")).replacen("diag: ", &format!("{lines}diag: "), 1)
+}
+
+#[test]
+fn step_lines_with_eta_give_train_curves() {
+    let l = parse_log(&write("eta.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, Some(SUMMARY), true), 3, 0.0)))
+        .unwrap();
+    assert_eq!(l.train.len(), 4);
+    assert_eq!(l.train[1], (50, 6550.0, 7.0880));
+    assert_eq!((l.val.len(), l.step_avg_ms, l.seed()), (4, Some(130.0), Some(3)));
+    let csv = curves(std::slice::from_ref(&l), false);
+    let rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows[0], "log,record,variant,seed,step,train_loss,val_loss,train_time_ms");
+    assert_eq!(rows[1], format!("{},,causal,3,0,,10.8253,0", l.path));
+    assert_eq!(rows[3], format!("{},,causal,3,50,7.088,,6550", l.path));
+    assert_eq!(rows[4], format!("{},,causal,3,100,6.3948,4.5476,13000", l.path)); // val's time: exact
+    assert_eq!(rows.len(), 1 + 6);
+    let j: Value = serde_json::from_str(&curves(&[l], true)).unwrap();
+    assert_eq!(j[0]["seed"], json!(3));
+    assert_eq!(
+        j[0]["points"][3],
+        json!({"step": 100, "train_loss": 6.3948, "val_loss": 4.5476, "train_time_ms": 13000.0})
+    );
+}
+
+#[test]
+fn plot_groups_a_record_folder_into_a_band() {
+    let rec = tmp("2026-01-02_Fast");
+    std::fs::create_dir_all(&rec).unwrap();
+    let log = |name: &str, seed: i64, shift: f64| {
+        let mut text = with_train_lines(&log_text(&SRC, CFG, VALS, Some(SUMMARY), true), seed, shift);
+        text = text.replace("val_loss:1.9824", &format!("val_loss:{}", 1.9824 + shift));
+        let p = rec.join(name);
+        std::fs::write(&p, text).unwrap();
+        parse_log(&p).unwrap()
+    };
+    let (a, b) = (log("r1.txt", 1, 0.0), log("r2.txt", 2, 0.05));
+    assert_eq!(a.record().as_deref(), Some("2026-01-02_Fast"));
+    let other =
+        parse_log(&write("solo.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, None, false), 7, 0.1))).unwrap();
+    assert_eq!(other.record(), None);
+    let lines = plot_lines(&[a.clone(), b.clone(), other.clone()], false);
+    let labels: Vec<&str> = lines.iter().map(|l| l.label.as_str()).collect();
+    assert_eq!(labels, ["2026-01-02_Fast (2 runs, min–max)", "causal seed 7"]);
+    let (t, step, mean, lo, hi) = *lines[0].pts.last().unwrap();
+    assert_eq!((t, step, lo), (156.0, 1200.0, 1.9824));
+    assert!((mean - 2.0074).abs() < 1e-12 && (hi - 2.0324).abs() < 1e-12, "{mean} {hi}");
+    for train in [false, true] {
+        let out = tmp(&format!("band-{train}.svg"));
+        plot_svg(&[a.clone(), b.clone(), other.clone()], &out, train).unwrap();
+        let svg = std::fs::read_to_string(&out).unwrap();
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+        let what = if train { "train loss" } else { "val loss" };
+        for t in ["2026-01-02_Fast (2 runs, min–max)", "causal seed 7", "target 2", &format!("{what} vs step")] {
+            assert!(texts.contains(&t), "no text {t:?}");
+        }
+        assert_eq!(svg.lines().filter(|l| l.starts_with("<polygon")).count(), 2, "one band a panel");
+    }
+    // two runs outside a record folder with one variant and seed: the log's id tells them apart
+    let twin =
+        parse_log(&write("twin.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, None, false), 7, 0.1))).unwrap();
+    let labels: Vec<String> = plot_lines(&[other, twin], false).into_iter().map(|l| l.label).collect();
+    assert_eq!(labels, ["causal seed 7 solo", "causal seed 7 twin"]);
 }

@@ -189,9 +189,9 @@ fn forward_shapes() {
 
 #[test]
 fn the_embedded_source_has_no_log_separator_lines() {
-    // a log splits at its first 100-'=' line and at 40-'-' lines: the harness's own source and kernels must hold
-    // neither
-    let lines = SOURCE.lines().chain(KERNEL_FILES.iter().flat_map(|(_, text)| text.lines()));
+    // a log splits at its first 100-'=' line and at 40-'-' lines: the harness's own source and the files embedded
+    // after it must hold neither
+    let lines = SOURCE.lines().chain(EMBEDDED_FILES.iter().flat_map(|(_, text)| text.lines()));
     assert!(!lines.map(str::trim_end).any(|l| l == "=".repeat(100) || l == "-".repeat(40)));
 }
 
@@ -1472,4 +1472,30 @@ fn file_readers_never_panic_on_mangled_input() {
         }
     }
     assert!(panics.is_empty(), "panicked on {} inputs: {:?}", panics.len(), &panics[..panics.len().min(10)]);
+}
+
+// Preset::Tiny's help lists every option apply_preset changes, with the value it sets, and nothing else.
+#[test]
+fn tiny_preset_help_matches_apply_preset() {
+    let parse = |args: &[&str]| {
+        let m = Cli::command().try_get_matches_from(args).unwrap();
+        let m = m.subcommand_matches("train").unwrap().clone();
+        let mut a = TrainArgs::from_arg_matches(&m).unwrap();
+        apply_preset(&mut a, &m, true);
+        serde_json::to_value(&a).unwrap()
+    };
+    let (speedrun, tiny) = (parse(&["train_gpt", "train"]), parse(&["train_gpt", "train", "--preset", "tiny"]));
+    let mut cmd = Cli::command();
+    let help = cmd.find_subcommand_mut("train").unwrap().render_long_help().to_string();
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    let listed = help.split("tiny: ").nth(1).unwrap().split(", each unless given").next().unwrap();
+    let mut want = vec![];
+    for (k, v) in tiny.as_object().unwrap() {
+        if k != "preset" && speedrun[k] != *v {
+            want.push(format!("--{} {}", k.replace('_', "-"), v.as_str().map_or(v.to_string(), str::to_string)));
+        }
+    }
+    let mut got: Vec<String> = listed.split(" --").skip(1).map(|f| format!("--{f}")).collect();
+    (got.sort(), want.sort());
+    assert_eq!(got, want, "{listed}");
 }
