@@ -505,7 +505,7 @@ pub fn embedded_files(source: &str) -> Vec<(String, String)> {
 /// place, so a failure leaves no half tree.
 pub fn cmd_source(log: &Path, out: &Path) -> Res<()> {
     let o = out.display();
-    if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+    if !new_or_empty(out) {
         return Err(format!("{o}: exists and is not an empty folder; pass a new or empty --out folder"));
     }
     let l = parse_log(log)?;
@@ -515,22 +515,14 @@ pub fn cmd_source(log: &Path, out: &Path) -> Res<()> {
             return Err(format!("{}: embedded path {p:?} leaves the tree; pass a log written by train_gpt", l.path));
         }
     }
-    let name = out.file_name().ok_or_else(|| format!("{o}: not a folder path; pass --out DIR"))?.to_string_lossy();
-    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let write = || -> std::io::Result<()> {
+    write_dir_atomic(out, "--out", |tmp| {
         for (p, text) in &files {
             let f = tmp.join(p);
-            std::fs::create_dir_all(f.parent().unwrap())?;
-            std::fs::write(f, text)?;
+            std::fs::create_dir_all(f.parent().unwrap())
+                .and_then(|_| std::fs::write(&f, text))
+                .map_err(|e| format!("{}; pass a writable --out folder", io_error(&f, "write", &e)))?;
         }
-        if out.exists() {
-            std::fs::remove_dir(out)?; // empty, checked above
-        }
-        std::fs::rename(&tmp, out)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_dir_all(&tmp);
-        format!("{o}: {e}; pass a writable --out folder")
+        Ok(())
     })?;
     let names: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
     println!("wrote {} files to {o}: {}", files.len(), names.join(", "));

@@ -725,6 +725,28 @@ fn write_atomic(path: &Path, bytes: &[u8], existing: Existing) -> Res<PathBuf> {
     })
 }
 
+// Where a folder of outputs may go: a new name or an empty folder (a rename replaces an empty folder).
+fn new_or_empty(dir: &Path) -> bool {
+    !dir.exists() || fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+}
+
+// A folder written whole or not at all: filled under a temporary name beside `out` (see temp_beside), then renamed
+// onto it, so that a failure or a second process never leaves a part of it at `out`. `out` is new or empty; `flag`
+// names the option that gave it, in the errors of the folder itself.
+fn write_dir_atomic<T>(out: &Path, flag: &str, fill: impl FnOnce(&Path) -> Res<T>) -> Res<T> {
+    let tmp = temp_beside(out);
+    let res = fs::create_dir(&tmp)
+        .map_err(|e| format!("{flag} {}", io_error(&tmp, "make this folder", &e)))
+        .and_then(|_| fill(&tmp))
+        .and_then(|v| {
+            fs::rename(&tmp, out).map(|_| v).map_err(|e| format!("{flag} {}", io_error(out, "move the files in", &e)))
+        });
+    if res.is_err() {
+        let _ = fs::remove_dir_all(&tmp);
+    }
+    res
+}
+
 // An output named on the command line, checked before any work: its folder exists and takes files, it is no folder
 // itself, and (unless `replace`) no file holds the name. write_atomic checks again, as another run may act meanwhile.
 fn check_output(path: &Path, flag: &str, replace: bool) -> Res<()> {
@@ -862,7 +884,7 @@ fn cmd_prepare(a: &PrepareArgs) -> Res<()> {
     if fs::canonicalize(out).is_ok_and(|c| fs::canonicalize(&a.input).is_ok_and(|i| i == c)) {
         return Err(format!("--out {o}: is the input; pass another folder for the shards"));
     }
-    if out.exists() && fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+    if !new_or_empty(out) {
         return Err(format!("--out {o}: not an empty folder; pass a new or empty folder for the shards"));
     }
     let t0 = Instant::now();
@@ -880,9 +902,7 @@ fn cmd_prepare(a: &PrepareArgs) -> Res<()> {
             ));
         }
     }
-    let tmp = temp_beside(out);
-    let written = (|| -> Res<Vec<String>> {
-        fs::create_dir(&tmp).map_err(|e| format!("--out {o}: {}", io_error(&tmp, "make this folder", &e)))?;
+    let written = write_dir_atomic(out, "--out", |tmp| {
         let mut report = vec![];
         for split in ["train", "val"] {
             let texts: Vec<&str> = docs.iter().filter(|(s, _)| s == split).map(|(_, t)| t.as_str()).collect();
@@ -892,12 +912,8 @@ fn cmd_prepare(a: &PrepareArgs) -> Res<()> {
             }
             report.push(format!("{split}: {} documents, {} tokens", texts.len(), tokens.len()));
         }
-        fs::rename(&tmp, out).map_err(|e| format!("--out {}", io_error(out, "move the shards in", &e)))?;
         Ok(report)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_dir_all(&tmp);
-    }
+    });
     written?.iter().for_each(|l| println!("{l}"));
     println!("prepared {o} in {:.1}s with {} threads", t0.elapsed().as_secs_f64(), rayon::current_num_threads());
     Ok(())
