@@ -151,17 +151,6 @@ enum Preset {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
-enum Attn {
-    /// causal scaled-dot-product attention
-    Causal,
-    /// topological attention, fixed temperature (--tau-temp), as the public Tauformer code
-    Tau,
-    /// topological attention with a learned per-head inverse temperature (log-parameterised)
-    TauLt,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
 enum Kernels {
     /// fused on CUDA; plain on the CPU, with --tau-chunk, or at a head dim the kernels are not built for
     Auto,
@@ -180,8 +169,9 @@ struct TrainArgs {
     /// The recipe. The defaults shown below are the speedrun's: tiny (auto's pick on a CPU) replaces those it lists
     #[arg(long, value_enum, default_value = "auto")]
     preset: Preset,
-    #[arg(long, value_enum, default_value = "causal")]
-    attn: Attn,
+    /// The attention variant (one `impl Attention` in the model section)
+    #[arg(long, default_value = "causal", value_parser = attention_values())]
+    attn: String,
     #[arg(long, default_value = "auto", help = "auto|cpu|cuda|cuda:N")]
     device: String,
     #[arg(long, default_value_t = 6)]
@@ -238,9 +228,15 @@ struct TrainArgs {
     /// tau: fixed temperature of the logits −|λq−λk|/temperature
     #[arg(long, default_value_t = 1.0)]
     tau_temp: f64,
-    /// tau-lt: initial inverse temperature of every head
+    /// tau-lt, tau-full, tau-multi: initial inverse temperature of every head (learned); tau-bias: initial α
     #[arg(long, default_value_t = 20.0)]
     inv_temp_init: f64,
+    /// sliding: keys a query sees, itself included
+    #[arg(long, default_value_t = 256)]
+    window: i64,
+    /// tau-multi: spectral bands of L, one energy (and one τ) each
+    #[arg(long, default_value_t = 4)]
+    bands: i64,
     /// tau: fix τ by hand instead of calibrating it (median E of block-0 keys on the first batch)
     #[arg(long)]
     tau: Option<f64>,
@@ -315,8 +311,8 @@ struct PrepareArgs {
 #[derive(clap::Args)]
 struct BenchArgs {
     /// Variants to time, comma-separated (tau runs use the chain L: its values do not change the cost)
-    #[arg(long, default_value = "causal,tau,tau-lt", value_delimiter = ',')]
-    variants: Vec<Attn>,
+    #[arg(long, default_value = "causal,tau,tau-lt", value_delimiter = ',', value_parser = attention_values())]
+    variants: Vec<String>,
     #[arg(long, default_value_t = 20)]
     bench_steps: i64,
     /// Untimed steps first (allocator and cuDNN/cuBLAS warm-up)
@@ -1789,13 +1785,27 @@ struct ModelCfg {
     n_embd: i64,
     seq_len: i64,
     vocab_size: i64,
-    attn: String, // causal | tau | tau-lt
+    attn: String, // a name in ATTENTIONS
+    #[serde(default)]
+    window: i64, // sliding: keys a query sees
+    #[serde(default = "one")]
+    bands: i64, // tau-multi: bands of L
+    #[serde(default = "one_f")]
+    tau_temp: f64, // tau: fixed temperature (at init; a checkpoint's buffers hold it)
+    #[serde(default = "one_f")]
+    inv_temp_init: f64, // learned inverse temperatures at init
+}
+
+fn one() -> i64 {
+    1
+}
+
+fn one_f() -> f64 {
+    1.0
 }
 
 impl ModelCfg {
-    fn from_args(a: &TrainArgs, attn: Attn) -> ModelCfg {
-        // the one-word variant: causal | tau | tau-lt
-        let attn = attn.to_possible_value().unwrap().get_name().to_string();
+    fn from_args(a: &TrainArgs, attn: &str) -> ModelCfg {
         ModelCfg {
             n_layer: a.n_layer,
             n_head: a.n_head,
@@ -1803,7 +1813,11 @@ impl ModelCfg {
             n_embd: a.n_embd,
             seq_len: a.seq_len,
             vocab_size: a.vocab_size,
-            attn,
+            attn: attn.to_string(),
+            window: a.window,
+            bands: a.bands,
+            tau_temp: a.tau_temp,
+            inv_temp_init: a.inv_temp_init,
         }
     }
     // Key/value heads (grouped-query attention when fewer than the query heads; each serves n_head / kv_heads of them).
@@ -1817,8 +1831,13 @@ impl ModelCfg {
     fn head_dim(&self) -> i64 {
         self.n_embd / self.n_head
     }
+    fn attention(&self) -> &'static dyn Attention {
+        attention(&self.attn)
+            .unwrap_or_else(|| panic!("attn {:?} unchecked: ModelCfg::check names the known ones", self.attn))
+    }
+    // Whether the variant uses a Laplacian (and so τ, energies, the diagnostics).
     fn is_tau(&self) -> bool {
-        self.attn != "causal"
+        self.attention().laplacian_dim(self).is_some()
     }
     // A config read from a file is data: checked, bounds included, before any tensor is made from it.
     fn check(&self) -> Res<()> {
@@ -1839,10 +1858,10 @@ impl ModelCfg {
         if !(2..=MAX_SEQ_LEN).contains(&t) {
             return Err(format!("config seq_len {t}: expected 2..={MAX_SEQ_LEN}"));
         }
-        if !["causal", "tau", "tau-lt"].contains(&self.attn.as_str()) {
-            return Err(format!("config attn {:?}: expected causal, tau or tau-lt", self.attn));
+        match attention(&self.attn) {
+            Some(a) => a.check(self),
+            None => Err(format!("config attn {:?}: expected one of {}", self.attn, attention_names().join(", "))),
         }
-        Ok(())
     }
     // The trained parameters' names and shapes, in Model::new's order (a unit test holds the two together).
     fn param_shapes(&self) -> Vec<(String, Vec<i64>)> {
@@ -1853,9 +1872,26 @@ impl ModelCfg {
             v.push((format!("blocks.{l}.attn.o"), vec![c, c]));
             v.push((format!("blocks.{l}.mlp.fc"), vec![4 * c, c]));
             v.push((format!("blocks.{l}.mlp.proj"), vec![c, 4 * c]));
-            if self.attn == "tau-lt" {
-                v.push((format!("blocks.{l}.attn.log_inv_temp"), vec![self.n_head]));
+            for t in self.attention().layer_tensors(self).into_iter().filter(|t| t.trained) {
+                v.push((format!("blocks.{l}.attn.{}", t.name), t.shape));
             }
+        }
+        v
+    }
+    // The fixed tensors a checkpoint also holds, in Model::new's order: the variant's untrained layer tensors, then its
+    // Laplacian (F×F, or bands×F×F) and τ a band.
+    fn buffer_shapes(&self) -> Vec<(String, Vec<i64>)> {
+        let attn = self.attention();
+        let mut v = vec![];
+        for l in 0..self.n_layer {
+            for t in attn.layer_tensors(self).into_iter().filter(|t| !t.trained) {
+                v.push((format!("blocks.{l}.attn.{}", t.name), t.shape));
+            }
+        }
+        if let Some(f) = attn.laplacian_dim(self) {
+            let r = attn.bands(self);
+            v.push(("laplacian".into(), if r == 1 { vec![f, f] } else { vec![r, f, f] }));
+            v.push(("tau".into(), vec![r]));
         }
         v
     }
@@ -1863,12 +1899,13 @@ impl ModelCfg {
 
 struct Model {
     cfg: ModelCfg,
-    params: Vec<(String, Tensor)>, // fp32 master weights, in checkpoint order
+    attn: &'static dyn Attention,
+    params: Vec<(String, Tensor)>,  // trained: fp32 master weights, in checkpoint order
+    buffers: Vec<(String, Tensor)>, // fixed: the variant's untrained layer tensors, then L and τ, in checkpoint order
     cos: Tensor,
     sin: Tensor,
-    lap: Tensor,      // tau: F×F Laplacian (fp32); causal: empty
-    tau: f64,         // tau: the global energy scale
-    inv_temp: Tensor, // tau: [n_layer, H] fixed inverse temperature; tau-lt: unused
+    lap: Tensor,      // the variant's Laplacian (fp32): F×F, or bands×F×F; empty without one
+    tau: Vec<f64>,    // τ a band (1.0 until calibrated); empty without a Laplacian
     cdt: Kind,        // compute dtype (bf16 on CUDA)
     tau_chunk: i64,   // tau: query rows a chunk in `tau_attention_chunked` (0: the plain path)
     kernels: Kernels, // fused: tau runs `tau_attention_fused` (then tau_chunk is 0), the head `softcap_ce_fused`
@@ -1919,51 +1956,61 @@ fn taumode(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
 // Tau attention over scalars: logits −|λq(i) − λk(j)|·inv_temp, causal, softmax, then the full value vectors.
 // It reads only (λk, V) of the keys, which is what a decoding cache would hold. Plain path: T×T scores in memory.
 fn tau_attention(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Tensor {
-    let (tq, tk) = (lq.size()[2], lk.size()[2]);
-    let att = -(lq.unsqueeze(-1) - lk.unsqueeze(-2)).abs() * inv_temp.view([1, -1, 1, 1]);
+    distance_attention(&(lq.unsqueeze(-1) - lk.unsqueeze(-2)).abs(), v, inv_temp)
+}
+
+// Attention by distance: logits −dist(i, j)·inv_temp [B,H,Tq,Tk], the queries the last Tq positions, causal.
+fn distance_attention(dist: &Tensor, v: &Tensor, inv_temp: &Tensor) -> Tensor {
+    let att = -dist * inv_temp.view([1, -1, 1, 1]);
+    let (tq, tk) = (att.size()[2], att.size()[3]);
     // one decoding query sees every key: no mask to build
-    let att = if tq == 1 {
-        att
-    } else {
-        att.masked_fill(
-            &Tensor::ones([tq, tk], (Kind::Bool, lq.device())).tril(tk - tq).logical_not(),
-            f64::NEG_INFINITY,
-        )
-    };
+    let att = if tq == 1 { att } else { att.masked_fill(&future(tq, tk, att.device()), f64::NEG_INFINITY) };
     att.softmax(-1, att.kind()).to_kind(v.kind()).matmul(v)
 }
 
-// Decoding cache, per layer (keys, values) along time, allocated once for `cap` tokens: causal holds K [B,Hkv,T,D];
-// tau holds λk [B,Hkv,T] (fp32), the Tauformer's scalar key. Both hold V [B,Hkv,T,D].
+// [Tq,Tk] true where key j is after query i, the queries the last Tq of Tk positions.
+fn future(tq: i64, tk: i64, dev: Device) -> Tensor {
+    Tensor::ones([tq, tk], (Kind::Bool, dev)).tril(tk - tq).logical_not()
+}
+
+// Decoding cache, per layer: what the variant keeps of each key along time (causal: K [B,Hkv,T,D] and V; tau: λk
+// [B,Hkv,T] fp32 and V), allocated once for `cap` tokens.
 struct Cache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Vec<Tensor>>,
     len: i64,
     cap: i64,
 }
 
 impl Cache {
     fn new(n_layer: i64, cap: i64) -> Cache {
-        Cache { layers: (0..n_layer).map(|_| None).collect(), len: 0, cap }
+        Cache { layers: (0..n_layer).map(|_| vec![]).collect(), len: 0, cap }
     }
     // Tokens cached so far.
     fn len(&self) -> i64 {
         self.len
     }
-    // Writes layer l's new keys and values after the cached ones; returns all of them (views, no copy).
-    fn append(&mut self, l: i64, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
-        let (t, len, cap) = (v.size()[2], self.len, self.cap);
+    // Writes layer l's new entries (time on dim 2) after the cached ones; returns all of them (views, no copy).
+    fn append(&mut self, l: i64, new: Vec<Tensor>) -> Vec<Tensor> {
+        let (t, len, cap) = (new[0].size()[2], self.len, self.cap);
         assert!(len + t <= cap, "cache full: {len} + {t} tokens > capacity {cap}");
-        let (ck, cv) = self.layers[l as usize].get_or_insert_with(|| {
-            let grow = |x: &Tensor| {
-                let mut sz = x.size();
-                sz[2] = cap;
-                Tensor::zeros(sz.as_slice(), (x.kind(), x.device()))
-            };
-            (grow(&k), grow(&v))
-        });
-        ck.narrow(2, len, t).copy_(&k);
-        cv.narrow(2, len, t).copy_(&v);
-        (ck.narrow(2, 0, len + t), cv.narrow(2, 0, len + t))
+        let held = &mut self.layers[l as usize];
+        if held.is_empty() {
+            *held = new
+                .iter()
+                .map(|x| {
+                    let mut sz = x.size();
+                    sz[2] = cap;
+                    Tensor::zeros(sz.as_slice(), (x.kind(), x.device()))
+                })
+                .collect();
+        }
+        held.iter()
+            .zip(&new)
+            .map(|(c, x)| {
+                c.narrow(2, len, t).copy_(x);
+                c.narrow(2, 0, len + t)
+            })
+            .collect()
     }
     // Called once every layer has appended the same t tokens.
     fn advance(&mut self, t: i64) {
@@ -1971,37 +2018,499 @@ impl Cache {
     }
     // Bytes allocated (the whole capacity).
     fn bytes(&self) -> i64 {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|(k, v)| (k.numel() * k.kind().elt_size_in_bytes() + v.numel() * v.kind().elt_size_in_bytes()) as i64)
-            .sum()
+        self.layers.iter().flatten().map(|x| (x.numel() * x.kind().elt_size_in_bytes()) as i64).sum()
     }
 }
 
-// What the cache must hold: causal K and V in the compute dtype; tau V in the compute dtype plus one fp32 λk a head.
-fn cache_bytes_formula(cfg: &ModelCfg, cdt: Kind, b: i64, t: i64) -> i64 {
-    let (per_head, s) = (cfg.n_layer * b * cfg.kv_heads() * t, cdt.elt_size_in_bytes() as i64);
-    if cfg.is_tau() {
-        per_head * (cfg.head_dim() * s + 4)
-    } else {
-        per_head * 2 * cfg.head_dim() * s
+// The keys and values a layer attends over: with a cache, the cached ones and these (which join it); else these.
+fn through_cache(cache: Option<&mut Cache>, l: i64, new: Vec<Tensor>) -> Vec<Tensor> {
+    match cache {
+        Some(c) => c.append(l, new),
+        None => new,
     }
+}
+
+// The log's word on the variant: its attention's path and what a token costs its decoding cache.
+fn attention_line(cfg: &ModelCfg, kernels: Kernels, cdt: Kind) -> String {
+    let attn = cfg.attention();
+    let path = match (kernels, attn.fused()) {
+        (Kernels::Fused, true) => "fused".to_string(),
+        (Kernels::Fused, false) => {
+            format!("plain (no fused kernel for {}; the block's other kernels are fused)", cfg.attn)
+        }
+        _ => "plain".to_string(),
+    };
+    format!("{} kernels:{path} cache_bytes_per_token:{}", cfg.attn, cache_bytes_formula(cfg, cdt, 1, 1))
+}
+
+// What the cache must hold for b sequences of t tokens.
+fn cache_bytes_formula(cfg: &ModelCfg, cdt: Kind, b: i64, t: i64) -> i64 {
+    cfg.n_layer * b * t * cfg.attention().cache_bytes(cfg, cdt)
+}
+
+// ---- Attention variants. A variant is one `impl Attention` and its entry in ATTENTIONS: `--attn NAME` picks it,
+// `train_gpt train --help` lists it, checkpoints, the decoding cache, bench and the logs take it from there.
+
+// A per-layer tensor of a variant, blocks.{l}.attn.{name}: a constant at init (no draw from the RNG, so every variant
+// of a seed starts from the same weights elsewhere), trained by Adam, or a fixed buffer the checkpoint keeps.
+struct LayerTensor {
+    name: &'static str,
+    shape: Vec<i64>,
+    init: f64,
+    trained: bool,
+}
+
+trait Attention: Sync {
+    fn name(&self) -> &'static str;
+    // One line for --help.
+    fn about(&self) -> &'static str;
+    // Config the variant cannot run.
+    fn check(&self, _c: &ModelCfg) -> Res<()> {
+        Ok(())
+    }
+    // The size F of the Laplacian its energies use (built by --laplacian as F×F); None: no L, τ or energies.
+    fn laplacian_dim(&self, _c: &ModelCfg) -> Option<i64> {
+        None
+    }
+    // Energies a vector: 1 (one F×F L, one τ) or r bands of L (r×F×F, r τ's), made from the built L by `bands_of`.
+    fn bands(&self, _c: &ModelCfg) -> i64 {
+        1
+    }
+    fn layer_tensors(&self, _c: &ModelCfg) -> Vec<LayerTensor> {
+        vec![]
+    }
+    // (E, λ) of q or k [B, heads, T, D] against the model's L at τ (a band each); calibration reads E at τ = 1.
+    fn energies(&self, m: &Model, x: &Tensor, tau: &[f64]) -> (Tensor, Tensor) {
+        m.energies(x, tau[0])
+    }
+    // y [B,H,T,D] of layer l from q [B,H,T,D] and k, v [B,Hkv,T,D] at the positions after the cache's: the keys join
+    // the cache as this variant keeps them; its scalar keys go to `lams` for the diagnostics.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        m: &Model,
+        l: i64,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: Option<&mut Cache>,
+        lams: Option<&mut Vec<Tensor>>,
+    ) -> Tensor;
+    // Bytes one token adds to one layer's decoding cache.
+    fn cache_bytes(&self, c: &ModelCfg, cdt: Kind) -> i64;
+    // Whether --kernels fused has a kernel for this attention; without one it runs on libtorch ops (the log says so).
+    fn fused(&self) -> bool;
+}
+
+static ATTENTIONS: [&dyn Attention; 7] =
+    [&Causal, &Sliding, &Tau { learned: false }, &Tau { learned: true }, &TauFull, &TauMulti, &TauBias];
+
+fn attention(name: &str) -> Option<&'static dyn Attention> {
+    ATTENTIONS.iter().copied().find(|a| a.name() == name)
+}
+
+fn attention_names() -> Vec<&'static str> {
+    ATTENTIONS.iter().map(|a| a.name()).collect()
+}
+
+// --attn's values, each with its line of help.
+fn attention_values() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        ATTENTIONS.iter().map(|a| clap::builder::PossibleValue::new(a.name()).help(a.about())),
+    )
+}
+
+// x [B, h, T, ...] with h = 1 or a divisor of `heads`, repeated along dim 1 to `heads` (grouped-query attention).
+fn to_heads(x: Tensor, heads: i64) -> Tensor {
+    let h = x.size()[1];
+    match h {
+        _ if h == heads => x,
+        1 => {
+            let mut sz = x.size();
+            sz[1] = heads;
+            x.expand(sz.as_slice(), false)
+        }
+        _ => x.repeat_interleave_self_int(heads / h, 1, None),
+    }
+}
+
+// Dot-product attention of q [B,H,Tq,D] over k, v [B,Hkv,Tk,D], the queries the last Tq positions: causal, or as
+// `mask` says ([Tq,Tk] or [B,H,Tq,Tk]: bool, true where a query may look, or an additive float bias).
+fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<Tensor>) -> Tensor {
+    let (t, tk) = (q.size()[2], k.size()[2]);
+    let gqa = k.size()[1] < q.size()[1];
+    // is_causal aligns the mask top-left; queries after a cached prefix need it bottom-right. One new query sees every
+    // key: no mask, so SDPA keeps its fused kernels while decoding.
+    let (mask, causal) = match mask {
+        Some(m) => (Some(m), false),
+        None => ((tk > t && t > 1).then(|| future(t, tk, q.device()).logical_not()), tk == t),
+    };
+    Tensor::scaled_dot_product_attention(q, k, v, mask, 0.0, causal, None, gqa)
+}
+
+// The queries' and keys' energies through the variant, the keys' λ through the cache with V, the query heads'
+// inverse temperatures; the attention of tau-style variants over (λq, λk, V) then picks the model's path.
+fn tau_inputs(
+    m: &Model,
+    l: i64,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cache: Option<&mut Cache>,
+    lams: Option<&mut Vec<Tensor>>,
+) -> (Tensor, Tensor, Tensor, Tensor) {
+    let h = m.cfg.n_head;
+    let (_, lq) = m.attn.energies(m, q, &m.tau);
+    let (_, lk) = m.attn.energies(m, k, &m.tau);
+    if let Some(ls) = lams {
+        ls.push(lk.detach());
+    }
+    let [lk, v]: [Tensor; 2] = through_cache(cache, l, vec![lk, v.shallow_clone()]).try_into().unwrap();
+    (to_heads(lq, h), to_heads(lk, h), to_heads(v, h), m.layer(l, "log_inv_temp").exp())
+}
+
+// Tau attention on the model's path: the fused kernel, query chunks (--tau-chunk) or plain ops.
+fn tau_attention_path(m: &Model, lq: &Tensor, lk: &Tensor, v: &Tensor, it: &Tensor) -> Tensor {
+    if m.kernels == Kernels::Fused {
+        tau_attention_fused(lq, lk, v, it)
+    } else if m.tau_chunk > 0 {
+        tau_attention_chunked(lq, lk, v, it, m.tau_chunk)
+    } else {
+        tau_attention(lq, lk, v, it)
+    }
+}
+
+// A learned inverse temperature a head, log-parameterised.
+fn learned_inv_temp(c: &ModelCfg) -> LayerTensor {
+    LayerTensor { name: "log_inv_temp", shape: vec![c.n_head], init: c.inv_temp_init.ln(), trained: true }
+}
+
+// Causal scaled-dot-product attention: the speedrun's, flash kernels on CUDA.
+struct Causal;
+impl Attention for Causal {
+    fn name(&self) -> &'static str {
+        "causal"
+    }
+    fn about(&self) -> &'static str {
+        "causal scaled-dot-product attention"
+    }
+    fn attend(
+        &self,
+        _: &Model,
+        l: i64,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: Option<&mut Cache>,
+        _: Option<&mut Vec<Tensor>>,
+    ) -> Tensor {
+        let [k, v]: [Tensor; 2] =
+            through_cache(cache, l, vec![k.shallow_clone(), v.shallow_clone()]).try_into().unwrap();
+        sdpa(q, &k, &v, None)
+    }
+    fn cache_bytes(&self, c: &ModelCfg, cdt: Kind) -> i64 {
+        2 * c.kv_heads() * c.head_dim() * cdt.elt_size_in_bytes() as i64
+    }
+    fn fused(&self) -> bool {
+        true
+    }
+}
+
+// Causal attention within the last --window keys: the non-topological control (a speedrun staple).
+struct Sliding;
+impl Attention for Sliding {
+    fn name(&self) -> &'static str {
+        "sliding"
+    }
+    fn about(&self) -> &'static str {
+        "causal attention over the last --window keys (a non-topological control)"
+    }
+    fn check(&self, c: &ModelCfg) -> Res<()> {
+        match c.window >= 1 {
+            true => Ok(()),
+            false => Err(format!("sliding: window {} must be ≥ 1; pass --window", c.window)),
+        }
+    }
+    fn attend(
+        &self,
+        m: &Model,
+        l: i64,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: Option<&mut Cache>,
+        _: Option<&mut Vec<Tensor>>,
+    ) -> Tensor {
+        let [k, v]: [Tensor; 2] =
+            through_cache(cache, l, vec![k.shallow_clone(), v.shallow_clone()]).try_into().unwrap();
+        let (t, tk) = (q.size()[2], k.size()[2]);
+        let i = Tensor::arange_start(tk - t, tk, (Kind::Int64, q.device())).unsqueeze(1); // the queries' positions
+        let j = Tensor::arange(tk, (Kind::Int64, q.device())).unsqueeze(0);
+        let seen = j.le_tensor(&i).logical_and(&j.gt_tensor(&(&i - m.cfg.window)));
+        sdpa(q, &k, &v, Some(seen))
+    }
+    fn cache_bytes(&self, c: &ModelCfg, cdt: Kind) -> i64 {
+        Causal.cache_bytes(c, cdt)
+    }
+    fn fused(&self) -> bool {
+        false // SDPA with a mask: memory-efficient kernels, not flash
+    }
+}
+
+// The Tauformer's attention: λ = E/(E+τ) of each head's q and k against an F×F L (F = head dim), logits
+// −|λq − λk|·inv_temp; the cache holds λk and V. inv_temp fixed at 1/--tau-temp (tau, the public code's) or learned a
+// head (tau-lt).
+struct Tau {
+    learned: bool,
+}
+impl Attention for Tau {
+    fn name(&self) -> &'static str {
+        if self.learned {
+            "tau-lt"
+        } else {
+            "tau"
+        }
+    }
+    fn about(&self) -> &'static str {
+        if self.learned {
+            "topological attention with a learned inverse temperature a head (init --inv-temp-init)"
+        } else {
+            "topological attention, fixed temperature (--tau-temp), as the public Tauformer code"
+        }
+    }
+    fn laplacian_dim(&self, c: &ModelCfg) -> Option<i64> {
+        Some(c.head_dim())
+    }
+    fn layer_tensors(&self, c: &ModelCfg) -> Vec<LayerTensor> {
+        match self.learned {
+            true => vec![learned_inv_temp(c)],
+            false => vec![LayerTensor {
+                name: "log_inv_temp",
+                shape: vec![c.n_head],
+                init: -c.tau_temp.ln(),
+                trained: false,
+            }],
+        }
+    }
+    fn attend(
+        &self,
+        m: &Model,
+        l: i64,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: Option<&mut Cache>,
+        lams: Option<&mut Vec<Tensor>>,
+    ) -> Tensor {
+        let (lq, lk, v, it) = tau_inputs(m, l, q, k, v, cache, lams);
+        tau_attention_path(m, &lq, &lk, &v, &it)
+    }
+    fn cache_bytes(&self, c: &ModelCfg, cdt: Kind) -> i64 {
+        c.kv_heads() * (c.head_dim() * cdt.elt_size_in_bytes() as i64 + 4)
+    }
+    fn fused(&self) -> bool {
+        true
+    }
+}
+
+// The seed's other reading of a 6×64-head model on a 384-d manifold: one λ a token from the concatenated heads' q (and
+// k) against a C×C L, shared by every head; learned inverse temperature a head. The cache holds one λk a token and V.
+struct TauFull;
+impl Attention for TauFull {
+    fn name(&self) -> &'static str {
+        "tau-full"
+    }
+    fn about(&self) -> &'static str {
+        "topological attention, one λ a token from the whole C-d q/k on a C×C L, shared by the heads"
+    }
+    fn check(&self, c: &ModelCfg) -> Res<()> {
+        match c.kv_heads() == c.n_head {
+            true => Ok(()),
+            false => Err(format!(
+                "tau-full: λ of the whole key needs as many key heads as query heads (n_kv_head {}); drop --n-kv-head",
+                c.n_kv_head
+            )),
+        }
+    }
+    fn laplacian_dim(&self, c: &ModelCfg) -> Option<i64> {
+        Some(c.n_embd)
+    }
+    fn layer_tensors(&self, c: &ModelCfg) -> Vec<LayerTensor> {
+        vec![learned_inv_temp(c)]
+    }
+    // x [B,H,T,D] → the token's whole vector [B,1,T,H·D] → (E, λ) [B,1,T]
+    fn energies(&self, m: &Model, x: &Tensor, tau: &[f64]) -> (Tensor, Tensor) {
+        let (b, h, t, d) = x.size4().unwrap();
+        taumode(&x.transpose(1, 2).reshape([b, 1, t, h * d]), &m.lap, tau[0])
+    }
+    fn attend(
+        &self,
+        m: &Model,
+        l: i64,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: Option<&mut Cache>,
+        lams: Option<&mut Vec<Tensor>>,
+    ) -> Tensor {
+        let (lq, lk, v, it) = tau_inputs(m, l, q, k, v, cache, lams);
+        tau_attention_path(m, &lq.contiguous(), &lk.contiguous(), &v, &it)
+    }
+    fn cache_bytes(&self, c: &ModelCfg, cdt: Kind) -> i64 {
+        c.kv_heads() * c.head_dim() * cdt.elt_size_in_bytes() as i64 + 4
+    }
+    fn fused(&self) -> bool {
+        true // the tau kernel over λ expanded to the heads
+    }
+}
+
+// r energies a head, one a spectral band of L (`bands_of`), each with its own τ; logits −Σ_r |λq_r − λk_r|·inv_temp,
+// learned inverse temperature a head. The cache holds r λk's a key and V.
+struct TauMulti;
+impl Attention for TauMulti {
+    fn name(&self) -> &'static str {
+        "tau-multi"
+    }
+    fn about(&self) -> &'static str {
+        "topological attention over --bands energies a head (spectral bands of L), logits −Σ|λq_r − λk_r|"
+    }
+    fn check(&self, c: &ModelCfg) -> Res<()> {
+        match (1..=c.head_dim()).contains(&c.bands) {
+            true => Ok(()),
+            false => Err(format!(
+                "tau-multi: bands {} must be within 1..={} (head dim); pass --bands",
+                c.bands,
+                c.head_dim()
+            )),
+        }
+    }
+    fn laplacian_dim(&self, c: &ModelCfg) -> Option<i64> {
+        Some(c.head_dim())
+    }
+    fn bands(&self, c: &ModelCfg) -> i64 {
+        c.bands
+    }
+    fn layer_tensors(&self, c: &ModelCfg) -> Vec<LayerTensor> {
+        vec![learned_inv_temp(c)]
+    }
+    // (E, λ) [B, heads, T, r]: E_r = xᵀL_r x / (xᵀx + ε) over the bands L_r [r,F,F]
+    fn energies(&self, m: &Model, x: &Tensor, tau: &[f64]) -> (Tensor, Tensor) {
+        let xf = if x.kind() == Kind::Double { x.shallow_clone() } else { x.to_kind(Kind::Float) };
+        let lap = if m.lap.dim() == 2 { m.lap.unsqueeze(0) } else { m.lap.shallow_clone() }; // one band: F×F
+        let xl = Tensor::einsum("...f,rfg->...rg", &[&xf, &lap.to_kind(xf.kind())], None::<i64>); // x·L_r
+        let e = (xl * xf.unsqueeze(-2)).sum_dim_intlist(-1, false, xf.kind())
+            / (xf.square().sum_dim_intlist(-1, true, xf.kind()) + LAMBDA_EPS);
+        let tau = Tensor::from_slice(tau).to_kind(xf.kind()).to(x.device());
+        let lam = &e / (&e + tau);
+        (e, lam)
+    }
+    fn attend(
+        &self,
+        m: &Model,
+        l: i64,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: Option<&mut Cache>,
+        lams: Option<&mut Vec<Tensor>>,
+    ) -> Tensor {
+        let (lq, lk, v, it) = tau_inputs(m, l, q, k, v, cache, lams);
+        // Σ_r one band at a time: never a [B,H,Tq,Tk,r] tensor
+        let dist = (0..m.cfg.bands)
+            .map(|r| (lq.select(-1, r).unsqueeze(-1) - lk.select(-1, r).unsqueeze(-2)).abs())
+            .reduce(|a, b| a + b)
+            .unwrap();
+        distance_attention(&dist, &v, &it)
+    }
+    fn cache_bytes(&self, c: &ModelCfg, cdt: Kind) -> i64 {
+        c.kv_heads() * (c.head_dim() * cdt.elt_size_in_bytes() as i64 + 4 * c.bands)
+    }
+    fn fused(&self) -> bool {
+        false
+    }
+}
+
+// Causal dot-product attention plus the topological term as a prior: logits q·k/√D − α|λq − λk|, α learned a head
+// from --inv-temp-init, as tau-lt's inverse temperature (λ's of a layer spread over a few hundredths at init, so a
+// smaller α would start as no prior at all). The cache holds K, λk and V.
+struct TauBias;
+impl Attention for TauBias {
+    fn name(&self) -> &'static str {
+        "tau-bias"
+    }
+    fn about(&self) -> &'static str {
+        "causal dot-product attention plus a learned per-head bias −α|λq − λk|"
+    }
+    fn laplacian_dim(&self, c: &ModelCfg) -> Option<i64> {
+        Some(c.head_dim())
+    }
+    fn layer_tensors(&self, c: &ModelCfg) -> Vec<LayerTensor> {
+        vec![LayerTensor { name: "alpha", shape: vec![c.n_head], init: c.inv_temp_init, trained: true }]
+    }
+    fn attend(
+        &self,
+        m: &Model,
+        l: i64,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: Option<&mut Cache>,
+        lams: Option<&mut Vec<Tensor>>,
+    ) -> Tensor {
+        let h = m.cfg.n_head;
+        let (_, lq) = m.attn.energies(m, q, &m.tau);
+        let (_, lk) = m.attn.energies(m, k, &m.tau);
+        if let Some(ls) = lams {
+            ls.push(lk.detach());
+        }
+        let [k, lk, v]: [Tensor; 3] =
+            through_cache(cache, l, vec![k.shallow_clone(), lk, v.shallow_clone()]).try_into().unwrap();
+        let lk = to_heads(lk, h);
+        let (t, tk) = (q.size()[2], k.size()[2]);
+        let bias = (lq.unsqueeze(-1) - lk.unsqueeze(-2)).abs() * m.layer(l, "alpha").view([1, -1, 1, 1]).neg();
+        let bias = if t == 1 { bias } else { bias.masked_fill(&future(t, tk, q.device()), f64::NEG_INFINITY) };
+        sdpa(q, &k, &v, Some(bias.to_kind(q.kind())))
+    }
+    fn cache_bytes(&self, c: &ModelCfg, cdt: Kind) -> i64 {
+        c.kv_heads() * (2 * c.head_dim() * cdt.elt_size_in_bytes() as i64 + 4)
+    }
+    fn fused(&self) -> bool {
+        false // SDPA with a float bias: memory-efficient kernels, not flash
+    }
+}
+
+// r spectral bands of a symmetric L [F,F]: L = UΛUᵀ, eigenvalues ascending, split into r runs of F/r (the last takes
+// the rest), L_b = U_b Λ_b U_bᵀ [r,F,F], so that Σ_b L_b = L and band b sees only its part of the spectrum.
+fn bands_of(l: &Tensor, r: i64) -> Tensor {
+    if r == 1 {
+        return l.shallow_clone();
+    }
+    let f = l.size()[0];
+    let (mu, u) = l.to_kind(Kind::Double).linalg_eigh("L");
+    let bands: Vec<Tensor> = (0..r)
+        .map(|b| {
+            let (lo, hi) = (b * (f / r), if b + 1 == r { f } else { (b + 1) * (f / r) });
+            let ub = u.narrow(1, lo, hi - lo);
+            (&ub * mu.narrow(0, lo, hi - lo)).matmul(&ub.tr())
+        })
+        .collect();
+    Tensor::stack(&bands, 0).to_kind(l.kind())
 }
 
 impl Model {
-    fn new(
-        cfg: ModelCfg,
-        dev: Device,
-        cdt: Kind,
-        lap: Option<Tensor>,
-        tau: f64,
-        tau_temp: f64,
-        inv_temp_init: f64,
-    ) -> Model {
-        let (c, v, h) = (cfg.n_embd, cfg.vocab_size, cfg.n_head);
-        assert!(c % h == 0 && cfg.head_dim() % 2 == 0, "n_embd must split into heads of even size (RoPE)");
-        assert!(h % cfg.kv_heads() == 0, "query heads must split evenly over key/value heads");
+    // The model of `cfg` with the variant's Laplacian `lap` (shaped by `bands_of`; None without one), τ 1.0 a band
+    // until calibrated.
+    fn new(cfg: ModelCfg, dev: Device, cdt: Kind, lap: Option<Tensor>) -> Model {
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        assert!(c % cfg.n_head == 0 && cfg.head_dim() % 2 == 0, "n_embd must split into heads of even size (RoPE)");
+        assert!(cfg.n_head % cfg.kv_heads() == 0, "query heads must split evenly over key/value heads");
+        let attn = cfg.attention();
+        assert_eq!(
+            lap.is_some(),
+            attn.laplacian_dim(&cfg).is_some(),
+            "{}: a Laplacian iff the variant uses one",
+            cfg.attn
+        );
         // The weights are drawn on the CPU with the calls, in the order, of the reference's module constructors
         // (nn.Embedding's N(0,1); per block, nn.Linear's kaiming-uniform for qkv, o, fc, proj, the two output
         // projections then zeroed; wte redrawn at std 0.02), so that after tch::manual_seed(S) they are bit for bit
@@ -2014,7 +2523,7 @@ impl Model {
         };
         let mut wte = Tensor::empty([v, c], (Kind::Float, Device::Cpu));
         let _ = wte.normal_(0.0, 1.0);
-        let mut params = vec![];
+        let (mut params, mut buffers) = (vec![], vec![]);
         for l in 0..cfg.n_layer {
             params.push((format!("blocks.{l}.attn.qkv"), linear(c + 2 * cfg.kv_heads() * cfg.head_dim(), c).to(dev)));
             let _ = linear(c, c); // drawn, then zero-initialised: the output projections
@@ -2022,11 +2531,13 @@ impl Model {
             params.push((format!("blocks.{l}.mlp.fc"), linear(4 * c, c).to(dev)));
             let _ = linear(c, 4 * c);
             params.push((format!("blocks.{l}.mlp.proj"), Tensor::zeros([c, 4 * c], (Kind::Float, dev))));
-            if cfg.attn == "tau-lt" {
-                params.push((
-                    format!("blocks.{l}.attn.log_inv_temp"),
-                    Tensor::full([h], inv_temp_init.ln(), (Kind::Float, dev)),
-                ));
+            for t in attn.layer_tensors(&cfg) {
+                let x = (format!("blocks.{l}.attn.{}", t.name), Tensor::full(t.shape, t.init, (Kind::Float, dev)));
+                if t.trained {
+                    params.push(x)
+                } else {
+                    buffers.push(x)
+                }
             }
         }
         let _ = wte.normal_(0.0, 0.02);
@@ -2034,22 +2545,33 @@ impl Model {
         let params = params.into_iter().map(|(n, p)| (n, p.set_requires_grad(true))).collect();
         let (cos, sin) = rope_tables(cfg.head_dim(), cfg.seq_len, dev);
         let lap = lap.map(|l| l.to(dev)).unwrap_or_else(|| Tensor::zeros([0], (Kind::Float, dev)));
-        let inv_temp = Tensor::full([cfg.n_layer, h], 1.0 / tau_temp, (Kind::Float, dev));
-        Model { cos, sin, cfg, params, lap, tau, inv_temp, cdt, tau_chunk: 0, kernels: Kernels::Plain }
+        let tau = if cfg.is_tau() { vec![1.0; attn.bands(&cfg) as usize] } else { vec![] };
+        Model { cos, sin, cfg, attn, params, buffers, lap, tau, cdt, tau_chunk: 0, kernels: Kernels::Plain }
     }
 
-    // The model a training run (or its bench) builds from its options: temperatures and the attention path; τ 1.0
-    // until calibrated.
+    // The model a training run (or its bench) builds from its options: the attention path; τ 1.0 until calibrated.
     fn from_args(cfg: ModelCfg, a: &TrainArgs, dev: Device, cdt: Kind, lap: Option<Tensor>) -> Model {
-        Model {
-            tau_chunk: a.tau_chunk,
-            kernels: a.kernels,
-            ..Model::new(cfg, dev, cdt, lap, 1.0, a.tau_temp, a.inv_temp_init)
+        Model { tau_chunk: a.tau_chunk, kernels: a.kernels, ..Model::new(cfg, dev, cdt, lap) }
+    }
+
+    // The fixed tensors a checkpoint holds beside the parameters (ModelCfg::buffer_shapes' names).
+    fn checkpoint_buffers(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self.buffers.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        if self.cfg.is_tau() {
+            v.push(("laplacian".into(), self.lap.shallow_clone()));
+            v.push(("tau".into(), Tensor::from_slice(&self.tau).to_kind(Kind::Float)));
         }
+        v
     }
 
     fn p(&self, name: &str) -> &Tensor {
-        &self.params.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no parameter {name}")).1
+        let mut all = self.params.iter().chain(&self.buffers);
+        &all.find(|(n, _)| n == name).unwrap_or_else(|| panic!("no parameter {name}")).1
+    }
+
+    // Layer l's tensor of the variant (LayerTensor `name`).
+    fn layer(&self, l: i64, name: &str) -> &Tensor {
+        self.p(&format!("blocks.{l}.attn.{name}"))
     }
 
     fn w(&self, name: &str) -> Tensor {
@@ -2058,14 +2580,6 @@ impl Model {
 
     fn n_params(&self) -> i64 {
         self.params.iter().map(|(_, p)| p.numel() as i64).sum()
-    }
-
-    fn layer_inv_temp(&self, l: i64) -> Tensor {
-        if self.cfg.attn == "tau-lt" {
-            self.p(&format!("blocks.{l}.attn.log_inv_temp")).exp()
-        } else {
-            self.inv_temp.get(l)
-        }
     }
 
     // q [B,H,T,D], k and v [B,Hkv,T,D] of layer l at positions pos..; q and k rotated and RMS-normed.
@@ -2130,50 +2644,7 @@ impl Model {
         let mut h = self.norm_in(&x); // the next sublayer's input
         for l in 0..self.cfg.n_layer {
             let (q, k, v) = self.qkv(l, &h, pos);
-            let y = if self.cfg.is_tau() {
-                let (_, lq) = self.energies(&q, self.tau);
-                let (_, lk) = self.energies(&k, self.tau);
-                if let Some(ls) = lams.as_deref_mut() {
-                    ls.push(lk.detach());
-                }
-                let (lk, v) = match cache.as_deref_mut() {
-                    Some(c) => c.append(l, lk, v),
-                    None => (lk, v),
-                };
-                let group = self.cfg.n_head / self.cfg.kv_heads(); // query heads a key/value head serves
-                let (lk, v) = if group > 1 {
-                    (lk.repeat_interleave_self_int(group, 1, None), v.repeat_interleave_self_int(group, 1, None))
-                } else {
-                    (lk, v)
-                };
-                let it = self.layer_inv_temp(l);
-                if self.kernels == Kernels::Fused {
-                    tau_attention_fused(&lq, &lk, &v, &it)
-                } else if self.tau_chunk > 0 {
-                    tau_attention_chunked(&lq, &lk, &v, &it, self.tau_chunk)
-                } else {
-                    tau_attention(&lq, &lk, &v, &it)
-                }
-            } else {
-                let (k, v) = match cache.as_deref_mut() {
-                    Some(c) => c.append(l, k, v),
-                    None => (k, v),
-                };
-                let tk = k.size()[2];
-                // is_causal aligns the mask top-left; queries after a cached prefix need it bottom-right. One new query
-                // sees every key: no mask, so SDPA keeps its fused kernels while decoding.
-                let mask = (tk > t && t > 1).then(|| Tensor::ones([t, tk], (Kind::Bool, q.device())).tril(tk - t));
-                Tensor::scaled_dot_product_attention(
-                    &q,
-                    &k,
-                    &v,
-                    mask,
-                    0.0,
-                    tk == t,
-                    None,
-                    self.cfg.kv_heads() < self.cfg.n_head,
-                )
-            };
+            let y = self.attn.attend(self, l, &q, &k, &v, cache.as_deref_mut(), lams.as_deref_mut());
             let y = y.transpose(1, 2).reshape([b, t, c]);
             let (x1, h1) = self.add_norm(&x, &y.matmul(&self.w(&format!("blocks.{l}.attn.o")).tr()), self.cdt);
             let u = h1.matmul(&self.w(&format!("blocks.{l}.mlp.fc")).tr());
@@ -2277,11 +2748,16 @@ impl Model {
         total / n as f64
     }
 
-    // τ = median energy E of block 0's keys on one batch (the 30M Tauformer run's calibration).
-    fn calibrate_tau(&self, idx: &Tensor) -> f64 {
+    // τ = median energy E of block 0's keys on one batch (the 30M Tauformer run's calibration), a band each.
+    fn calibrate_tau(&self, idx: &Tensor) -> Vec<f64> {
         tch::no_grad(|| {
             let (_, k, _) = self.qkv(0, &self.norm_in(&self.embed(idx)), 0);
-            self.energies(&k, 1.0).0.median().double_value(&[])
+            let r = self.tau.len() as i64;
+            let e = self.attn.energies(self, &k, &vec![1.0; r as usize]).0;
+            match r {
+                1 => vec![e.median().double_value(&[])],
+                _ => (0..r).map(|b| e.select(-1, b).median().double_value(&[])).collect(),
+            }
         })
     }
 }
@@ -2340,16 +2816,23 @@ fn tau_diagnostics(m: &Model, val: &[u16], b: i64, step: i64) -> Value {
             })
             .collect()
     };
-    let inv: Vec<Vec<f64>> = (0..m.cfg.n_layer)
-        .map(|l| {
-            Vec::<f64>::try_from(m.layer_inv_temp(l).detach().to(Device::Cpu).to_kind(Kind::Double))
-                .unwrap()
-                .into_iter()
-                .map(round4)
-                .collect()
-        })
-        .collect();
-    json!({"step": step, "lambda_p05": q(0.05), "lambda_p50": q(0.5), "lambda_p95": q(0.95), "inv_temp": inv})
+    // the variant's layer tensors a layer: inverse temperatures as themselves, not their logs
+    let mut d = json!({"step": step, "lambda_p05": q(0.05), "lambda_p50": q(0.5), "lambda_p95": q(0.95)});
+    for t in m.attn.layer_tensors(&m.cfg) {
+        let (key, exp) = match t.name.strip_prefix("log_") {
+            Some(k) => (k, true),
+            None => (t.name, false),
+        };
+        let per_layer: Vec<Vec<f64>> = (0..m.cfg.n_layer)
+            .map(|l| {
+                let x = m.layer(l, t.name).detach();
+                let x = if exp { x.exp() } else { x };
+                Vec::<f64>::try_from(x.to(Device::Cpu).to_kind(Kind::Double)).unwrap().into_iter().map(round4).collect()
+            })
+            .collect();
+        d[key] = json!(per_layer);
+    }
+    d
 }
 
 // Model FLOPs utilisation of one GPU at `tokens_per_s`: llm.c's 6N + 6·L·C·T FLOPs a token over the bf16 peak.
@@ -2358,6 +2841,18 @@ fn mfu(m: &Model, tokens_per_s: f64) -> f64 {
     round4(
         tokens_per_s * (6.0 * m.n_params() as f64 + 6.0 * (c.n_layer * c.n_embd * c.seq_len) as f64) / H100_BF16_PEAK,
     )
+}
+
+// τ as logs and summaries show it: one number, or a list of one a band.
+fn tau_json(tau: &[f64]) -> Value {
+    match tau {
+        [t] => json!(t),
+        _ => json!(tau),
+    }
+}
+
+fn tau_text(tau: &[f64]) -> String {
+    tau_json(tau).to_string()
 }
 
 fn round4(x: f64) -> f64 {
@@ -3036,7 +3531,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         ));
     }
     tch::manual_seed(a.seed);
-    let cfg = ModelCfg::from_args(&a, a.attn);
+    let cfg = ModelCfg::from_args(&a, &a.attn);
     let variant = cfg.attn.clone();
     let dist = match &de {
         Some(e) => Some(Dist::init(e, a.dist_timeout, true)?),
@@ -3059,6 +3554,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     config["world_size"] = json!(world_size);
     log.line(&format!("config: {config}"))?;
     log.line(&format!("data: {}", data.info))?;
+    log.line(&format!("attention: {}", attention_line(&cfg, a.kernels, cdt)))?;
 
     // The timed region starts here: a tau run pays for its Laplacian and its τ calibration, but nobody for the CUDA
     // context, which the first device operation would otherwise create inside the clock.
@@ -3070,21 +3566,23 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     let train_tokens = device_tokens(&data.train, dev);
     let mut train_ms = 0.0;
     let t0 = Instant::now();
-    let (lap, lap_ms) = if cfg.is_tau() {
-        let (l, stats) = build_laplacian(&a, cfg.head_dim(), &data, dev)?;
-        log.line(&format!("laplacian: {stats}"))?;
-        (Some(l), stats["build_ms"].as_f64())
-    } else {
-        (None, None)
+    let attn = cfg.attention();
+    let (lap, lap_ms) = match attn.laplacian_dim(&cfg) {
+        Some(f) => {
+            let (l, stats) = build_laplacian(&a, f, &data, dev)?;
+            log.line(&format!("laplacian: {stats}"))?;
+            (Some(l), stats["build_ms"].as_f64())
+        }
+        None => (None, None),
     };
-    let mut model = Model::from_args(cfg.clone(), &a, dev, cdt, lap);
+    let mut model = Model::from_args(cfg.clone(), &a, dev, cdt, lap.as_ref().map(|l| bands_of(l, attn.bands(&cfg))));
     if cfg.is_tau() {
         model.tau = match a.tau {
-            Some(t) => t,
+            Some(t) => vec![t; model.tau.len()],
             // the whole batch on every rank
             None => model.calibrate_tau(&train_batch(&train_tokens, 0, a.batch_size, a.seq_len, 0, 1).0),
         };
-        log.line(&format!("tau: {}", model.tau))?;
+        log.line(&format!("tau: {}", tau_text(&model.tau)))?;
     }
     let mut opt = Optim::new(&model);
     sync(dev);
@@ -3226,10 +3724,11 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         "peak_alloc_mib": peaks.map(|p| p.0.round()), "peak_reserved_mib": peaks.map(|p| p.1.round()),
         "world_size": world_size,
         "tokens_per_s_per_rank": per_rank, "micro_batch": a.micro_batch,
-        "laplacian_build_ms": lap_ms, "tau": cfg.is_tau().then_some(model.tau), "params": n_params});
+        "laplacian_build_ms": lap_ms, "tau": cfg.is_tau().then(|| tau_json(&model.tau)), "params": n_params});
     log.line(&format!("summary: {summary}"))?;
     if cfg.is_tau() {
-        save_laplacian(&log.path.with_extension("laplacian.npy"), &model.lap)?; // with the log, only for a whole run
+        // the built L (before any band split), with the log, only for a whole run
+        save_laplacian(&log.path.with_extension("laplacian.npy"), lap.as_ref().unwrap())?;
     }
     let path = log.finish()?;
     println!("log: {}", path.display());
@@ -3272,9 +3771,10 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
     let mut rows = vec![];
     for attn in &b.variants {
         tch::manual_seed(a.seed);
-        let cfg = ModelCfg::from_args(&a, *attn);
+        let cfg = ModelCfg::from_args(&a, attn);
         let variant = cfg.attn.clone();
-        let lap = cfg.is_tau().then(|| chain_laplacian(cfg.head_dim()));
+        let lap =
+            cfg.attention().laplacian_dim(&cfg).map(|f| bands_of(&chain_laplacian(f), cfg.attention().bands(&cfg)));
         let mut model = Model::from_args(cfg, &a, dev, cdt, lap);
         let mut opt = Optim::new(&model);
         let x = Tensor::randint(a.vocab_size, [rows_here, a.seq_len], (Kind::Int64, dev));
@@ -3347,15 +3847,13 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
 
 // Writes the weights whole or not at all; returns where they went and their sha256, which the log records.
 fn save_checkpoint(m: &Model, path: &Path, existing: Existing) -> Res<(PathBuf, String)> {
-    let mut named: Vec<(String, Tensor)> =
-        m.params.iter().map(|(n, p)| (n.clone(), p.detach().to(Device::Cpu).contiguous())).collect();
-    if m.cfg.is_tau() {
-        named.push(("laplacian".into(), m.lap.to(Device::Cpu)));
-        named.push(("tau".into(), Tensor::from_slice(&[m.tau as f32])));
-        if m.cfg.attn == "tau" {
-            named.push(("inv_temp".into(), m.inv_temp.to(Device::Cpu)));
-        }
-    }
+    let named: Vec<(String, Tensor)> = m
+        .params
+        .iter()
+        .map(|(n, p)| (n.clone(), p.detach()))
+        .chain(m.checkpoint_buffers())
+        .map(|(n, t)| (n, t.to(Device::Cpu).contiguous()))
+        .collect();
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = named
         .iter()
         .map(|(n, t)| {
@@ -3411,14 +3909,16 @@ fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {
         Ok(Tensor::from_slice(&f).view(shape).to(dev))
     };
     let cdt = compute_kind("auto", dev)?;
-    let (d, tau) = (cfg.head_dim(), cfg.is_tau());
-    let lap = if tau { Some(get("laplacian", &[d, d])?) } else { None };
-    let tau_value = if tau { get("tau", &[1])?.double_value(&[0]) } else { 1.0 };
-    let inv_temp = if cfg.attn == "tau" { Some(get("inv_temp", &[cfg.n_layer, cfg.n_head])?) } else { None };
     let params = cfg.param_shapes().iter().map(|(n, s)| get(n, s)).collect::<Res<Vec<_>>>()?;
-    let mut m = Model::new(cfg, dev, cdt, lap, tau_value, 1.0, 1.0);
-    if let Some(t) = inv_temp {
-        m.inv_temp = t;
+    let buffers = cfg.buffer_shapes().iter().map(|(n, s)| Ok((n.clone(), get(n, s)?))).collect::<Res<Vec<_>>>()?;
+    let lap = buffers.iter().find(|(n, _)| n == "laplacian").map(|(_, t)| t.shallow_clone());
+    let mut m = Model::new(cfg, dev, cdt, lap);
+    for (n, t) in &buffers {
+        match n.as_str() {
+            "laplacian" => {}
+            "tau" => m.tau = Vec::<f64>::try_from(t.to_kind(Kind::Double)).unwrap(),
+            _ => m.buffers.iter_mut().find(|(b, _)| b == n).unwrap().1 = t.shallow_clone(),
+        }
     }
     for ((_, w), t) in m.params.iter_mut().zip(params) {
         *w = t;

@@ -19,8 +19,175 @@ fn tmp(name: &str) -> PathBuf {
     d.join(name)
 }
 
-// (variant, n_kv_head): full heads and grouped-query attention
-const VARIANTS: [(&str, i64); 5] = [("causal", 0), ("tau", 0), ("tau-lt", 0), ("causal", 1), ("tau", 1)];
+// (variant, n_kv_head): every variant with full heads, and grouped-query attention where it applies
+const VARIANTS: [(&str, i64); 12] = [
+    ("causal", 0),
+    ("sliding", 0),
+    ("tau", 0),
+    ("tau-lt", 0),
+    ("tau-full", 0),
+    ("tau-multi", 0),
+    ("tau-bias", 0),
+    ("causal", 1),
+    ("sliding", 1),
+    ("tau", 1),
+    ("tau-multi", 1),
+    ("tau-bias", 1),
+];
+
+#[test]
+fn the_variant_list_is_every_attention() {
+    let mut listed: Vec<&str> = VARIANTS.iter().map(|(a, _)| *a).collect();
+    listed.sort();
+    listed.dedup();
+    let mut all = attention_names();
+    all.sort();
+    assert_eq!(listed, all, "a new variant joins VARIANTS, and so every test below");
+}
+
+// One layer's attention output through a random probe, and its gradients by autograd and by central differences,
+// for q, k, v and the variant's trained layer tensors, all in f64.
+#[test]
+fn every_attention_s_gradients_match_finite_differences() {
+    for name in attention_names() {
+        let mut m = small(name, 64);
+        m.lap = m.lap.to_kind(Kind::Double);
+        let trained: Vec<String> = m
+            .attn
+            .layer_tensors(&m.cfg)
+            .iter()
+            .filter(|t| t.trained)
+            .map(|t| format!("blocks.0.attn.{}", t.name))
+            .collect();
+        for (n, p) in m.params.iter_mut() {
+            if trained.contains(n) {
+                // off their constant init, so that heads differ
+                *p = (p.to_kind(Kind::Double) * (Tensor::rand_like(p).to_kind(Kind::Double) * 0.5 + 0.75))
+                    .detach()
+                    .set_requires_grad(true);
+            }
+        }
+        let opts = (Kind::Double, Device::Cpu);
+        let (b, h, t, d) = (1, m.cfg.n_head, 10, m.cfg.head_dim());
+        let mut inputs: Vec<Tensor> =
+            (0..3).map(|_| Tensor::randn([b, h, t, d], opts).set_requires_grad(true)).collect();
+        inputs.extend(trained.iter().map(|n| m.p(n).shallow_clone()));
+        let probe = Tensor::randn([b, h, t, d], opts);
+        let f =
+            |m: &Model, x: &[Tensor]| (m.attn.attend(m, 0, &x[0], &x[1], &x[2], None, None) * &probe).sum(Kind::Double);
+        f(&m, &inputs).backward();
+        for which in 0..inputs.len() {
+            let analytic = Vec::<f64>::try_from(inputs[which].grad().flatten(0, -1)).unwrap();
+            for (e, a) in analytic.iter().enumerate().step_by(3) {
+                let at = |delta: f64| {
+                    tch::no_grad(|| {
+                        let xs: Vec<Tensor> = inputs.iter().map(|x| x.detach().copy()).collect();
+                        let _ = xs[which].view([-1]).get(e as i64).g_add_scalar_(delta);
+                        let mut m2 = Model {
+                            params: m.params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(),
+                            ..small(name, 64)
+                        };
+                        m2.lap = m.lap.shallow_clone();
+                        for (n, x) in trained.iter().zip(&xs[3..]) {
+                            m2.params.iter_mut().find(|(pn, _)| pn == n).unwrap().1 = x.shallow_clone();
+                        }
+                        f(&m2, &xs).double_value(&[])
+                    })
+                };
+                let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+                assert!(
+                    (numeric - a).abs() < 1e-5 * (1.0 + a.abs()),
+                    "{name}: input {which} elem {e}: analytic {a} numeric {numeric}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sliding_attention_sees_only_its_window() {
+    let m = small("sliding", 64);
+    let opts = (Kind::Float, Device::Cpu);
+    let (q, k, v) =
+        (Tensor::randn([1, 2, 12, 16], opts), Tensor::randn([1, 2, 12, 16], opts), Tensor::randn([1, 2, 12, 16], opts));
+    let y = m.attn.attend(&m, 0, &q, &k, &v, None, None);
+    let j = 3; // change key and value 3: only queries 3..3+window see it
+    let (k2, v2) = (k.copy(), v.copy());
+    let _ = k2.narrow(2, j, 1).g_add_scalar_(1.0);
+    let _ = v2.narrow(2, j, 1).g_add_scalar_(1.0);
+    let y2 = m.attn.attend(&m, 0, &q, &k2, &v2, None, None);
+    let moved: Vec<bool> =
+        (0..12).map(|i| (y.narrow(2, i, 1) - y2.narrow(2, i, 1)).abs().max().double_value(&[]) > 1e-6).collect();
+    let want: Vec<bool> = (0..12).map(|i| i >= j && i < j + m.cfg.window).collect();
+    assert_eq!(moved, want);
+}
+
+#[test]
+fn tau_bias_with_alpha_zero_is_causal_attention() {
+    let (c, mut tb) = (small("causal", 512), small("tau-bias", 512));
+    for (n, p) in tb.params.iter_mut() {
+        if n.ends_with(".alpha") {
+            let _ = tch::no_grad(|| p.zero_());
+        }
+    }
+    // the same seed draws the same weights: the variant's own tensors are constants
+    let idx = Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu));
+    let d = tch::no_grad(|| (c.hidden(&idx, None) - tb.hidden(&idx, None)).abs().max().double_value(&[]));
+    assert!(d < 1e-5, "{d}");
+    let d = tch::no_grad(|| {
+        (small("tau-bias", 512).hidden(&idx, None) - c.hidden(&idx, None)).abs().max().double_value(&[])
+    });
+    assert!(d > 1e-3, "α at init moves the output ({d})");
+}
+
+#[test]
+fn tau_multi_with_one_band_is_tau_lt() {
+    let lt = small("tau-lt", 512);
+    let mut cfg = lt.cfg.clone();
+    (cfg.attn, cfg.bands) = ("tau-multi".into(), 1);
+    tch::manual_seed(0);
+    let mut one = Model::new(cfg, Device::Cpu, Kind::Float, Some(lt.lap.copy()));
+    tch::no_grad(|| {
+        one.params.iter_mut().zip(&lt.params).for_each(|((_, a), (_, b))| {
+            a.copy_(b);
+        })
+    });
+    let idx = Tensor::randint(512, [2, 16], (Kind::Int64, Device::Cpu));
+    let d = tch::no_grad(|| (one.hidden(&idx, None) - lt.hidden(&idx, None)).abs().max().double_value(&[]));
+    assert!(d < 1e-5, "{d}");
+}
+
+#[test]
+fn spectral_bands_add_up_to_l_and_split_its_spectrum() {
+    let l = chain_laplacian(16);
+    for r in [1, 3, 4] {
+        let b = bands_of(&l, r);
+        assert_eq!(b.size(), if r == 1 { vec![16, 16] } else { vec![r, 16, 16] });
+        let sum = if r == 1 { b.copy() } else { b.sum_dim_intlist(0, false, Kind::Float) };
+        assert!(max_abs(&(sum - &l)) < 1e-5, "{r} bands");
+        if r > 1 {
+            // each band is PSD with rank its share of the 16 eigenvalues (the first band holds λ = 0)
+            for i in 0..r {
+                let e = eig(&b.get(i));
+                assert!(e.iter().all(|&x| x > -1e-5), "band {i}: {e:?}");
+                let rank = e.iter().filter(|&&x| x > 1e-4).count() as i64;
+                let share = if i + 1 == r { 16 - (r - 1) * (16 / r) } else { 16 / r };
+                assert_eq!(rank, share - (i == 0) as i64, "band {i} of {r}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tau_full_shares_one_lambda_of_the_whole_vector_across_heads() {
+    let m = small("tau-full", 512);
+    let x = Tensor::randn([2, 2, 5, 16], (Kind::Float, Device::Cpu));
+    let (_, lam) = m.attn.energies(&m, &x, &m.tau);
+    assert_eq!(lam.size(), [2, 1, 5]);
+    let whole = x.transpose(1, 2).reshape([2, 5, 32]);
+    let (_, by_hand) = taumode(&whole, &chain_laplacian(32), m.tau[0]);
+    assert!(max_abs(&(lam.squeeze_dim(1) - by_hand)) < 1e-6);
+}
 
 #[test]
 fn a_model_with_chunked_tau_attention_is_the_same_model() {
@@ -43,6 +210,31 @@ fn a_model_with_chunked_tau_attention_is_the_same_model() {
     }
 }
 
+// A config of the given shape; the variants' own options: window 6, 2 bands, temperature 0.5, inverse temperature 20.
+fn shape(attn: &str, [n_layer, n_head, n_kv_head, n_embd, seq_len, vocab_size]: [i64; 6]) -> ModelCfg {
+    let c = ModelCfg {
+        n_layer,
+        n_head,
+        n_kv_head,
+        n_embd,
+        seq_len,
+        vocab_size,
+        attn: attn.into(),
+        window: 6,
+        bands: 2,
+        tau_temp: 0.5,
+        inv_temp_init: 20.0,
+    };
+    c.check().unwrap();
+    c
+}
+
+// The chain L the variant's energies use, in its bands.
+fn chain_for(c: &ModelCfg) -> Option<Tensor> {
+    let a = c.attention();
+    a.laplacian_dim(c).map(|f| bands_of(&chain_laplacian(f), a.bands(c)))
+}
+
 fn small(attn: &str, vocab: i64) -> Model {
     small_kv(attn, vocab, 0)
 }
@@ -50,10 +242,9 @@ fn small(attn: &str, vocab: i64) -> Model {
 // n_kv_head 1 of 2 query heads: grouped-query attention
 fn small_kv(attn: &str, vocab: i64, n_kv_head: i64) -> Model {
     tch::manual_seed(0);
-    let cfg =
-        ModelCfg { n_layer: 2, n_head: 2, n_kv_head, n_embd: 32, seq_len: 16, vocab_size: vocab, attn: attn.into() };
-    let lap = (attn != "causal").then(|| chain_laplacian(16));
-    let mut m = Model::new(cfg, Device::Cpu, Kind::Float, lap, 1.0, 0.5, 20.0);
+    let cfg = shape(attn, [2, 2, n_kv_head, 32, 16, vocab]);
+    let lap = chain_for(&cfg);
+    let mut m = Model::new(cfg, Device::Cpu, Kind::Float, lap);
     // Zero-initialised output projections would hide attention entirely at init: perturb them for the tests.
     for (n, p) in m.params.iter_mut() {
         if n.ends_with(".o") || n.ends_with(".proj") {
@@ -197,16 +388,8 @@ fn the_embedded_source_has_no_log_separator_lines() {
 
 #[test]
 fn parameter_count_of_the_speedrun_model() {
-    let cfg = ModelCfg {
-        n_layer: 6,
-        n_head: 6,
-        n_kv_head: 0,
-        n_embd: 384,
-        seq_len: 1024,
-        vocab_size: 50304,
-        attn: "causal".into(),
-    };
-    assert_eq!(Model::new(cfg, Device::Cpu, Kind::Float, None, 1.0, 1.0, 20.0).n_params(), 29_933_568);
+    let cfg = shape("causal", [6, 6, 0, 384, 1024, 50304]);
+    assert_eq!(Model::new(cfg, Device::Cpu, Kind::Float, None).n_params(), 29_933_568);
 }
 
 #[test]
@@ -553,23 +736,28 @@ fn cached_and_uncached_greedy_decoding_agree() {
 }
 
 #[test]
-fn cache_holds_k_and_v_or_lambda_and_v() {
+fn cache_holds_what_each_variant_keeps() {
     let (b, t) = (3i64, 7i64);
-    for (attn, kv) in [("causal", 0), ("tau", 0), ("causal", 1), ("tau", 1)] {
+    for (attn, kv) in VARIANTS {
         let m = small_kv(attn, 512, kv);
         let mut cache = Cache::new(m.cfg.n_layer, t);
         let _ = tch::no_grad(|| {
             m.forward(&Tensor::randint(512, [b, t], (Kind::Int64, Device::Cpu)), Some(&mut cache), None)
         });
-        let (l, h, d, s) = (m.cfg.n_layer, m.cfg.kv_heads(), m.cfg.head_dim(), 4); // f32 compute on CPU; λk is f32 too
+        let (l, h, d, r) = (m.cfg.n_layer, m.cfg.kv_heads(), m.cfg.head_dim(), m.cfg.bands);
         assert_eq!(h, if kv == 1 { 1 } else { 2 });
-        let want = if attn == "causal" { 2 * l * b * h * t * d * s } else { l * b * h * t * (d * s + 4) };
-        assert_eq!((cache.len(), cache.bytes()), (t, want), "{attn}");
-        assert_eq!(cache_bytes_formula(&m.cfg, Kind::Float, b, t), want);
-        assert_eq!(
-            cache_bytes_formula(&m.cfg, Kind::BFloat16, b, t),
-            if attn == "causal" { want / 2 } else { l * b * h * t * (d * 2 + 4) }
-        );
+        // bytes a token a layer at `s` bytes a compute-dtype element (λ's are fp32)
+        let per = |s: i64| match attn {
+            "causal" | "sliding" => 2 * h * d * s,
+            "tau" | "tau-lt" => h * (d * s + 4),
+            "tau-full" => h * d * s + 4,
+            "tau-multi" => h * (d * s + 4 * r),
+            "tau-bias" => h * (2 * d * s + 4),
+            _ => panic!("{attn}: say what its cache holds"),
+        };
+        assert_eq!((cache.len(), cache.bytes()), (t, l * b * t * per(4)), "{attn}/{kv}");
+        assert_eq!(cache_bytes_formula(&m.cfg, Kind::Float, b, t), l * b * t * per(4), "{attn}/{kv}");
+        assert_eq!(cache_bytes_formula(&m.cfg, Kind::BFloat16, b, t), l * b * t * per(2), "{attn}/{kv}");
     }
 }
 
@@ -598,6 +786,8 @@ fn checkpoint_round_trip() {
         let m = small_kv(attn, 512, kv);
         let built: Vec<(String, Vec<i64>)> = m.params.iter().map(|(n, p)| (n.clone(), p.size())).collect();
         assert_eq!(built, m.cfg.param_shapes(), "{attn}");
+        let kept: Vec<(String, Vec<i64>)> = m.checkpoint_buffers().iter().map(|(n, p)| (n.clone(), p.size())).collect();
+        assert_eq!(kept, m.cfg.buffer_shapes(), "{attn}");
     }
     let e = load_checkpoint(&tmp("nothing.safetensors"), Device::Cpu).err().unwrap();
     assert!(e.contains("--save-checkpoint"), "{e}");
@@ -851,17 +1041,10 @@ mod gpu {
     fn twins(attn: &str, kv: i64) -> (Model, Model) {
         let dev = cuda();
         tch::manual_seed(0);
-        let cfg = ModelCfg {
-            n_layer: 2,
-            n_head: 4,
-            n_kv_head: kv,
-            n_embd: 128,
-            seq_len: 64,
-            vocab_size: 1024,
-            attn: attn.into(),
-        };
-        let lap = (attn != "causal").then(|| chain_laplacian(32));
-        let cpu = Model::new(cfg, Device::Cpu, Kind::Float, lap, 0.8, 0.5, 20.0);
+        let cfg = shape(attn, [2, 4, kv, 128, 64, 1024]);
+        let lap = chain_for(&cfg);
+        let mut cpu = Model::new(cfg, Device::Cpu, Kind::Float, lap);
+        cpu.tau = vec![0.8; cpu.tau.len()];
         tch::no_grad(|| {
             for (_, c) in &cpu.params {
                 let w = c + c.randn_like() * 0.02; // zero-initialised projections would hide the attention
@@ -874,12 +1057,14 @@ mod gpu {
 
     // A model with m's config, weights, τ and temperatures, on another device or in another compute dtype.
     fn like(m: &Model, dev: Device, cdt: Kind) -> Model {
-        let mut o = Model::new(m.cfg.clone(), dev, cdt, m.cfg.is_tau().then(|| m.lap.copy()), m.tau, 1.0, 1.0);
+        let mut o = Model::new(m.cfg.clone(), dev, cdt, m.cfg.is_tau().then(|| m.lap.copy()));
+        o.tau = m.tau.clone();
         tch::no_grad(|| {
-            o.params.iter_mut().zip(&m.params).for_each(|((_, a), (_, b))| {
-                a.copy_(b);
-            });
-            o.inv_temp.copy_(&m.inv_temp);
+            o.params.iter_mut().chain(o.buffers.iter_mut()).zip(m.params.iter().chain(&m.buffers)).for_each(
+                |((_, a), (_, b))| {
+                    a.copy_(b);
+                },
+            );
         });
         o
     }
@@ -1037,16 +1222,7 @@ mod gpu {
     // A bare head [V, 128] on the GPU with weights × 50: logits of σ ≈ 11 for unit hidden states, so that the soft
     // cap's slope (1 − t²) is far from 1 and must be right.
     fn big_head(v: i64, cdt: Kind) -> Model {
-        let cfg = ModelCfg {
-            n_layer: 1,
-            n_head: 2,
-            n_kv_head: 0,
-            n_embd: 128,
-            seq_len: 8,
-            vocab_size: v,
-            attn: "causal".into(),
-        };
-        let mut m = Model::new(cfg, cuda(), cdt, None, 1.0, 1.0, 1.0);
+        let mut m = Model::new(shape("causal", [1, 2, 0, 128, 8, v]), cuda(), cdt, None);
         tch::no_grad(|| {
             let w = &mut m.params[0].1;
             let big = &*w * 50.0;
