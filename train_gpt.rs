@@ -26,6 +26,7 @@ const EMBEDDED_FILES: &[(&str, &str)] = &[
     ("kernels/tau_attn.cu", include_str!("kernels/tau_attn.cu")),
     ("kernels/softcap_ce.cu", include_str!("kernels/softcap_ce.cu")),
     ("kernels/block_ops.cu", include_str!("kernels/block_ops.cu")),
+    ("kernels/tau_bias.cu", include_str!("kernels/tau_bias.cu")),
     ("kernels/mma_bf16.cuh", include_str!("kernels/mma_bf16.cuh")),
     ("kernels/launchers.h", include_str!("kernels/launchers.h")),
     ("tools.rs", include_str!("tools.rs")),
@@ -157,7 +158,8 @@ enum Kernels {
     /// libtorch ops only: the reference path (tau attention, norms, RoPE, the head's cross-entropy)
     Plain,
     /// CUDA kernels (CUDA only): tau attention (kernels/tau_attn.cu, scores never stored), the soft-capped
-    /// cross-entropy over the bf16 logits (kernels/softcap_ce.cu), norms, RoPE + QK-norm, ReLU² (kernels/block_ops.cu)
+    /// cross-entropy over the bf16 logits (kernels/softcap_ce.cu), norms, RoPE + QK-norm, ReLU² (kernels/block_ops.cu),
+    /// tau-bias's prior (kernels/tau_bias.cu)
     Fused,
 }
 
@@ -1480,6 +1482,13 @@ mod ext {
             err: *mut c_char,
             errlen: usize,
         ) -> *mut c_void;
+        pub fn tg_tau_bias(
+            lq: *mut c_void,
+            lk: *mut c_void,
+            alpha: *mut c_void,
+            err: *mut c_char,
+            errlen: usize,
+        ) -> *mut c_void;
         pub fn tg_softcap_ce(
             z: *mut c_void,
             y: *mut c_void,
@@ -1644,6 +1653,15 @@ fn tau_attention_fused(lq: &Tensor, lk: &Tensor, v: &Tensor, inv_temp: &Tensor) 
     ext_tensor(
         "tau attention (fused)",
         ffi(|e, n| unsafe { ext::tg_tau_flash(handle(lq), handle(lk), handle(v), handle(inv_temp), e, n) }),
+    )
+}
+
+// tau-bias's prior −α_h|λq − λk| as a bf16 attention bias [B,H,Tq,Tk] (−inf after each query's position) through
+// kernels/tau_bias.cu: one pass each way where the plain ops take five fp32 T×T passes forward and more backward.
+fn tau_bias_fused(lq: &Tensor, lk: &Tensor, alpha: &Tensor) -> Tensor {
+    ext_tensor(
+        "tau-bias prior (fused)",
+        ffi(|e, n| unsafe { ext::tg_tau_bias(handle(lq), handle(lk), handle(alpha), e, n) }),
     )
 }
 
@@ -2466,16 +2484,24 @@ impl Attention for TauBias {
         let [k, lk, v]: [Tensor; 3] =
             through_cache(cache, l, vec![k.shallow_clone(), lk, v.shallow_clone()]).try_into().unwrap();
         let lk = to_heads(lk, h);
-        let (t, tk) = (q.size()[2], k.size()[2]);
-        let bias = (lq.unsqueeze(-1) - lk.unsqueeze(-2)).abs() * m.layer(l, "alpha").view([1, -1, 1, 1]).neg();
-        let bias = if t == 1 { bias } else { bias.masked_fill(&future(t, tk, q.device()), f64::NEG_INFINITY) };
+        let (t, tk, alpha) = (q.size()[2], k.size()[2], m.layer(l, "alpha"));
+        let bias = if m.kernels == Kernels::Fused && q.kind() == Kind::BFloat16 {
+            tau_bias_fused(&to_heads(lq, h), &lk, alpha)
+        } else {
+            let bias = (lq.unsqueeze(-1) - lk.unsqueeze(-2)).abs() * alpha.view([1, -1, 1, 1]).neg();
+            if t == 1 {
+                bias
+            } else {
+                bias.masked_fill(&future(t, tk, q.device()), f64::NEG_INFINITY)
+            }
+        };
         sdpa(q, &k, &v, Some(bias.to_kind(q.kind())))
     }
     fn cache_bytes(&self, c: &ModelCfg, cdt: Kind) -> i64 {
         c.kv_heads() * (2 * c.head_dim() * cdt.elt_size_in_bytes() as i64 + 4)
     }
     fn fused(&self) -> bool {
-        false // SDPA with a float bias: memory-efficient kernels, not flash
+        true // the bias by kernels/tau_bias.cu; SDPA with a bias takes its memory-efficient kernels, not flash
     }
 }
 

@@ -373,6 +373,57 @@ extern "C" at::Tensor* tg_tau_flash(at::Tensor* lq, at::Tensor* lk, at::Tensor* 
   }
 }
 
+// ---- tau-bias's prior through kernels/tau_bias.cu: the bias −α|λq − λk| (causal, bf16) for SDPA, differentiable in
+// λq, λk and α, one T×T pass each way.
+namespace {
+struct TauBias : public torch::autograd::Function<TauBias> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& lq_in, const at::Tensor& lk_in, const at::Tensor& a_in) {
+    TORCH_CHECK(lq_in.dim() == 3 && lk_in.dim() == 3 && a_in.dim() == 1 && lk_in.size(0) == lq_in.size(0) && lk_in.size(1) == lq_in.size(1) &&
+                    a_in.size(0) == lq_in.size(1),
+                "tau-bias prior (fused): want λq [B,H,Tq], λk [B,H,Tk], α [H]; got ", lq_in.sizes(), " ", lk_in.sizes(), " ", a_in.sizes());
+    const int64_t b = lq_in.size(0), h = lq_in.size(1), tq = lq_in.size(2), tk = lk_in.size(2);
+    TORCH_CHECK(1 <= tq && tq <= tk && b * h * tq <= INT32_MAX && tk <= INT32_MAX, "tau-bias prior (fused): need 1 ≤ Tq ≤ Tk and B·H·Tq < 2³¹; got Tq ", tq,
+                ", Tk ", tk, ", B·H ", b * h);
+    TORCH_CHECK(lq_in.is_cuda() && lk_in.device() == lq_in.device() && a_in.device() == lq_in.device(),
+                "tau-bias prior (fused): λq, λk and α must be on one CUDA device; use --kernels plain off the GPU");
+    TORCH_CHECK(lq_in.scalar_type() == at::kFloat && lk_in.scalar_type() == at::kFloat && a_in.scalar_type() == at::kFloat,
+                "tau-bias prior (fused): λq, λk and α must be fp32; got ", lq_in.scalar_type(), ", ", lk_in.scalar_type(), ", ", a_in.scalar_type());
+    c10::cuda::CUDAGuard guard(lq_in.device());
+    auto lq = lq_in.contiguous(), lk = lk_in.contiguous(), a = a_in.contiguous();
+    auto out = at::empty({b, h, tq, tk}, lq.options().dtype(at::kBFloat16));
+    cuda_ok(tg_tau_bias_forward(lq.data_ptr<float>(), lk.data_ptr<float>(), a.data_ptr<float>(), out.data_ptr(), b * h, h, tq, tk,
+                                c10::cuda::getCurrentCUDAStream()),
+            "tau-bias prior (fused) forward");
+    ctx->save_for_backward({lq, lk, a});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    auto &lq = s[0], &lk = s[1], &a = s[2];
+    const int64_t b = lq.size(0), h = lq.size(1), tq = lq.size(2), tk = lk.size(2);
+    c10::cuda::CUDAGuard guard(lq.device());
+    auto g = grads[0].to(at::kBFloat16).contiguous();
+    auto dlq = at::empty_like(lq), dlk = at::zeros_like(lk), da = at::zeros_like(a);
+    cuda_ok(tg_tau_bias_backward(lq.data_ptr<float>(), lk.data_ptr<float>(), a.data_ptr<float>(), g.data_ptr(), dlq.data_ptr<float>(), dlk.data_ptr<float>(),
+                                 da.data_ptr<float>(), b * h, h, tq, tk, c10::cuda::getCurrentCUDAStream()),
+            "tau-bias prior (fused) backward");
+    return {dlq, dlk, da};
+  }
+};
+}  // namespace
+
+// bias [B,H,Tq,Tk] bf16 = −α_h|λq_i − λk_j|, −inf where key j is after query i (the queries the last Tq of Tk), from
+// λq [B,H,Tq], λk [B,H,Tk], α [H] (fp32, CUDA); differentiable. Null + err on failure.
+extern "C" at::Tensor* tg_tau_bias(at::Tensor* lq, at::Tensor* lk, at::Tensor* alpha, char* err, size_t errlen) {
+  try {
+    return new at::Tensor(TauBias::apply(*lq, *lk, *alpha));
+  } catch (const std::exception& e) {
+    tg_err(err, errlen, e);
+    return nullptr;
+  }
+}
+
 // ---- Soft-capped cross-entropy through the fused kernel of kernels/softcap_ce.cu: the logits are read twice (loss, then
 // gradient) and the gradient overwrites them, so the head needs no fp32 [N, V] tensor.
 // Per-row losses (fp32 [N]) of soft-capped logits cap·tanh(z/cap), z [N, V] bf16 or fp32, against targets y [N] (int64);

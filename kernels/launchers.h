@@ -1,4 +1,4 @@
-// The CUDA kernels' C entry points (kernels/tau_attn.cu, kernels/block_ops.cu, kernels/softcap_ce.cu), declared once:
+// The CUDA kernels' C entry points (kernels/tau_attn.cu, kernels/block_ops.cu, kernels/tau_bias.cu, kernels/softcap_ce.cu), declared once:
 // the .cu files that define them, kernels/ext.cpp that calls them and kernels/kbench.cu include this, so a signature
 // that drifts fails to compile instead of linking to the wrong arguments. Each returns a cudaError_t (as int); what the
 // arguments mean is with each definition.
@@ -31,6 +31,11 @@ int tg_lambda_fwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, 
 int tg_lambda_bwd(const void* x, int64_t sb, int64_t sh, int64_t st, int heads, int t, const float* lap_sym, void* scratch, const float* e, const float* dlam,
                   void* dx, int64_t rows, int d, float eps, float tau, cudaStream_t s);
 int64_t tg_lambda_scratch_bytes(int d);
+
+// kernels/tau_bias.cu
+int tg_tau_bias_forward(const float* lq, const float* lk, const float* alpha, void* out, int bh, int heads, int tq, int tk, cudaStream_t st);
+int tg_tau_bias_backward(const float* lq, const float* lk, const float* alpha, const void* g, float* dlq, float* dlk, float* dalpha, int bh,
+                         int heads, int tq, int tk, cudaStream_t st);
 
 // kernels/softcap_ce.cu
 int tg_softcap_ce_launch(void* z, const int64_t* y, float* loss, int n, int v, float cap, float scale, int grad, int is_bf16, cudaStream_t stream);
