@@ -1363,6 +1363,43 @@ mod gpu {
         }
     }
 
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn fused_tau_bias_matches_the_plain_ops() {
+        let dev = cuda();
+        // a ragged square, queries after a cached prefix, one decoding query
+        for (tq, tk) in [(50, 50), (7, 300), (1, 33)] {
+            let opts = (Kind::Float, dev);
+            let (lq, lk, a) =
+                (Tensor::rand([2, 3, tq], opts), Tensor::rand([2, 3, tk], opts), Tensor::rand([3], opts) * 20.0);
+            let probe = Tensor::randn([2, 3, tq, tk], opts);
+            let masked = future(tq, tk, dev);
+            let run = |fused: bool| {
+                let xs: Vec<Tensor> = [&lq, &lk, &a].iter().map(|x| x.detach().set_requires_grad(true)).collect();
+                let bias = if fused {
+                    tau_bias_fused(&xs[0], &xs[1], &xs[2])
+                } else {
+                    ((xs[0].unsqueeze(-1) - xs[1].unsqueeze(-2)).abs() * xs[2].view([1, -1, 1, 1]).neg())
+                        .masked_fill(&masked, f64::NEG_INFINITY)
+                        .to_kind(Kind::BFloat16)
+                };
+                let finite = bias.to_kind(Kind::Float).masked_fill(&masked, 0.0);
+                (&finite * &probe).sum(Kind::Float).backward();
+                (bias, xs.iter().map(|x| x.grad()).collect::<Vec<_>>())
+            };
+            let ((b0, g0), (b1, g1)) = (run(false), run(true));
+            assert_eq!(b1.size(), [2, 3, tq, tk]);
+            assert_eq!(b1.kind(), Kind::BFloat16);
+            let inf = |b: &Tensor| b.to_kind(Kind::Float).isinf();
+            assert!(bool::try_from(inf(&b0).eq_tensor(&inf(&b1)).all()).unwrap(), "{tq}×{tk}: the masked entries");
+            let f = |b: &Tensor| b.to_kind(Kind::Float).masked_fill(&masked, 0.0);
+            assert!(rel(&f(&b0), &f(&b1)) < 1e-2, "{tq}×{tk}: bias differs by {}", rel(&f(&b0), &f(&b1)));
+            for (n, (x, y)) in ["dλq", "dλk", "dα"].iter().zip(g0.iter().zip(&g1)) {
+                assert!(rel(x, y) < 1e-2, "{tq}×{tk}: {n} differs by {}", rel(x, y));
+            }
+        }
+    }
+
     // Forward and input gradient (through a random probe) of a fused op and its plain twin, as max-relative
     // differences.
     fn op_diff(
