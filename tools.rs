@@ -140,8 +140,8 @@ impl RunLog {
             None => self.variant(),
         }
     }
-    /// Why this log is not a whole run (None: it is): cut before its summary (a crash, a kill), interrupted by a signal,
-    /// or a summary of other steps than configured.
+    /// Why this log is not a whole run (None: it is): cut before its summary (a crash, a kill), interrupted by a
+    /// signal, or a summary of other steps than configured.
     pub fn not_a_whole_run(&self) -> Option<String> {
         let Some(s) = &self.summary else {
             return Some("no summary line: the run was cut short (a crash or a kill)".into());

@@ -3227,10 +3227,11 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<Option<i32>> {
     log.line(&format!("params: {n_params}"))?;
 
     let tokens_per_step = a.batch_size * a.seq_len;
-    let mut done = a.steps; // steps done when the loop ends
-                            // Steps are queued one ahead, as in modded-nanogpt: step s's loss is read (checked, logged) once step s+1 is
-                            // queued, so the GPU never waits for the host between steps. Validation syncs, and pauses the clock: train_time is
-                            // exact there; a step line's is when the line is written, once the next step is queued.
+    // steps done when the loop ends
+    let mut done = a.steps;
+    // Steps are queued one ahead, as in modded-nanogpt: step s's loss is read (checked, logged) once step s+1 is
+    // queued, so the GPU never waits for the host between steps. Validation syncs, and pauses the clock: train_time is
+    // exact there; a step line's is when the line is written, once the next step is queued.
     let mut clock = Instant::now();
     let mut lagged: Option<(i64, Readback)> = None;
     // what a diverged run may blame besides the learning rates
