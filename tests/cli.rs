@@ -1325,7 +1325,7 @@ fn an_interrupted_run_resumes_to_the_same_losses() {
 }
 
 // A SIGKILL between a checkpoint's files and its rename leaves the earlier checkpoints whole: the run resumes from the
-// newest one, to the uninterrupted run's losses. A second SIGTERM exits at once (143), while the first waits for a step.
+// newest one, to the uninterrupted run's losses. A second SIGTERM exits at once (143), the first waits for a step.
 #[test]
 fn a_kill_during_a_checkpoint_write_keeps_the_previous_one() {
     let (whole, _) = uninterrupted();
