@@ -3,7 +3,8 @@
 // no LD_LIBRARY_PATH. The tag is RUNPATH: LD_LIBRARY_PATH still wins on the GPU box. No GPU is needed to build.
 use std::path::{Path, PathBuf};
 
-const KERNELS: [&str; 4] = ["kernels/tau_attn.cu", "kernels/softcap_ce.cu", "kernels/block_ops.cu", "kernels/tau_bias.cu"];
+const KERNELS: [&str; 4] =
+    ["kernels/tau_attn.cu", "kernels/softcap_ce.cu", "kernels/block_ops.cu", "kernels/tau_bias.cu"];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");

@@ -140,13 +140,17 @@ impl RunLog {
             None => self.variant(),
         }
     }
-    /// Why this log is not a whole run (None: it is): cut before its summary (a crash, a kill), or a summary of other
-    /// steps than configured.
+    /// Why this log is not a whole run (None: it is): cut before its summary (a crash, a kill), interrupted by a
+    /// signal, or a summary of other steps than configured.
     pub fn not_a_whole_run(&self) -> Option<String> {
         let Some(s) = &self.summary else {
             return Some("no summary line: the run was cut short (a crash or a kill)".into());
         };
         let steps = |v: Option<&Value>| v.and_then(Value::as_i64);
+        if s.get("status").and_then(Value::as_str) == Some("interrupted") {
+            let at = steps(s.get("steps")).map_or("?".into(), |k| k.to_string());
+            return Some(format!("interrupted at step {at} (SIGINT/SIGTERM); --resume its checkpoint to finish it"));
+        }
         match (steps(s.get("steps")), steps(self.config.get("steps"))) {
             (Some(done), Some(want)) if done != want => Some(format!("its summary has {done} of {want} steps")),
             _ => None,

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering::SeqCst};
 use std::time::Instant;
 use tch::{Device, Kind, Reduction, Tensor};
 
@@ -137,7 +138,7 @@ enum CurveFormat {
     Json,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum Preset {
     /// speedrun on CUDA, tiny on CPU
@@ -150,7 +151,7 @@ enum Preset {
     Tiny,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 enum Kernels {
     /// fused on CUDA; plain on the CPU, with --tau-chunk, or at a head dim the kernels are not built for
@@ -163,7 +164,8 @@ enum Kernels {
     Fused,
 }
 
-#[derive(clap::Args, Clone, Serialize, Debug)]
+// Serialized as the log's config and a checkpoint's options (which --resume reads back).
+#[derive(clap::Args, Clone, Serialize, serde::Deserialize, Debug)]
 struct TrainArgs {
     /// Shard folder made by `train_gpt prepare`
     #[arg(long, default_value = "data/tokens/linux-c")]
@@ -294,6 +296,20 @@ struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     overwrite: bool,
+    /// Every N steps (and on SIGINT/SIGTERM) write what --resume needs into --checkpoint-dir (0: never)
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
+    checkpoint_every: i64,
+    /// Folder of one run's checkpoints, step_NNNNNN/ each (see docs/checkpoints.md)
+    #[arg(long, default_value = "checkpoints")]
+    checkpoint_dir: PathBuf,
+    /// Checkpoints kept in --checkpoint-dir, the newest
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(i64).range(1..))]
+    keep_checkpoints: i64,
+    /// Continue a run from a checkpoint: a step_NNNNNN folder, or a --checkpoint-dir (its newest). Options left out
+    /// are the run's; of those given, only --steps, --val-every, --target-val-loss, --log-dir, --checkpoint-*,
+    /// --keep-checkpoints, --save-checkpoint, --sample-tokens, --threads and --dist-timeout may differ
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
     /// Tokens of a sample (temperature 0.8, top-k 50) printed and logged at the end (0: none)
     #[arg(long, default_value_t = 0)]
     sample_tokens: i64,
@@ -731,13 +747,20 @@ fn new_or_empty(dir: &Path) -> bool {
 // A folder written whole or not at all: filled under a temporary name beside `out` (see temp_beside), then renamed
 // onto it, so that a failure or a second process never leaves a part of it at `out`. `out` is new or empty; `flag`
 // names the option that gave it, in the errors of the folder itself.
+// The folder's entries and, after the rename, its name are synced: a power cut leaves the old state or the new.
 fn write_dir_atomic<T>(out: &Path, flag: &str, fill: impl FnOnce(&Path) -> Res<T>) -> Res<T> {
     let tmp = temp_beside(out);
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let sync_dir = |d: &Path| fs::File::open(d).and_then(|f| f.sync_all());
     let res = fs::create_dir(&tmp)
         .map_err(|e| format!("{flag} {}", io_error(&tmp, "make this folder", &e)))
         .and_then(|_| fill(&tmp))
         .and_then(|v| {
-            fs::rename(&tmp, out).map(|_| v).map_err(|e| format!("{flag} {}", io_error(out, "move the files in", &e)))
+            sync_dir(&tmp)
+                .and_then(|_| fs::rename(&tmp, out))
+                .and_then(|_| sync_dir(parent))
+                .map(|_| v)
+                .map_err(|e| format!("{flag} {}", io_error(out, "move the files in", &e)))
         });
     if res.is_err() {
         let _ = fs::remove_dir_all(&tmp);
@@ -2945,6 +2968,17 @@ impl Optim {
         o
     }
 
+    // What a resumed run needs besides the weights and `t`, by name (shallow: copying into them restores them):
+    // Muon's momentum buffers and Adam's moments, in the order of `muon` and `adam`, which Optim::new derives from
+    // the model's parameters.
+    fn state(&self) -> Vec<(String, Tensor)> {
+        let muon = self.muon.iter().enumerate().map(|(i, (_, b))| (format!("muon.{i}.momentum"), b.shallow_clone()));
+        let adam = self.adam.iter().enumerate().flat_map(|(i, (_, m1, m2))| {
+            [(format!("adam.{i}.m"), m1.shallow_clone()), (format!("adam.{i}.v"), m2.shallow_clone())]
+        });
+        muon.chain(adam).collect()
+    }
+
     // The flat update buffer's length.
     fn muon_numel(&self) -> i64 {
         self.muon.iter().map(|(p, _)| p.numel() as i64).sum()
@@ -3237,6 +3271,19 @@ impl Dist {
         }
         Ok(())
     }
+    // Whether any rank says `yes` at `name`, the same answer on every rank: each adds 1, or 1 + world for yes, to one
+    // store key and waits for a sum ≥ world. A sum over world means a yes has come in; one of exactly world, that
+    // every rank came in with no.
+    fn any(&self, name: &str, yes: bool) -> Res<bool> {
+        let key = std::ffi::CString::new(format!("any/{name}")).unwrap();
+        let delta = 1 + self.world * yes as i64;
+        let (v, err) = ffi(|b, n| unsafe { dist_ffi::tg_store_add(self.ptr, key.as_ptr(), delta, self.world, b, n) });
+        if v < 0 {
+            self.failed.set(true);
+            return Err(format!("rank {}: {name}: {err}; another rank died or hung, see its error", self.rank));
+        }
+        Ok(v > self.world)
+    }
 }
 
 // Rank 0 serves the store, so it leaves last: it waits (up to the timeout) until every rank has checked out.
@@ -3250,8 +3297,11 @@ impl Drop for Dist {
 }
 
 // `--nproc N` on one host: start N copies of this command as ranks 0..N (torchrun's variables, a free port), pass rank
-// 0's output through, and stop them all as soon as one fails, naming it. Returns the exit code.
+// 0's output through, and stop them all as soon as one fails, naming it. The ranks run in a process group of their
+// own, so that a Ctrl-C reaches them once, through here: every SIGINT/SIGTERM is passed on to each rank, and ranks
+// that end on it (128 + signal) end the launch with their code. Returns the exit code.
 fn launch(nproc: i64) -> Res<i32> {
+    catch_signals(true);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("no free local port for the rendezvous: {e}"))?
@@ -3274,17 +3324,26 @@ fn launch(nproc: i64) -> Res<i32> {
         if r > 0 {
             c.stdout(std::process::Stdio::null()); // rank 0 speaks for the run; errors still reach stderr
         }
-        kids.push(c.spawn().map_err(|e| format!("cannot start rank {r}: {e}"))?);
+        use std::os::unix::process::CommandExt;
+        kids.push(c.process_group(0).spawn().map_err(|e| format!("cannot start rank {r}: {e}"))?);
     }
     let mut done = vec![false; kids.len()];
+    let mut passed_on = 0;
     loop {
+        let sig = stop_signal();
+        while passed_on < SIGNALS.load(SeqCst) {
+            for (k, _) in kids.iter().zip(&done).filter(|(_, &d)| !d) {
+                unsafe { libc::kill(k.id() as i32, sig.unwrap()) };
+            }
+            passed_on += 1;
+        }
         for (r, k) in kids.iter_mut().enumerate() {
             if done[r] {
                 continue;
             }
             if let Some(st) = k.try_wait().map_err(|e| format!("rank {r}: {e}"))? {
                 done[r] = true;
-                if !st.success() {
+                if !st.success() && !sig.is_some_and(|s| st.code() == Some(128 + s)) {
                     for (o, other) in kids.iter_mut().enumerate() {
                         if !done[o] {
                             let _ = other.kill();
@@ -3296,7 +3355,7 @@ fn launch(nproc: i64) -> Res<i32> {
             }
         }
         if done.iter().all(|&d| d) {
-            return Ok(0);
+            return Ok(sig.map_or(0, |s| 128 + s));
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -3521,17 +3580,60 @@ fn check_train_args(a: &TrainArgs, world: i64) -> Res<()> {
 // --------------------------------------------------------------------------------------------------------------------
 // Training
 
-fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
+// SIGINT and SIGTERM: the first asks a run to stop at its next step boundary (it writes a checkpoint when
+// checkpointing is on, and its log with status interrupted, then exits 128 + signal, as a shell reports a death by
+// it); a second exits at once. The launcher passes every one on to its ranks instead (see `launch`).
+static SIGNALS: AtomicI32 = AtomicI32::new(0); // caught so far
+static FIRST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+static PASS_SIGNALS_ON: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let _ = FIRST_SIGNAL.compare_exchange(0, sig, SeqCst, SeqCst);
+    if SIGNALS.fetch_add(1, SeqCst) > 0 && !PASS_SIGNALS_ON.load(SeqCst) {
+        unsafe { libc::_exit(128 + sig) }; // async-signal-safe, unlike std::process::exit
+    }
+}
+
+fn catch_signals(pass_on: bool) {
+    PASS_SIGNALS_ON.store(pass_on, SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
+// The first SIGINT/SIGTERM caught, if any.
+fn stop_signal() -> Option<i32> {
+    (SIGNALS.load(SeqCst) > 0).then(|| FIRST_SIGNAL.load(SeqCst))
+}
+
+// Returns the signal that interrupted the run, if one did.
+fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<Option<i32>> {
+    catch_signals(false);
+    // --resume: the run's options (resolved: preset, threads, kernels) but those given here; its state further down
+    let resume = a.resume.as_ref().map(|p| read_train_state(p)).transpose()?;
+    let mut changed = Value::Null;
+    if let Some((_, st, _)) = &resume {
+        (a, changed) = resume_args(&a, m, &st.args)?;
+    }
     let de = dist_env(|k| std::env::var(k).ok())?;
     let (rank, world_size) = de.as_ref().map_or((0, 1), |e| (e.rank, e.world));
     let dev = rank_device(&de, &a.device)?;
-    apply_preset(&mut a, m, dev.is_cuda());
+    if resume.is_none() {
+        apply_preset(&mut a, m, dev.is_cuda());
+    }
     a.threads = set_up_cpu(a.threads, dev);
     let cdt = compute_kind(&a.dtype, dev)?;
     check_train_args(&a, world_size)?;
     a.kernels = resolve_kernels(a.kernels, a.tau_chunk, dev, a.n_embd / a.n_head)?;
     if let (Some(path), 0) = (&a.save_checkpoint, rank) {
         check_output(path, "--save-checkpoint", a.overwrite)?;
+    }
+    let start = resume.as_ref().map_or(0, |(_, st, _)| st.step);
+    if start > a.steps {
+        return Err(format!("--steps {}: the checkpoint is at step {start}; pass --steps ≥ {start}", a.steps));
+    }
+    if let (true, 0) = (a.checkpoint_every > 0, rank) {
+        check_checkpoint_dir(&a.checkpoint_dir, resume.as_ref().map(|(_, st, _)| (st.run.as_str(), st.step)))?;
     }
     let data = load_data(&a.data, a.vocab_size)?;
     if data.train.len() as i64 <= a.batch_size * a.seq_len + 1 {
@@ -3581,6 +3683,17 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     log.line(&format!("config: {config}"))?;
     log.line(&format!("data: {}", data.info))?;
     log.line(&format!("attention: {}", attention_line(&cfg, a.kernels, cdt)))?;
+    // the run is its first log's: a resumed one names it, and so do its checkpoints
+    let run = match &resume {
+        Some((dir, st, sha)) => {
+            let from = json!({"run": st.run, "log": st.log, "step": st.step, "from": dir.display().to_string(),
+                "checkpoint_sha256": sha, "changed": changed,
+                "same_train_gpt": st.train_gpt_sha256 == format!("{:x}", Sha256::digest(SOURCE))});
+            log.line(&format!("resume: {from}"))?;
+            st.run.clone()
+        }
+        None => log.path.file_stem().unwrap_or_default().to_string_lossy().to_string(),
+    };
 
     // The timed region starts here: a tau run pays for its Laplacian and its τ calibration, but nobody for the CUDA
     // context, which the first device operation would otherwise create inside the clock.
@@ -3590,36 +3703,56 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         reset_memory_peaks(dev);
     }
     let train_tokens = device_tokens(&data.train, dev);
-    let mut train_ms = 0.0;
     let t0 = Instant::now();
-    let attn = cfg.attention();
-    let (lap, lap_ms) = match attn.laplacian_dim(&cfg) {
-        Some(f) => {
-            let (l, stats) = build_laplacian(&a, f, &data, dev)?;
-            log.line(&format!("laplacian: {stats}"))?;
-            (Some(l), stats["build_ms"].as_f64())
+    let (mut model, mut opt, lap_ms, mut train_ms, mut time_to_target, mut final_val, mut val0) = match &resume {
+        // the weights (with L and inverse temperatures), the optimizer and the clock as they were
+        Some((dir, st, _)) => {
+            assert_eq!(st.data_step, st.step, "a step's batch is train_batch(step)");
+            let mut model = load_checkpoint(&dir.join(CKPT_TENSORS[0]), dev)?;
+            if model.cfg != cfg {
+                return Err(format!(
+                    "--resume {}: its weights are of {}, its options of {}; the checkpoint is corrupt, pass another",
+                    dir.display(),
+                    json!(model.cfg),
+                    json!(cfg)
+                ));
+            }
+            (model.tau, model.cdt, model.tau_chunk, model.kernels) = (st.tau.clone(), cdt, a.tau_chunk, a.kernels);
+            let mut opt = Optim::new(&model);
+            load_optimizer(&mut opt, &dir.join(CKPT_TENSORS[1]), dev)?;
+            opt.t = st.optim_t;
+            (model, opt, st.laplacian_build_ms, st.train_ms, st.time_to_target_ms, st.final_val, st.val0)
         }
-        None => (None, None),
+        None => {
+            let attn = cfg.attention();
+            let (lap, lap_ms) = match attn.laplacian_dim(&cfg) {
+                Some(f) => {
+                    let (l, stats) = build_laplacian(&a, f, &data, dev)?;
+                    log.line(&format!("laplacian: {stats}"))?;
+                    (Some(bands_of(&l, attn.bands(&cfg))), stats["build_ms"].as_f64())
+                }
+                None => (None, None),
+            };
+            let mut model = Model::from_args(cfg.clone(), &a, dev, cdt, lap);
+            if cfg.is_tau() {
+                model.tau = match a.tau {
+                    Some(t) => vec![t; model.tau.len()],
+                    // the whole batch on every rank
+                    None => model.calibrate_tau(&train_batch(&train_tokens, 0, a.batch_size, a.seq_len, 0, 1).0),
+                };
+                log.line(&format!("tau: {}", tau_text(&model.tau)))?;
+            }
+            let opt = Optim::new(&model);
+            sync(dev);
+            (model, opt, lap_ms, t0.elapsed().as_secs_f64() * 1e3, None, None, None)
+        }
     };
-    let mut model = Model::from_args(cfg.clone(), &a, dev, cdt, lap.as_ref().map(|l| bands_of(l, attn.bands(&cfg))));
-    if cfg.is_tau() {
-        model.tau = match a.tau {
-            Some(t) => vec![t; model.tau.len()],
-            // the whole batch on every rank
-            None => model.calibrate_tau(&train_batch(&train_tokens, 0, a.batch_size, a.seq_len, 0, 1).0),
-        };
-        log.line(&format!("tau: {}", tau_text(&model.tau)))?;
-    }
-    let mut opt = Optim::new(&model);
-    sync(dev);
-    train_ms += t0.elapsed().as_secs_f64() * 1e3;
     let n_params = model.n_params();
     log.line(&format!("params: {n_params}"))?;
 
     let tokens_per_step = a.batch_size * a.seq_len;
-    let mut time_to_target: Option<f64> = None;
-    let mut final_val = f64::NAN;
-    let mut val0: Option<f64> = None;
+    // steps done when the loop ends
+    let mut done = a.steps;
     // Steps are queued one ahead, as in modded-nanogpt: step s's loss is read (checked, logged) once step s+1 is
     // queued, so the GPU never waits for the host between steps. Validation syncs, and pauses the clock: train_time is
     // exact there; a step line's is when the line is written, once the next step is queued.
@@ -3645,14 +3778,30 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         ))?;
         Ok(())
     };
-    for step in 0..=a.steps {
+    for step in start..=a.steps {
         let last = step == a.steps;
-        if last || step % a.val_every == 0 {
+        // a resumed run's first step was validated before its checkpoint
+        let val = (last || step % a.val_every == 0) && (step > start || resume.is_none());
+        let every = a.checkpoint_every > 0 && step % a.checkpoint_every == 0;
+        // A signal stops the run at a step boundary. Every rank must stop at the same one, and only some may have
+        // caught it: several ranks agree (through the store) at validation and checkpoint steps only.
+        let stop = !last
+            && match &dist {
+                None => stop_signal().is_some(),
+                Some(d) => (val || every) && d.any(&format!("stop/{step}"), stop_signal().is_some())?,
+            };
+        let (val, save) = (val && !stop, a.checkpoint_every > 0 && step > start && (every || stop));
+        if val || save || stop {
             if let Some((s, rb)) = lagged.take() {
                 step_line(&mut log, s, rb, train_ms + clock.elapsed().as_secs_f64() * 1e3)?;
             }
+            if let Some(d) = &dist {
+                d.sync()?;
+            }
             sync(dev);
-            train_ms += clock.elapsed().as_secs_f64() * 1e3; // the clock is paused during validation
+            train_ms += clock.elapsed().as_secs_f64() * 1e3; // the clock is paused during validation and checkpoints
+        }
+        if val {
             let vl = evaluate(&model, &data.val, a.batch_size, a.val_tokens, a.head_chunk, dist.as_ref())?;
             if step == 0 && !vl.is_finite() {
                 return Err(format!("step 0: val loss is {vl} before any training; {suspects}"));
@@ -3666,7 +3815,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
                 };
                 return Err(format!("step {step}: {what}; the run diverged, lower --lr-muon/--lr-adam or {suspects}"));
             }
-            final_val = vl;
+            final_val = Some(vl);
             if time_to_target.is_none() && vl <= a.target_val_loss {
                 time_to_target = Some(train_ms);
             }
@@ -3679,7 +3828,35 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
             if cfg.is_tau() && rank == 0 {
                 log.line(&format!("diag: {}", tau_diagnostics(&model, &data.val, a.batch_size, step)))?;
             }
+        }
+        if save && rank == 0 {
+            let state = TrainState {
+                format: CKPT_FORMAT.into(),
+                run: run.clone(),
+                log: log.path.file_stem().unwrap_or_default().to_string_lossy().to_string(),
+                step,
+                data_step: step,
+                seed: a.seed,
+                optim_t: opt.t,
+                tau: model.tau.clone(),
+                train_ms,
+                time_to_target_ms: time_to_target,
+                val0,
+                final_val,
+                laplacian_build_ms: lap_ms,
+                train_gpt_sha256: format!("{:x}", Sha256::digest(SOURCE)),
+                args: serde_json::to_value(&a).unwrap(),
+                sha256: Default::default(),
+            };
+            let (dir, sha) = save_train_state(&a.checkpoint_dir, &model, &opt, state, a.keep_checkpoints)?;
+            log.line(&format!("checkpoint_state: {} sha256:{sha}", dir.display()))?;
+        }
+        if val || save || stop {
             clock = Instant::now();
+        }
+        if stop {
+            done = step;
+            break;
         }
         if last {
             break;
@@ -3699,8 +3876,9 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
     if let Some((al, re)) = peaks {
         log.line(&format!("peak memory allocated: {al:.0} MiB reserved: {re:.0} MiB"))?;
     }
+    let interrupted = (done < a.steps).then(|| stop_signal().unwrap());
     let steps_ms = train_ms - lap_ms.unwrap_or(0.0);
-    let tokens_per_s = (a.steps * tokens_per_step) as f64 / (steps_ms / 1e3);
+    let tokens_per_s = (done * tokens_per_step) as f64 / (steps_ms / 1e3);
     // Each rank's own rate, gathered by a sum over one slot a rank.
     let per_rank = Tensor::zeros([world_size], (Kind::Float, dev));
     let _ = per_rank
@@ -3711,9 +3889,9 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         d.sync()?;
     }
     if rank > 0 {
-        return Ok(()); // rank 0 writes the log, the sample and the checkpoint
+        return Ok(interrupted); // rank 0 writes the log, the sample and the checkpoint
     }
-    if a.sample_tokens > 0 {
+    if a.sample_tokens > 0 && interrupted.is_none() {
         let text = decode_ids(&generate(
             &model,
             &tokenizer().encode_ordinary("\n").into_iter().map(|x| x as i64).collect::<Vec<_>>(),
@@ -3725,7 +3903,7 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         )?)?;
         log.line(&format!("sample: {}", json!(text)))?;
     }
-    if let Some(path) = &a.save_checkpoint {
+    if let (Some(path), None) = (&a.save_checkpoint, interrupted) {
         // the name was free at the start (check_output); if another run took it since, these weights go beside it,
         // named after this run's log
         let (stem, ext) = (path.file_stem().unwrap_or_default(), path.extension().unwrap_or_default());
@@ -3741,24 +3919,28 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<()> {
         .into_iter()
         .map(f64::round)
         .collect();
-    let summary = json!({"variant": variant, "track": track, "laplacian": cfg.is_tau().then(|| a.laplacian.clone()),
-        "steps": a.steps,
-        "final_val_loss": round4(final_val), "target_val_loss": a.target_val_loss,
+    // interrupted: tools count the log as no whole run; resumed: the run's figures, its clock carried over
+    let status = if interrupted.is_some() { "interrupted" } else { "completed" };
+    let summary = json!({"status": status, "resumed_from_step": resume.is_some().then_some(start),
+        "variant": variant, "track": track, "laplacian": cfg.is_tau().then(|| a.laplacian.clone()),
+        "steps": done,
+        "final_val_loss": final_val.map(round4), "target_val_loss": a.target_val_loss,
         "time_to_target_ms": time_to_target.map(|t| t.round()),
-        "train_time_ms": train_ms.round(), "ms_per_step": round4(steps_ms / a.steps as f64),
+        "train_time_ms": train_ms.round(), "ms_per_step": round4(steps_ms / done as f64),
         "tokens_per_s": tokens_per_s.round(), "mfu": mfu,
         "peak_alloc_mib": peaks.map(|p| p.0.round()), "peak_reserved_mib": peaks.map(|p| p.1.round()),
         "world_size": world_size,
         "tokens_per_s_per_rank": per_rank, "micro_batch": a.micro_batch,
         "laplacian_build_ms": lap_ms, "tau": cfg.is_tau().then(|| tau_json(&model.tau)), "params": n_params});
     log.line(&format!("summary: {summary}"))?;
-    if cfg.is_tau() {
-        // the built L (before any band split), with the log, only for a whole run
-        save_laplacian(&log.path.with_extension("laplacian.npy"), lap.as_ref().unwrap())?;
+    if cfg.is_tau() && interrupted.is_none() {
+        // the built L (its bands add up to it), with the log, only for a whole run
+        let l = if model.lap.dim() == 3 { model.lap.sum_dim_intlist(0, false, Kind::Float) } else { model.lap.copy() };
+        save_laplacian(&log.path.with_extension("laplacian.npy"), &l)?;
     }
     let path = log.finish()?;
     println!("log: {}", path.display());
-    Ok(())
+    Ok(interrupted)
 }
 
 // Steady ms/step of the training step on random tokens (no data, no validation), per variant. Under --nproc N each
@@ -3871,35 +4053,56 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
 // --------------------------------------------------------------------------------------------------------------------
 // Checkpoints (safetensors: names in the README, config in the metadata) and sampling
 
+// The safetensors dtype of a tensor kind (the ones written here).
+fn st_dtype(k: Kind) -> safetensors::Dtype {
+    match k {
+        Kind::Float => safetensors::Dtype::F32,
+        Kind::BFloat16 => safetensors::Dtype::BF16,
+        Kind::Double => safetensors::Dtype::F64,
+        k => panic!("no safetensors dtype for {k:?}"),
+    }
+}
+
+// Every tensor file is made here: named tensors, each in its own dtype, bit for bit, and string metadata.
+fn safetensors_bytes(named: &[(String, Tensor)], meta: Option<(&str, String)>) -> Res<Vec<u8>> {
+    let raw: Vec<(String, Vec<u8>, Vec<usize>, Kind)> = named
+        .iter()
+        .map(|(n, t)| {
+            let t = t.detach().to(Device::Cpu).contiguous();
+            let mut b = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+            t.copy_data_u8(&mut b, t.numel());
+            (n.clone(), b, t.size().iter().map(|&s| s as usize).collect(), t.kind())
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = raw
+        .iter()
+        .map(|(n, b, s, k)| (n.clone(), safetensors::tensor::TensorView::new(st_dtype(*k), s.clone(), b).unwrap()))
+        .collect();
+    let meta = meta.map(|(k, v)| std::collections::HashMap::from([(k.to_string(), v)]));
+    safetensors::tensor::serialize(views, &meta).map_err(|e| format!("cannot serialize tensors ({e:?})"))
+}
+
+// Tensor `n` of a safetensors file, as `kind` of `shape` on `dev`, or what it is instead.
+fn st_tensor(st: &safetensors::SafeTensors, n: &str, kind: Kind, shape: &[i64], dev: Device) -> Res<Tensor> {
+    let v = st.tensor(n).map_err(|_| format!("tensor {n} missing"))?;
+    let have: Vec<i64> = v.shape().iter().map(|&s| s as i64).collect();
+    if v.dtype() != st_dtype(kind) || have != shape {
+        return Err(format!("tensor {n} is {:?} {have:?}, expected {:?} {shape:?}", v.dtype(), st_dtype(kind)));
+    }
+    Ok(Tensor::from_data_size(v.data(), shape, kind).to(dev))
+}
+
 // Writes the weights whole or not at all; returns where they went and their sha256, which the log records.
 fn save_checkpoint(m: &Model, path: &Path, existing: Existing) -> Res<(PathBuf, String)> {
     let named: Vec<(String, Tensor)> = m
         .params
         .iter()
-        .map(|(n, p)| (n.clone(), p.detach()))
+        .map(|(n, p)| (n.clone(), p.shallow_clone()))
         .chain(m.checkpoint_buffers())
-        .map(|(n, t)| (n, t.to(Device::Cpu).contiguous()))
+        .map(|(n, t)| (n, t.to_kind(Kind::Float)))
         .collect();
-    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = named
-        .iter()
-        .map(|(n, t)| {
-            let v = Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap();
-            (
-                n.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-                t.size().iter().map(|&s| s as usize).collect(),
-            )
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-        .iter()
-        .map(|(n, b, s)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap())
-        })
-        .collect();
-    let meta = std::collections::HashMap::from([("config".to_string(), serde_json::to_string(&m.cfg).unwrap())]);
-    let bytes = safetensors::tensor::serialize(views, &Some(meta))
-        .map_err(|e| format!("{}: cannot serialize the checkpoint ({e:?})", path.display()))?;
+    let bytes = safetensors_bytes(&named, Some(("config", serde_json::to_string(&m.cfg).unwrap())))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let to = write_atomic(path, &bytes, existing)?;
     Ok((to, format!("{:x}", Sha256::digest(&bytes))))
 }
@@ -3920,19 +4123,10 @@ fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {
         .map_err(|e| format!("{p}: not a safetensors file ({e:?}); pass a file written by --save-checkpoint"))?;
     // every tensor is checked against the config before the model is built
     let get = |n: &str, shape: &[i64]| -> Res<Tensor> {
-        let v =
-            st.tensor(n).map_err(|_| format!("{p}: tensor {n} missing; pass a file written by --save-checkpoint"))?;
-        let have: Vec<i64> = v.shape().iter().map(|&s| s as i64).collect();
-        if v.dtype() != safetensors::Dtype::F32 || have != shape {
-            return Err(format!(
-                "{p}: tensor {n} is {:?} {have:?}, expected F32 {shape:?} for its config {}; pass a file written by \
-                --save-checkpoint",
-                v.dtype(),
-                serde_json::to_string(&cfg).unwrap()
-            ));
-        }
-        let f: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
-        Ok(Tensor::from_slice(&f).view(shape).to(dev))
+        st_tensor(&st, n, Kind::Float, shape, dev).map_err(|e| {
+            let cfg = serde_json::to_string(&cfg).unwrap();
+            format!("{p}: {e} for its config {cfg}; pass a file written by --save-checkpoint")
+        })
     };
     let cdt = compute_kind("auto", dev)?;
     let params = cfg.param_shapes().iter().map(|(n, s)| get(n, s)).collect::<Res<Vec<_>>>()?;
@@ -3947,9 +4141,192 @@ fn load_checkpoint(path: &Path, dev: Device) -> Res<Model> {
         }
     }
     for ((_, w), t) in m.params.iter_mut().zip(params) {
-        *w = t;
+        *w = t.set_requires_grad(true); // trainable again, for --resume
     }
     Ok(m)
+}
+
+// A run's checkpoint, what --resume continues from: DIR/step_NNNNNN/ with model.safetensors (as --save-checkpoint
+// writes it), optimizer.safetensors (Muon's momenta and Adam's moments, bit for bit in their dtype) and state.json
+// (this). Training draws nothing from torch's generator after the weights are made (they come from the file), and
+// the batch of a step is a function of the step, so step and seed are all the randomness and data position there is.
+#[derive(Serialize, serde::Deserialize)]
+struct TrainState {
+    format: String, // CKPT_FORMAT
+    run: String,    // the uuid of the run's first log, kept across resumes
+    log: String,    // the uuid of the log of the process that wrote it
+    step: i64,      // steps done
+    data_step: i64, // the step of the next train_batch (the data loader's position)
+    seed: i64,
+    optim_t: i64,
+    tau: Vec<f64>, // a band, exact: model.safetensors holds it as f32
+    train_ms: f64,
+    time_to_target_ms: Option<f64>,
+    val0: Option<f64>,
+    final_val: Option<f64>,
+    laplacian_build_ms: Option<f64>,
+    train_gpt_sha256: String,                           // of the source that wrote it
+    args: Value,                                        // the run's options, resolved
+    sha256: std::collections::BTreeMap<String, String>, // of the two tensor files
+}
+
+const CKPT_FORMAT: &str = "train_gpt checkpoint 1";
+const CKPT_TENSORS: [&str; 2] = ["model.safetensors", "optimizer.safetensors"];
+// Options a resumed run may give other values than its checkpoint's: they change no step already taken.
+const RESUME_MAY_CHANGE: &[&str] = &[
+    "steps",
+    "val_every",
+    "target_val_loss",
+    "log_dir",
+    "checkpoint_every",
+    "checkpoint_dir",
+    "keep_checkpoints",
+    "save_checkpoint",
+    "sample_tokens",
+    "threads",
+    "dist_timeout",
+];
+
+// The step_NNNNNN checkpoints in `dir`, oldest first.
+fn checkpoints(dir: &Path) -> Vec<(i64, PathBuf)> {
+    let mut v: Vec<(i64, PathBuf)> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let n = p.file_name()?.to_str()?.strip_prefix("step_")?;
+            let step = n.parse().ok().filter(|_| n.len() == 6 && n.bytes().all(|b| b.is_ascii_digit()));
+            step.filter(|_| p.is_dir()).map(|s| (s, p))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+// Writes `state`'s checkpoint into `dir` whole or not at all (write_dir_atomic: a kill at any point leaves the earlier
+// ones whole), then keeps the newest `keep`. Returns its folder and state.json's sha256, which names it in logs.
+fn save_train_state(dir: &Path, m: &Model, opt: &Optim, mut state: TrainState, keep: i64) -> Res<(PathBuf, String)> {
+    let out = dir.join(format!("step_{:06}", state.step));
+    let sha = write_dir_atomic(&out, "--checkpoint-dir", |tmp| {
+        let (_, model_sha) = save_checkpoint(m, &tmp.join(CKPT_TENSORS[0]), Existing::Refuse)?;
+        let bytes = safetensors_bytes(&opt.state(), None)?;
+        write_atomic(&tmp.join(CKPT_TENSORS[1]), &bytes, Existing::Refuse)?;
+        state.sha256 = [(CKPT_TENSORS[0], model_sha), (CKPT_TENSORS[1], format!("{:x}", Sha256::digest(&bytes)))]
+            .map(|(f, h)| (f.to_string(), h))
+            .into();
+        let json = serde_json::to_vec_pretty(&state).unwrap();
+        write_atomic(&tmp.join("state.json"), &json, Existing::Refuse)?;
+        // tests/cli.rs kills a run here, every file written, before the rename
+        if std::env::var("TRAIN_GPT_TEST_STALL_CHECKPOINT").is_ok_and(|s| s == state.step.to_string()) {
+            eprintln!("stalled before the rename of {}", out.display());
+            std::thread::sleep(std::time::Duration::from_secs(600));
+        }
+        Ok(format!("{:x}", Sha256::digest(&json)))
+    })?;
+    let all = checkpoints(dir);
+    for (_, old) in &all[..all.len().saturating_sub(keep as usize)] {
+        let _ = fs::remove_dir_all(old);
+    }
+    // what killed writers left: one run writes here (check_checkpoint_dir), and not meanwhile (this is its only writer)
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if n.starts_with("step_") && n.ends_with(".partial") {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    Ok((out, sha))
+}
+
+// The checkpoint --resume names (a step_NNNNNN folder, its state.json, or a --checkpoint-dir: its newest), its state
+// and state.json's sha256, after checking both tensor files against the sha256 that it holds.
+fn read_train_state(path: &Path) -> Res<(PathBuf, TrainState, String)> {
+    let dir = match path {
+        p if p.is_file() => p.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        p if p.join("state.json").exists() => p.to_path_buf(),
+        p => checkpoints(p).pop().map(|(_, d)| d).ok_or(format!(
+            "--resume {}: no checkpoint there (step_NNNNNN/state.json); pass a --checkpoint-dir or one of its folders",
+            p.display()
+        ))?,
+    };
+    let d = dir.display();
+    let json = fs::read(dir.join("state.json")).map_err(|e| format!("--resume {d}: state.json: {e}"))?;
+    let state: TrainState = serde_json::from_slice(&json)
+        .ok()
+        .filter(|s: &TrainState| s.format == CKPT_FORMAT)
+        .ok_or(format!("--resume {d}: state.json is not a {CKPT_FORMAT} (truncated or corrupt); pass another"))?;
+    for f in CKPT_TENSORS {
+        let bytes = fs::read(dir.join(f)).map_err(|e| format!("--resume {d}: {f}: {e}; pass another checkpoint"))?;
+        if state.sha256.get(f) != Some(&format!("{:x}", Sha256::digest(&bytes))) {
+            return Err(format!(
+                "--resume {d}: {f} does not match its sha256 in state.json (truncated or corrupt); pass an earlier \
+                checkpoint"
+            ));
+        }
+    }
+    Ok((dir, state, format!("{:x}", Sha256::digest(&json))))
+}
+
+// Muon's and Adam's buffers from a checkpoint's optimizer.safetensors (checked by read_train_state), in place.
+fn load_optimizer(opt: &mut Optim, path: &Path, dev: Device) -> Res<()> {
+    let p = path.display();
+    let bytes = fs::read(path).map_err(|e| format!("--resume {p}: {e}"))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("--resume {p}: {e:?}"))?;
+    for (n, t) in opt.state() {
+        let saved = st_tensor(&st, &n, t.kind(), &t.size(), dev).map_err(|e| format!("--resume {p}: {e}"))?;
+        tch::no_grad(|| t.shallow_clone().copy_(&saved));
+    }
+    Ok(())
+}
+
+// --resume: the checkpoint's options, but those given on this command line. One given with another value than the
+// checkpoint's is refused unless RESUME_MAY_CHANGE lists it. Returns the options and what changed, {option: [was,
+// now]}.
+fn resume_args(a: &TrainArgs, m: &ArgMatches, saved: &Value) -> Res<(TrainArgs, Value)> {
+    let mut now = serde_json::to_value(a).unwrap();
+    let mut changed = serde_json::Map::new();
+    for (k, v) in now.as_object_mut().unwrap() {
+        let Some(was) = saved.get(k).filter(|_| k != "resume") else { continue };
+        if m.value_source(k) != Some(clap::parser::ValueSource::CommandLine) {
+            *v = was.clone();
+        } else if v != was && RESUME_MAY_CHANGE.contains(&k.as_str()) {
+            changed.insert(k.clone(), json!([was, v]));
+        } else if v != was {
+            return Err(format!(
+                "--resume: --{} is {was} in the checkpoint but {v} here; leave it out, or start a new run",
+                k.replace('_', "-")
+            ));
+        }
+    }
+    let mut args: TrainArgs =
+        serde_json::from_value(now).map_err(|e| format!("--resume: the checkpoint's options do not parse ({e})"))?;
+    args.overwrite = a.overwrite;
+    Ok((args, Value::Object(changed)))
+}
+
+// --checkpoint-dir holds one run's checkpoints: a new run needs one without any; a resumed run one with its own run's,
+// none past the step it resumes from (a future given up, which the newest-first --resume would otherwise pick).
+fn check_checkpoint_dir(dir: &Path, resumed: Option<(&str, i64)>) -> Res<()> {
+    check_output_dir(dir, "--checkpoint-dir")?;
+    let d = dir.display();
+    for (step, p) in checkpoints(dir) {
+        let run = fs::read(p.join("state.json")).ok().and_then(|j| serde_json::from_slice::<TrainState>(&j).ok());
+        match (resumed, run.map(|s| s.run)) {
+            (Some((r, k)), Some(run)) if run == r && step <= k => {}
+            (Some((r, k)), Some(run)) if run == r => {
+                return Err(format!(
+                    "--checkpoint-dir {d}: holds step {step}, past step {k} resumed from; resume from it, or pass \
+                    another --checkpoint-dir"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "--checkpoint-dir {d}: holds another run's checkpoint {}; pass another folder (or --resume {d})",
+                    p.display()
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 // Autoregressive sampling. Cached: the prompt fills the cache once, then each step runs one token; when the RoPE
@@ -4075,7 +4452,8 @@ fn main() {
         }
     }
     let res = match cli.cmd {
-        Cmd::Train(a) => cmd_train(a, matches.subcommand_matches("train").unwrap()),
+        Cmd::Train(a) => cmd_train(a, matches.subcommand_matches("train").unwrap())
+            .map(|sig| sig.into_iter().for_each(|s| std::process::exit(128 + s))),
         Cmd::Prepare(a) => cmd_prepare(&a),
         Cmd::Sample(a) => cmd_sample(&a),
         Cmd::Stats { logs, vs } => tools::cmd_stats(&logs, &vs),

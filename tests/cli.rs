@@ -134,6 +134,7 @@ fn source_of_a_log_is_the_repo_tree() {
         "kernels/tau_attn.cu",
         "kernels/softcap_ce.cu",
         "kernels/block_ops.cu",
+        "kernels/tau_bias.cu",
         "kernels/mma_bf16.cuh",
         "kernels/launchers.h",
     ];
@@ -1206,5 +1207,222 @@ fn cpu_threads_are_logged_and_keep_the_numbers() {
     assert_eq!((one.1.len(), two.1.len()), (23, 23));
     for (a, b) in one.1.iter().zip(&two.1) {
         assert!(a.0 == b.0 && (a.1 - b.1).abs() <= 2e-4, "{a:?} {b:?}");
+    }
+}
+
+// Issue 19: checkpoints that lose no work. The runs below are SMALL with a checkpoint every 5 of its 20 steps.
+fn train_args<'a>(log_dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["train", "--data", tiny_shards().to_str().unwrap(), "--log-dir", log_dir];
+    args.extend_from_slice(SMALL);
+    args.extend_from_slice(extra);
+    args
+}
+
+// The run never interrupted, with every checkpoint kept: (its log, its checkpoint folder).
+fn uninterrupted() -> &'static (PathBuf, PathBuf) {
+    static RUN: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let ck = tmp("resume-whole").join("ck");
+        let extra = ["--checkpoint-every", "5", "--checkpoint-dir", ck.to_str().unwrap(), "--keep-checkpoints", "9"];
+        let log = train(&tmp("resume-whole"), &extra);
+        (log, ck)
+    })
+}
+
+// A log's step lines past `after` without their times (step, then the train or val loss), and its summary.
+fn losses_after(log: &Path, after: i64) -> (Vec<String>, serde_json::Value) {
+    let s = std::fs::read_to_string(log).unwrap();
+    let step = |l: &str| l.strip_prefix("step:")?.split('/').next()?.parse::<i64>().ok();
+    let lines = s
+        .lines()
+        .filter(|l| step(l).is_some_and(|k| k > after))
+        .map(|l| l.split(' ').take(2).collect::<Vec<_>>().join(" "))
+        .collect();
+    let summary = s.lines().find_map(|l| l.strip_prefix("summary: ")).expect("a summary");
+    (lines, serde_json::from_str(summary).unwrap())
+}
+
+// A training run started in the background, its stdout read line by line.
+fn spawn_train(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStdout>>) {
+    let mut c = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufRead::lines(std::io::BufReader::new(c.stdout.take().unwrap()));
+    (c, out)
+}
+
+fn signal(c: &std::process::Child, sig: i32) {
+    assert_eq!(unsafe { libc::kill(c.id() as i32, sig) }, 0);
+}
+
+// Resumes from `ck` into fresh folders; returns the new log.
+fn resume(ck: &Path, name: &str) -> PathBuf {
+    let (logs, cks) = (tmp(name).join("logs"), tmp(name).join("ck"));
+    let o = run(&[
+        "train",
+        "--resume",
+        ck.to_str().unwrap(),
+        "--log-dir",
+        logs.to_str().unwrap(),
+        "--checkpoint-dir",
+        cks.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "resume failed: {}", text(&o.stderr));
+    PathBuf::from(text(&o.stdout).lines().find_map(|l| l.strip_prefix("log: ")).expect("the run names its log"))
+}
+
+// SIGINT at a step: the run ends at the step boundary with a checkpoint and a log whose summary says interrupted (a
+// .txt, not a .partial), exit 130; resumed, it gives the uninterrupted run's step lines and final loss, every digit.
+#[test]
+fn an_interrupted_run_resumes_to_the_same_losses() {
+    let (whole, _) = uninterrupted();
+    let dir = tmp("resume-int");
+    let ck = dir.join("ck");
+    let args =
+        train_args(dir.to_str().unwrap(), &["--checkpoint-every", "5", "--checkpoint-dir", ck.to_str().unwrap()]);
+    let (mut c, mut out) = spawn_train(&args, &[]);
+    for l in out.by_ref() {
+        if l.unwrap().starts_with("step:7/") {
+            signal(&c, libc::SIGINT);
+            break;
+        }
+    }
+    let rest: Vec<String> = out.map(|l| l.unwrap()).collect();
+    let st = c.wait().unwrap();
+    assert_eq!(st.code(), Some(130), "{rest:?}");
+    let log = PathBuf::from(rest.iter().find_map(|l| l.strip_prefix("log: ")).expect("the log is named"));
+    let (_, summary) = losses_after(&log, 0);
+    assert_eq!(summary["status"], "interrupted");
+    let k = summary["steps"].as_i64().unwrap();
+    assert!((7..20).contains(&k), "stopped at a step boundary after step 7, before the end: {k}");
+    assert!(ck.join(format!("step_{k:06}")).join("state.json").exists(), "a checkpoint at the stop");
+    assert!(rest
+        .iter()
+        .any(|l| l.starts_with(&format!("checkpoint_state: {}", ck.join(format!("step_{k:06}")).display()))));
+    let resumed = resume(&ck, "resume-int-2");
+    let s = std::fs::read_to_string(&resumed).unwrap();
+    let from = s.lines().find_map(|l| l.strip_prefix("resume: ")).expect("the log records the resume");
+    let from: serde_json::Value = serde_json::from_str(from).unwrap();
+    assert_eq!(from["step"], k);
+    assert_eq!(from["run"].as_str(), log.file_stem().unwrap().to_str(), "the run is the first log's");
+    let (want, want_sum) = losses_after(whole, k);
+    let (got, got_sum) = losses_after(&resumed, k);
+    assert_eq!(got, want);
+    let vals_after = [10, 20].iter().filter(|&&v| v > k).count() as i64;
+    assert_eq!(got.len() as i64, 20 - k + vals_after, "every step and validation after {k}");
+    assert_eq!(got_sum["final_val_loss"], want_sum["final_val_loss"]);
+    assert_eq!((got_sum["status"].as_str(), got_sum["resumed_from_step"].as_i64()), (Some("completed"), Some(k)));
+    // the interrupted log is left out of stats, the resumed one counts
+    let o = run(&["stats", log.to_str().unwrap(), resumed.to_str().unwrap()]);
+    assert!(o.status.success() && text(&o.stderr).contains("interrupted at step"), "{}", text(&o.stderr));
+}
+
+// A SIGKILL between a checkpoint's files and its rename leaves the earlier checkpoints whole: the run resumes from the
+// newest one, to the uninterrupted run's losses. A second SIGTERM exits at once (143), the first waits for a step.
+#[test]
+fn a_kill_during_a_checkpoint_write_keeps_the_previous_one() {
+    let (whole, _) = uninterrupted();
+    let dir = tmp("resume-kill");
+    let ck = dir.join("ck");
+    let args =
+        train_args(dir.to_str().unwrap(), &["--checkpoint-every", "5", "--checkpoint-dir", ck.to_str().unwrap()]);
+    let stall = |c: &mut std::process::Child| {
+        let mut err = std::io::BufRead::lines(std::io::BufReader::new(c.stderr.take().unwrap()));
+        assert!(err.any(|l| l.unwrap().starts_with("stalled before the rename of")), "the write stalls");
+    };
+    let (mut c, _out) = spawn_train(&args, &[("TRAIN_GPT_TEST_STALL_CHECKPOINT", "10")]);
+    stall(&mut c);
+    signal(&c, libc::SIGKILL);
+    c.wait().unwrap();
+    let names: Vec<String> = logs_in(&ck).iter().map(|p| p.file_name().unwrap().to_string_lossy().into()).collect();
+    assert!(names.contains(&"step_000005".into()) && !names.contains(&"step_000010".into()), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("step_000010.") && n.ends_with(".partial")), "{names:?}");
+    let resumed = resume(&ck, "resume-kill-2");
+    assert_eq!(losses_after(&resumed, 5).0, losses_after(whole, 5).0);
+    // the second signal
+    let dir = tmp("resume-term");
+    let ck = dir.join("ck");
+    let args =
+        train_args(dir.to_str().unwrap(), &["--checkpoint-every", "5", "--checkpoint-dir", ck.to_str().unwrap()]);
+    let (mut c, _out) = spawn_train(&args, &[("TRAIN_GPT_TEST_STALL_CHECKPOINT", "5")]);
+    stall(&mut c);
+    signal(&c, libc::SIGTERM);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(c.try_wait().unwrap().is_none(), "the first signal waits for the step boundary");
+    let t = std::time::Instant::now();
+    signal(&c, libc::SIGTERM);
+    assert_eq!(c.wait().unwrap().code(), Some(143));
+    assert!(t.elapsed().as_secs() < 5, "the second signal exits at once");
+    assert!(checkpoint_names(&ck).is_empty(), "no checkpoint half-written: {:?}", logs_in(&ck));
+}
+
+fn checkpoint_names(ck: &Path) -> Vec<String> {
+    let names = logs_in(ck).into_iter().map(|p| p.file_name().unwrap().to_string_lossy().to_string());
+    names.filter(|n| n.starts_with("step_") && !n.ends_with(".partial")).collect()
+}
+
+// A checkpoint that is truncated, corrupt, or of another model is refused in one line naming what differs; nothing
+// is written (no log, no checkpoint) and the checkpoint stays as it was.
+#[test]
+fn a_bad_or_mismatched_checkpoint_is_refused() {
+    let (_, ck) = uninterrupted();
+    let dir = tmp("resume-bad");
+    let logs = dir.join("logs");
+    let copy = |name: &str| {
+        let to = dir.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+            std::fs::copy(ck.join("step_000010").join(f), to.join(f)).unwrap();
+        }
+        to
+    };
+    let resume_with = |from: &Path, extra: &[&str]| {
+        let mut args = vec!["train", "--resume", from.to_str().unwrap(), "--log-dir", logs.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let cut = copy("cut");
+    let bytes = std::fs::read(cut.join("model.safetensors")).unwrap();
+    std::fs::write(cut.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    assert_one_line_error(&resume_with(&cut, &[]), 1, "model.safetensors does not match its sha256");
+    let flipped = copy("flipped");
+    let mut bytes = std::fs::read(flipped.join("optimizer.safetensors")).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 1;
+    std::fs::write(flipped.join("optimizer.safetensors"), &bytes).unwrap();
+    assert_one_line_error(&resume_with(&flipped, &[]), 1, "optimizer.safetensors does not match its sha256");
+    let state = copy("state");
+    let bytes = std::fs::read(state.join("state.json")).unwrap();
+    std::fs::write(state.join("state.json"), &bytes[..bytes.len() - 10]).unwrap();
+    assert_one_line_error(&resume_with(&state, &[]), 1, "state.json is not a train_gpt checkpoint 1");
+    assert_one_line_error(&resume_with(&dir.join("none"), &[]), 1, "no checkpoint there");
+    let good = copy("good");
+    for (opt, v, want) in [
+        ("--attn", "tau", r#"--attn is "causal" in the checkpoint but "tau" here"#),
+        ("--n-embd", "64", "--n-embd is 32 in the checkpoint but 64 here"),
+        ("--vocab-size", "50432", "--vocab-size is 50304 in the checkpoint but 50432 here"),
+        ("--lr-muon", "0.03", "--lr-muon is 0.02 in the checkpoint but 0.03 here"),
+        ("--steps", "5", "the checkpoint is at step 10; pass --steps ≥ 10"),
+    ] {
+        assert_one_line_error(&resume_with(&good, &[opt, v]), 1, want);
+    }
+    // a checkpoint folder holds one run: a new run may not write into another's
+    assert_one_line_error(
+        &train_output(&logs, &["--checkpoint-every", "5", "--checkpoint-dir", ck.to_str().unwrap()]),
+        1,
+        "holds another run's checkpoint",
+    );
+    assert!(logs_in(&logs).is_empty(), "no log written: {:?}", logs_in(&logs));
+    assert_eq!(checkpoint_names(ck).len(), 4, "the uninterrupted run's checkpoints stay");
+    for f in ["model.safetensors", "optimizer.safetensors", "state.json"] {
+        assert_eq!(std::fs::read(good.join(f)).unwrap(), std::fs::read(ck.join("step_000010").join(f)).unwrap());
     }
 }

@@ -442,3 +442,26 @@ fn plot_groups_a_record_folder_into_a_band() {
     let labels: Vec<String> = plot_lines(&[other, twin], false).into_iter().map(|l| l.label).collect();
     assert_eq!(labels, ["causal seed 7 solo", "causal seed 7 twin"]);
 }
+
+// Issue 19: a run stopped by SIGINT/SIGTERM writes a summary with status interrupted; it is no whole run, so stats and
+// records-table leave it out (naming it), while a completed or resumed run's log counts.
+#[test]
+fn interrupted_runs_are_not_whole_runs() {
+    let interrupted = SUMMARY.replace(r#""steps":1200"#, r#""status":"interrupted","steps":700"#);
+    let resumed = SUMMARY.replace(r#""steps":1200"#, r#""status":"completed","resumed_from_step":700,"steps":1200"#);
+    let dir = tmp("records-interrupted").join("linux-c_1xH200").join("2026-12-06_Resume");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("README.md"), "# resumed run\n").unwrap();
+    let text = |sm: &str| log_text("", CFG, VALS, Some(sm), true);
+    std::fs::write(dir.join("a.txt"), text(&interrupted)).unwrap();
+    std::fs::write(dir.join("b.txt"), text(&resumed)).unwrap();
+    let logs = parse_logs(&[dir.join("a.txt"), dir.join("b.txt")]).unwrap();
+    assert!(logs[0].not_a_whole_run().unwrap().contains("interrupted at step 700"));
+    assert_eq!(logs[1].not_a_whole_run(), None);
+    let kept = whole_runs(logs);
+    assert_eq!(kept.len(), 1);
+    assert!(kept[0].path.ends_with("b.txt"));
+    let table = records_table(dir.parent().unwrap().parent().unwrap()).unwrap();
+    let row = table.lines().find(|l| l.contains("2026-12-06_Resume")).unwrap();
+    assert_eq!(row.split(" | ").nth(4), Some("1"), "one run counted: {row}");
+}

@@ -792,6 +792,34 @@ fn checkpoint_round_trip() {
     let e = load_checkpoint(&tmp("nothing.safetensors"), Device::Cpu).err().unwrap();
     assert!(e.contains("--save-checkpoint"), "{e}");
 }
+
+// Issue 19: a resumed run's optimizer is the interrupted one's, bit for bit: every Muon and Adam buffer through
+// safetensors_bytes and load_optimizer, in its own dtype (bf16 too), and a buffer of another shape is refused.
+#[test]
+fn optimizer_state_round_trips_bit_for_bit() {
+    let m = small("tau-lt", 512);
+    let opt = Optim::new(&m);
+    let names: Vec<String> = opt.state().iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(names.len(), opt.muon.len() + 2 * opt.adam.len());
+    tch::no_grad(|| opt.state().iter().for_each(|(_, t)| drop(t.shallow_clone().normal_(0.0, 1.0))));
+    let p = tmp("optimizer.safetensors");
+    std::fs::write(&p, safetensors_bytes(&opt.state(), None).unwrap()).unwrap();
+    let mut back = Optim::new(&m);
+    load_optimizer(&mut back, &p, Device::Cpu).unwrap();
+    for ((n, a), (_, b)) in opt.state().iter().zip(back.state()) {
+        assert!(a.equal(&b) && b.abs().sum(Kind::Double).double_value(&[]) > 0.0, "{n} restored exactly");
+    }
+    let bf = Tensor::randn([3, 5], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+    let bytes = safetensors_bytes(&[("x".into(), bf.shallow_clone())], None).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st_tensor(&st, "x", Kind::BFloat16, &[3, 5], Device::Cpu).unwrap().equal(&bf));
+    let e = st_tensor(&st, "x", Kind::Float, &[3, 5], Device::Cpu).err().unwrap();
+    assert_eq!(e, "tensor x is BF16 [3, 5], expected F32 [3, 5]");
+    let other = small("tau-lt", 256); // another vocabulary
+    let e = load_optimizer(&mut Optim::new(&other), &p, Device::Cpu).err();
+    assert!(e.is_some_and(|e| e.contains("missing") || e.contains("expected")), "another model's buffers refused");
+}
+
 fn max_abs(t: &Tensor) -> f64 {
     f64::try_from(t.abs().max()).unwrap()
 }
