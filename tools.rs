@@ -277,6 +277,28 @@ fn fmt_p(p: f64) -> String {
     }
 }
 
+/// The two-sided test of a difference between x and y: Welch's t-test, or with one run on a side, that run's z-score
+/// against the other side's spread. Returns (what, t or z, df, p).
+fn two_sided(x: &[f64], y: &[f64]) -> Result<(String, f64, f64, f64), String> {
+    Ok(match (x.len(), y.len()) {
+        (1, 1) => {
+            return Err("compare: one run a side has no spread to test against; pass 2 or more runs on one side".into())
+        }
+        (1, _) => {
+            let (z, df, p) = one_vs_set(x[0], y)?;
+            (format!("z {z:.3} (a's one run against b's spread, σ {:.4})", mean_std(y).1), z, df, p)
+        }
+        (_, 1) => {
+            let (z, df, p) = one_vs_set(y[0], x)?;
+            (format!("z {:.3} (b's one run against a's spread, σ {:.4})", -z, mean_std(x).1), -z, df, p)
+        }
+        _ => {
+            let (t, df, p) = welch(x, y)?;
+            (format!("welch_t {t:.3}"), t, df, p)
+        }
+    })
+}
+
 /// Two sets of runs side by side: final val loss and time, each with a two-sided test of the difference (Welch's
 /// t-test, or with one run on a side, that run's z-score against the other side's spread), then the winner. Time is
 /// time-to-target when every run of both sides reached the target; runs that missed it are named, and the whole
@@ -311,25 +333,7 @@ pub fn compare_report(a: &[RunLog], b: &[RunLog]) -> Result<String, String> {
     for (name, f) in [("final_val_loss", RunLog::final_val_loss as Metric), (tk, tf)] {
         let (x, y) = (col(a, f, name)?, col(b, f, name)?);
         let (mx, my) = (mean_std(&x).0, mean_std(&y).0);
-        let (test, stat, df, p) = match (x.len(), y.len()) {
-            (1, 1) => {
-                return Err("compare: one run a side has no spread to test against; pass 2 or more runs on \
-                                  one side"
-                    .into())
-            }
-            (1, _) => {
-                let (z, df, p) = one_vs_set(x[0], &y)?;
-                (format!("z {z:.3} (a's one run against b's spread, σ {:.4})", mean_std(&y).1), z, df, p)
-            }
-            (_, 1) => {
-                let (z, df, p) = one_vs_set(y[0], &x)?;
-                (format!("z {:.3} (b's one run against a's spread, σ {:.4})", -z, mean_std(&x).1), -z, df, p)
-            }
-            _ => {
-                let (t, df, p) = welch(&x, &y)?;
-                (format!("welch_t {t:.3}"), t, df, p)
-            }
-        };
+        let (test, stat, df, p) = two_sided(&x, &y)?;
         out += &format!("{name}: {mx:.4} vs {my:.4} diff {:.4} {test} df {df:.2} p_two_sided {p:.3e}\n", mx - my);
         let kind = if x.len() == 1 || y.len() == 1 { "z" } else { "t" };
         j.insert(name.to_string(), json!({"a": mx, "b": my, kind: stat, "df": df, "p": p}));
@@ -577,6 +581,33 @@ fn is_track(name: &str) -> bool {
         .is_some_and(|(n, gpu)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && !gpu.is_empty())
 }
 
+/// Mean ± σ of a figure over runs (one run: its figure; none: "-").
+fn pm_of(logs: &[RunLog], f: Metric, prec: usize) -> String {
+    let x: Vec<f64> = logs.iter().filter_map(f).collect();
+    match x.len() {
+        0 => "-".to_string(),
+        1 => format!("{:.prec$}", x[0]),
+        _ => {
+            let (m, s) = mean_std(&x);
+            format!("{m:.prec$} ± {s:.prec$}")
+        }
+    }
+}
+
+/// Time-to-target in s when every run reached the target, else how many did and the time of all steps.
+fn time_cell(logs: &[RunLog]) -> String {
+    let reached = logs.iter().filter(|l| l.time_to_target_ms().is_some()).count();
+    match reached == logs.len() {
+        true => pm_of(logs, |l| l.time_to_target_ms().map(|t| t / 1e3), 1),
+        false => format!(
+            "not reached ({reached}/{}); {} steps in {} s",
+            logs.len(),
+            logs[0].config.get("steps").map_or("-".into(), Value::to_string),
+            pm_of(logs, |l| l.train_time_ms().map(|t| t / 1e3), 1)
+        ),
+    }
+}
+
 /// One record: a folder `<track>/<YYYY-MM-DD>_<Name>/` of run logs and a README whose first line is `# <description>`.
 struct Record {
     track: String,
@@ -598,26 +629,6 @@ impl Record {
     }
     fn row(&self) -> String {
         let logs = &self.logs;
-        let col = |f: &dyn Fn(&RunLog) -> Option<f64>| -> Vec<f64> { logs.iter().filter_map(f).collect() };
-        let pm = |x: &[f64], prec: usize| match x.len() {
-            0 => "-".to_string(),
-            1 => format!("{:.prec$}", x[0]),
-            _ => {
-                let (m, s) = mean_std(x);
-                format!("{m:.prec$} ± {s:.prec$}")
-            }
-        };
-        let reached = col(&|l: &RunLog| l.time_to_target_ms().map(|t| t / 1e3));
-        let time = match reached.len() == logs.len() {
-            true => pm(&reached, 1),
-            false => format!(
-                "not reached ({}/{}); {} steps in {} s",
-                reached.len(),
-                logs.len(),
-                logs[0].config.get("steps").map_or("-".into(), Value::to_string),
-                pm(&col(&|l: &RunLog| l.train_time_ms().map(|t| t / 1e3)), 1)
-            ),
-        };
         let p = stats(logs)
             .map(|st| if st.p_value >= 1e-3 { format!("{:.4}", st.p_value) } else { format!("{:.1e}", st.p_value) })
             .unwrap_or("-".into());
@@ -628,11 +639,11 @@ impl Record {
             logs[0].label(),
             self.name.get(11..).unwrap_or(&self.name),
             self.rel,
-            time,
-            pm(&col(&RunLog::final_val_loss), 4),
+            time_cell(logs),
+            pm_of(logs, RunLog::final_val_loss, 4),
             logs.len(),
             p,
-            pm(&col(&RunLog::ms_per_step), 1),
+            pm_of(logs, RunLog::ms_per_step, 1),
             gpu,
             self.name.get(..10).unwrap_or("-"),
             self.description
@@ -778,32 +789,54 @@ pub fn diff_report(a: &RunLog, b: &RunLog) -> String {
     o
 }
 
-/// Renders into memory first, then writes whole (write_atomic), so a failure leaves no partial SVG.
-pub fn plot_svg(logs: &[RunLog], out: &Path, train: bool) -> Result<(), String> {
+/// Renders into memory first, then writes whole (write_atomic), so a failure leaves no partial SVG. Logs with the
+/// same `group` key (the record folder for `plot`, the variant for `race`) make one line, their mean in a min–max band.
+pub fn plot_svg(logs: &[RunLog], out: &Path, train: bool, group: fn(&RunLog) -> Option<String>) -> Result<(), String> {
     check_output(out, "--out", true)?;
     let mut svg = String::new();
     let mut targets: Vec<f64> = logs.iter().filter_map(RunLog::target).collect();
     targets.sort_by(f64::total_cmp);
     targets.dedup();
-    draw(&plot_lines(logs, train), &targets, if train { "train loss" } else { "val loss" }, &mut svg)
+    draw(&plot_lines(logs, train, group), &targets, if train { "train loss" } else { "val loss" }, &mut svg)
         .map_err(|e| format!("{}: {e}", out.display()))?;
     write_atomic(out, svg.as_bytes(), Existing::Replace).map(|_| ())
 }
 
 type Pt = (f64 /*time s*/, f64 /*step*/, f64 /*mean loss*/, f64 /*min*/, f64 /*max*/);
 
-/// One line of a plot: a log, or the runs of one record folder as their mean at the steps all of them logged, with
-/// the min–max band over them, so that a plot of many records stays one line a record.
+/// One line of a plot: a log, or the runs of one group (a record folder) as their mean at the steps all of them
+/// logged, with the min–max band over them, so that a plot of many records stays one line a record.
 struct PlotLine {
     label: String,
     pts: Vec<Pt>,
     runs: usize,
 }
 
-fn plot_lines(logs: &[RunLog], train: bool) -> Vec<PlotLine> {
+/// Runs' mean loss at the steps all of them logged, with its min and max, at their mean time.
+fn mean_band(ls: &[&RunLog], train: bool) -> Vec<Pt> {
+    let mut at: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
+    for l in ls {
+        for &(s, t, y) in if train { &l.train } else { &l.val } {
+            // log y: a loss must be positive
+            if t.is_finite() && y.is_finite() && y > 0.0 {
+                at.entry(s).or_default().push((t, y));
+            }
+        }
+    }
+    at.into_iter()
+        .filter(|(_, v)| v.len() == ls.len())
+        .map(|(s, v)| {
+            let n = v.len() as f64;
+            let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            (v.iter().map(|p| p.0).sum::<f64>() / n / 1e3, s as f64, v.iter().map(|p| p.1).sum::<f64>() / n, lo, hi)
+        })
+        .collect()
+}
+
+fn plot_lines(logs: &[RunLog], train: bool, group: fn(&RunLog) -> Option<String>) -> Vec<PlotLine> {
     let mut groups: Vec<(Option<String>, Vec<&RunLog>)> = vec![];
     for l in logs {
-        let rec = l.record();
+        let rec = group(l);
         match groups.iter_mut().find(|g| rec.is_some() && g.0 == rec) {
             Some(g) => g.1.push(l),
             None => groups.push((rec, vec![l])),
@@ -812,31 +845,7 @@ fn plot_lines(logs: &[RunLog], train: bool) -> Vec<PlotLine> {
     let mut lines: Vec<(PlotLine, String)> = groups
         .into_iter()
         .map(|(rec, ls)| {
-            let mut at: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
-            for l in &ls {
-                for &(s, t, y) in if train { &l.train } else { &l.val } {
-                    // log y: a loss must be positive
-                    if t.is_finite() && y.is_finite() && y > 0.0 {
-                        at.entry(s).or_default().push((t, y));
-                    }
-                }
-            }
-            let pts = at
-                .into_iter()
-                .filter(|(_, v)| v.len() == ls.len())
-                .map(|(s, v)| {
-                    let n = v.len() as f64;
-                    let (lo, hi) =
-                        v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
-                    (
-                        v.iter().map(|p| p.0).sum::<f64>() / n / 1e3,
-                        s as f64,
-                        v.iter().map(|p| p.1).sum::<f64>() / n,
-                        lo,
-                        hi,
-                    )
-                })
-                .collect();
+            let pts = mean_band(&ls, train);
             let label = match (&rec, ls.len()) {
                 (Some(r), n) if n > 1 => format!("{r} ({n} runs, min–max)"),
                 _ => format!(

@@ -3555,7 +3555,7 @@ fn main() {
         Cmd::Stats { logs, vs } => tools::cmd_stats(&logs, &vs),
         Cmd::Diff { a, b } => tools::parse_logs(&[a, b]).map(|l| println!("{}", tools::diff_report(&l[0], &l[1]))),
         Cmd::Plot { logs, out, train } => tools::parse_logs(&logs)
-            .and_then(|l| tools::plot_svg(&l, &out, train))
+            .and_then(|l| tools::plot_svg(&l, &out, train, tools::RunLog::record))
             .map(|_| println!("wrote {}", out.display())),
         Cmd::Curves { logs, format } => {
             tools::parse_logs(&logs).map(|l| print!("{}", tools::curves(&l, format == CurveFormat::Json)))

@@ -272,7 +272,7 @@ fn plot_writes_svg_atomically() {
         parse_log(&write("pb.txt", &log_text(&SRC, &CFG.replace("causal", "tau"), &VALS[..3], None, false))).unwrap();
     b.val.iter_mut().for_each(|v| v.2 += 0.1);
     let out = tmp("plot.svg");
-    plot_svg(&[a, b], &out, false).unwrap();
+    plot_svg(&[a, b], &out, false, RunLog::record).unwrap();
     let svg = std::fs::read_to_string(&out).unwrap();
     assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{}", &svg[..50]);
     assert!(svg.trim_end().ends_with("</svg>"));
@@ -288,9 +288,9 @@ fn plot_writes_svg_atomically() {
         assert_eq!(svg.lines().filter(|l| l.starts_with("<polyline") && l.contains(&stroke)).count(), 4, "{stroke}");
     }
     let [a, b] = [out.parent().unwrap().join("no-such-dir/plot.svg"), tmp("empty.svg")];
-    assert!(plot_svg(&[], &b, false).is_err()); // nothing to plot
+    assert!(plot_svg(&[], &b, false, RunLog::record).is_err()); // nothing to plot
     let c = parse_log(&write("pc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap();
-    assert!(plot_svg(&[c], &a, false).is_err());
+    assert!(plot_svg(&[c], &a, false, RunLog::record).is_err());
     assert!(!a.exists() && !b.exists() && !a.parent().unwrap().exists());
     let left: Vec<_> = std::fs::read_dir(out.parent().unwrap())
         .unwrap()
@@ -419,7 +419,7 @@ fn plot_groups_a_record_folder_into_a_band() {
     let other =
         parse_log(&write("solo.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, None, false), 7, 0.1))).unwrap();
     assert_eq!(other.record(), None);
-    let lines = plot_lines(&[a.clone(), b.clone(), other.clone()], false);
+    let lines = plot_lines(&[a.clone(), b.clone(), other.clone()], false, RunLog::record);
     let labels: Vec<&str> = lines.iter().map(|l| l.label.as_str()).collect();
     assert_eq!(labels, ["2026-01-02_Fast (2 runs, min–max)", "causal seed 7"]);
     let (t, step, mean, lo, hi) = *lines[0].pts.last().unwrap();
@@ -427,7 +427,7 @@ fn plot_groups_a_record_folder_into_a_band() {
     assert!((mean - 2.0074).abs() < 1e-12 && (hi - 2.0324).abs() < 1e-12, "{mean} {hi}");
     for train in [false, true] {
         let out = tmp(&format!("band-{train}.svg"));
-        plot_svg(&[a.clone(), b.clone(), other.clone()], &out, train).unwrap();
+        plot_svg(&[a.clone(), b.clone(), other.clone()], &out, train, RunLog::record).unwrap();
         let svg = std::fs::read_to_string(&out).unwrap();
         let texts: Vec<&str> = svg.lines().map(str::trim).collect();
         let what = if train { "train loss" } else { "val loss" };
@@ -439,6 +439,7 @@ fn plot_groups_a_record_folder_into_a_band() {
     // two runs outside a record folder with one variant and seed: the log's id tells them apart
     let twin =
         parse_log(&write("twin.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, None, false), 7, 0.1))).unwrap();
-    let labels: Vec<String> = plot_lines(&[other, twin], false).into_iter().map(|l| l.label).collect();
+    let labels: Vec<String> = plot_lines(&[other, twin], false, RunLog::record).into_iter().map(|l| l.label).collect();
     assert_eq!(labels, ["causal seed 7 solo", "causal seed 7 twin"]);
 }
+
