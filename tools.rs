@@ -1197,6 +1197,7 @@ fn runs_of(logs: &[RunLog], want: &Map<String, Value>, seeds: &[i64]) -> BTreeMa
 /// Runs `train <options> --seed=S --log-dir=DIR` for each (name, options, config, seed) in turn, but those whose whole
 /// log `dir` already holds; a run that fails is named and the others go on. Returns the failed runs.
 fn run_seeds(dir: &Path, jobs: &[(String, Vec<String>, Map<String, Value>, i64)]) -> Res<Vec<String>> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}; pass a writable --out", dir.display()))?;
     let done = whole_logs_in(dir);
     let mut failed = vec![];
     for (i, (name, opts, want, seed)) in jobs.iter().enumerate() {
@@ -1216,11 +1217,9 @@ fn run_seeds(dir: &Path, jobs: &[(String, Vec<String>, Map<String, Value>, i64)]
     Ok(failed)
 }
 
-/// The output folder: --out, or logs/<what>-<local date>-<time>.
-fn out_dir(out: Option<PathBuf>, what: &str) -> Res<PathBuf> {
-    let dir = out.unwrap_or_else(|| format!("logs/{what}-{}", chrono::Local::now().format("%Y%m%d-%H%M%S")).into());
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}; pass a writable --out", dir.display()))?;
-    Ok(dir)
+/// The output folder: --out, or logs/<what>-<local date>-<time>; made by the first run.
+fn out_dir(out: Option<PathBuf>, what: &str) -> PathBuf {
+    out.unwrap_or_else(|| format!("logs/{what}-{}", chrono::Local::now().format("%Y%m%d-%H%M%S")).into())
 }
 
 /// `train_gpt race A B ... [--seeds N] [--out DIR] [train options]`.
@@ -1251,7 +1250,7 @@ pub fn cmd_race(a: &RaceArgs, m: &ArgMatches) -> Res<()> {
     let mut given_opts = serde_json::to_value(&a.train).unwrap().as_object().unwrap().clone();
     given_opts.retain(|k, _| given(k));
     let opts = train_argv(&given_opts)?;
-    let dir = out_dir(a.out.clone(), "race")?;
+    let dir = out_dir(a.out.clone(), "race");
     let mut variants = vec![];
     for v in &a.variants {
         let vopts = [vec![format!("--attn={v}")], opts.clone()].concat();
@@ -1336,16 +1335,18 @@ pub fn race_report(dir: &Path, seeds: i64, groups: &[(String, Vec<RunLog>)]) -> 
 /// `train_gpt reproduce LOG|RECORD_DIR [--seeds N] [--out DIR] [--allow-source-diff]`.
 pub fn cmd_reproduce(path: &Path, seeds: Option<i64>, out: Option<PathBuf>, allow_source_diff: bool) -> Res<()> {
     let p = path.display();
-    let files: Vec<PathBuf> = match path.is_dir() {
+    // a folder's files that are not logs (race.txt, reproduce.txt) are named and passed over
+    let logs = match path.is_dir() {
         true => {
             let rd = std::fs::read_dir(path).map_err(|e| format!("{p}: {e}; pass a log or a record folder"))?;
             let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|f| is_log_file(f)).collect();
             v.sort();
-            v
+            let parsed = v.iter().map(|f| parse_log(f).inspect_err(|e| eprintln!("skipped {e}")));
+            parsed.filter_map(Result::ok).collect()
         }
-        false => vec![path.to_path_buf()],
+        false => vec![parse_log(path)?],
     };
-    let orig = whole_runs(parse_logs(&files)?);
+    let orig = whole_runs(logs);
     if orig.is_empty() {
         return Err(format!("{p}: no whole run's log there; pass a log or a record folder of logs"));
     }
@@ -1398,7 +1399,7 @@ pub fn cmd_reproduce(path: &Path, seeds: Option<i64>, out: Option<PathBuf>, allo
         (None, _) => seed_list,
     };
     let opts = train_argv(&opts)?;
-    let dir = out_dir(out, "reproduce")?;
+    let dir = out_dir(out, "reproduce");
     let want = resolved_config(&[opts.clone(), vec![format!("--log-dir={}", dir.display())]].concat())
         .map_err(|e| format!("reproduce: {e}"))?;
     let jobs: Vec<_> = seed_list.iter().map(|&s| (orig[0].variant(), opts.clone(), want.clone(), s)).collect();

@@ -89,9 +89,10 @@ enum Cmd {
         vs: Vec<PathBuf>,
     },
     /// Race attention variants: seeds 0..N of each, interleaved, each a `train` run of this executable with the
-    /// options given after the names, into one folder; then a report (each variant's runs, time-to-target, final val
-    /// loss, ms/step, Welch's t-test against the first variant, the winner) in DIR/race.txt and the curves in
-    /// DIR/race.svg. A rerun with the same --out skips the runs whose whole log is there with the same config
+    /// train options given (--nproc too; the race sets --attn, --seed, --log-dir), into one folder; then a report
+    /// (each variant's runs, time-to-target, final val loss, ms/step, Welch's t-test against the first variant, the
+    /// winner) in DIR/race.txt and the curves in DIR/race.svg. A rerun with the same --out skips the runs whose whole
+    /// log is there with the same config
     #[command(args_override_self = true)]
     Race(RaceArgs),
     /// Rerun a log or a record folder's logs (its seeds, the options of its config) with this build, and report the
@@ -348,7 +349,7 @@ struct RaceArgs {
     /// The race's folder: its logs, race.txt, race.svg (default logs/race-<date>-<time>)
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
-    /// Every run's options (--nproc too), given after the variant names; the race sets --attn, --seed and --log-dir
+    // every run's options; those given are passed on (train_argv), but --attn, --seed, --log-dir (cmd_race)
     #[command(flatten)]
     train: TrainArgs,
 }
