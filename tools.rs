@@ -1,6 +1,6 @@
 // tools.rs: records tooling (parse logs of any harness version, statistics against the target, log diffs, SVG
-// plots, the README leaderboard, the source tree a log embeds) and the decode bench. Not part of the speedrun, but
-// `mod tools` makes it part of the build, so logs embed it too.
+// plots, the README leaderboard, the source tree a log embeds), races and reproductions, and the decode bench. Not
+// part of the speedrun, but `mod tools` makes it part of the build, so logs embed it too.
 
 use super::*;
 use plotters::prelude::*;
@@ -281,6 +281,28 @@ fn fmt_p(p: f64) -> String {
     }
 }
 
+/// The two-sided test of a difference between x and y: Welch's t-test, or with one run on a side, that run's z-score
+/// against the other side's spread. Returns (what, t or z, df, p).
+fn two_sided(x: &[f64], y: &[f64]) -> Result<(String, f64, f64, f64), String> {
+    Ok(match (x.len(), y.len()) {
+        (1, 1) => {
+            return Err("compare: one run a side has no spread to test against; pass 2 or more runs on one side".into())
+        }
+        (1, _) => {
+            let (z, df, p) = one_vs_set(x[0], y)?;
+            (format!("z {z:.3} (a's one run against b's spread, σ {:.4})", mean_std(y).1), z, df, p)
+        }
+        (_, 1) => {
+            let (z, df, p) = one_vs_set(y[0], x)?;
+            (format!("z {:.3} (b's one run against a's spread, σ {:.4})", -z, mean_std(x).1), -z, df, p)
+        }
+        _ => {
+            let (t, df, p) = welch(x, y)?;
+            (format!("welch_t {t:.3}"), t, df, p)
+        }
+    })
+}
+
 /// Two sets of runs side by side: final val loss and time, each with a two-sided test of the difference (Welch's
 /// t-test, or with one run on a side, that run's z-score against the other side's spread), then the winner. Time is
 /// time-to-target when every run of both sides reached the target; runs that missed it are named, and the whole
@@ -315,25 +337,7 @@ pub fn compare_report(a: &[RunLog], b: &[RunLog]) -> Result<String, String> {
     for (name, f) in [("final_val_loss", RunLog::final_val_loss as Metric), (tk, tf)] {
         let (x, y) = (col(a, f, name)?, col(b, f, name)?);
         let (mx, my) = (mean_std(&x).0, mean_std(&y).0);
-        let (test, stat, df, p) = match (x.len(), y.len()) {
-            (1, 1) => {
-                return Err("compare: one run a side has no spread to test against; pass 2 or more runs on \
-                                  one side"
-                    .into())
-            }
-            (1, _) => {
-                let (z, df, p) = one_vs_set(x[0], &y)?;
-                (format!("z {z:.3} (a's one run against b's spread, σ {:.4})", mean_std(&y).1), z, df, p)
-            }
-            (_, 1) => {
-                let (z, df, p) = one_vs_set(y[0], &x)?;
-                (format!("z {:.3} (b's one run against a's spread, σ {:.4})", -z, mean_std(&x).1), -z, df, p)
-            }
-            _ => {
-                let (t, df, p) = welch(&x, &y)?;
-                (format!("welch_t {t:.3}"), t, df, p)
-            }
-        };
+        let (test, stat, df, p) = two_sided(&x, &y)?;
         out += &format!("{name}: {mx:.4} vs {my:.4} diff {:.4} {test} df {df:.2} p_two_sided {p:.3e}\n", mx - my);
         let kind = if x.len() == 1 || y.len() == 1 { "z" } else { "t" };
         j.insert(name.to_string(), json!({"a": mx, "b": my, kind: stat, "df": df, "p": p}));
@@ -581,6 +585,33 @@ fn is_track(name: &str) -> bool {
         .is_some_and(|(n, gpu)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && !gpu.is_empty())
 }
 
+/// Mean ± σ of a figure over runs (one run: its figure; none: "-").
+fn pm_of(logs: &[RunLog], f: Metric, prec: usize) -> String {
+    let x: Vec<f64> = logs.iter().filter_map(f).collect();
+    match x.len() {
+        0 => "-".to_string(),
+        1 => format!("{:.prec$}", x[0]),
+        _ => {
+            let (m, s) = mean_std(&x);
+            format!("{m:.prec$} ± {s:.prec$}")
+        }
+    }
+}
+
+/// Time-to-target in s when every run reached the target, else how many did and the time of all steps.
+fn time_cell(logs: &[RunLog]) -> String {
+    let reached = logs.iter().filter(|l| l.time_to_target_ms().is_some()).count();
+    match reached == logs.len() {
+        true => pm_of(logs, |l| l.time_to_target_ms().map(|t| t / 1e3), 1),
+        false => format!(
+            "not reached ({reached}/{}); {} steps in {} s",
+            logs.len(),
+            logs[0].config.get("steps").map_or("-".into(), Value::to_string),
+            pm_of(logs, |l| l.train_time_ms().map(|t| t / 1e3), 1)
+        ),
+    }
+}
+
 /// One record: a folder `<track>/<YYYY-MM-DD>_<Name>/` of run logs and a README whose first line is `# <description>`.
 struct Record {
     track: String,
@@ -602,26 +633,6 @@ impl Record {
     }
     fn row(&self) -> String {
         let logs = &self.logs;
-        let col = |f: &dyn Fn(&RunLog) -> Option<f64>| -> Vec<f64> { logs.iter().filter_map(f).collect() };
-        let pm = |x: &[f64], prec: usize| match x.len() {
-            0 => "-".to_string(),
-            1 => format!("{:.prec$}", x[0]),
-            _ => {
-                let (m, s) = mean_std(x);
-                format!("{m:.prec$} ± {s:.prec$}")
-            }
-        };
-        let reached = col(&|l: &RunLog| l.time_to_target_ms().map(|t| t / 1e3));
-        let time = match reached.len() == logs.len() {
-            true => pm(&reached, 1),
-            false => format!(
-                "not reached ({}/{}); {} steps in {} s",
-                reached.len(),
-                logs.len(),
-                logs[0].config.get("steps").map_or("-".into(), Value::to_string),
-                pm(&col(&|l: &RunLog| l.train_time_ms().map(|t| t / 1e3)), 1)
-            ),
-        };
         let p = stats(logs)
             .map(|st| if st.p_value >= 1e-3 { format!("{:.4}", st.p_value) } else { format!("{:.1e}", st.p_value) })
             .unwrap_or("-".into());
@@ -632,11 +643,11 @@ impl Record {
             logs[0].label(),
             self.name.get(11..).unwrap_or(&self.name),
             self.rel,
-            time,
-            pm(&col(&RunLog::final_val_loss), 4),
+            time_cell(logs),
+            pm_of(logs, RunLog::final_val_loss, 4),
             logs.len(),
             p,
-            pm(&col(&RunLog::ms_per_step), 1),
+            pm_of(logs, RunLog::ms_per_step, 1),
             gpu,
             self.name.get(..10).unwrap_or("-"),
             self.description
@@ -782,32 +793,54 @@ pub fn diff_report(a: &RunLog, b: &RunLog) -> String {
     o
 }
 
-/// Renders into memory first, then writes whole (write_atomic), so a failure leaves no partial SVG.
-pub fn plot_svg(logs: &[RunLog], out: &Path, train: bool) -> Result<(), String> {
+/// Renders into memory first, then writes whole (write_atomic), so a failure leaves no partial SVG. Logs with the
+/// same `group` key (the record folder for `plot`, the variant for `race`) make one line, their mean in a min–max band.
+pub fn plot_svg(logs: &[RunLog], out: &Path, train: bool, group: fn(&RunLog) -> Option<String>) -> Result<(), String> {
     check_output(out, "--out", true)?;
     let mut svg = String::new();
     let mut targets: Vec<f64> = logs.iter().filter_map(RunLog::target).collect();
     targets.sort_by(f64::total_cmp);
     targets.dedup();
-    draw(&plot_lines(logs, train), &targets, if train { "train loss" } else { "val loss" }, &mut svg)
+    draw(&plot_lines(logs, train, group), &targets, if train { "train loss" } else { "val loss" }, &mut svg)
         .map_err(|e| format!("{}: {e}", out.display()))?;
     write_atomic(out, svg.as_bytes(), Existing::Replace).map(|_| ())
 }
 
 type Pt = (f64 /*time s*/, f64 /*step*/, f64 /*mean loss*/, f64 /*min*/, f64 /*max*/);
 
-/// One line of a plot: a log, or the runs of one record folder as their mean at the steps all of them logged, with
-/// the min–max band over them, so that a plot of many records stays one line a record.
+/// One line of a plot: a log, or the runs of one group (a record folder) as their mean at the steps all of them
+/// logged, with the min–max band over them, so that a plot of many records stays one line a record.
 struct PlotLine {
     label: String,
     pts: Vec<Pt>,
     runs: usize,
 }
 
-fn plot_lines(logs: &[RunLog], train: bool) -> Vec<PlotLine> {
+/// Runs' mean loss at the steps all of them logged, with its min and max, at their mean time.
+fn mean_band(ls: &[&RunLog], train: bool) -> Vec<Pt> {
+    let mut at: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
+    for l in ls {
+        for &(s, t, y) in if train { &l.train } else { &l.val } {
+            // log y: a loss must be positive
+            if t.is_finite() && y.is_finite() && y > 0.0 {
+                at.entry(s).or_default().push((t, y));
+            }
+        }
+    }
+    at.into_iter()
+        .filter(|(_, v)| v.len() == ls.len())
+        .map(|(s, v)| {
+            let n = v.len() as f64;
+            let (lo, hi) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+            (v.iter().map(|p| p.0).sum::<f64>() / n / 1e3, s as f64, v.iter().map(|p| p.1).sum::<f64>() / n, lo, hi)
+        })
+        .collect()
+}
+
+fn plot_lines(logs: &[RunLog], train: bool, group: fn(&RunLog) -> Option<String>) -> Vec<PlotLine> {
     let mut groups: Vec<(Option<String>, Vec<&RunLog>)> = vec![];
     for l in logs {
-        let rec = l.record();
+        let rec = group(l);
         match groups.iter_mut().find(|g| rec.is_some() && g.0 == rec) {
             Some(g) => g.1.push(l),
             None => groups.push((rec, vec![l])),
@@ -816,31 +849,7 @@ fn plot_lines(logs: &[RunLog], train: bool) -> Vec<PlotLine> {
     let mut lines: Vec<(PlotLine, String)> = groups
         .into_iter()
         .map(|(rec, ls)| {
-            let mut at: BTreeMap<u64, Vec<(f64, f64)>> = BTreeMap::new();
-            for l in &ls {
-                for &(s, t, y) in if train { &l.train } else { &l.val } {
-                    // log y: a loss must be positive
-                    if t.is_finite() && y.is_finite() && y > 0.0 {
-                        at.entry(s).or_default().push((t, y));
-                    }
-                }
-            }
-            let pts = at
-                .into_iter()
-                .filter(|(_, v)| v.len() == ls.len())
-                .map(|(s, v)| {
-                    let n = v.len() as f64;
-                    let (lo, hi) =
-                        v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
-                    (
-                        v.iter().map(|p| p.0).sum::<f64>() / n / 1e3,
-                        s as f64,
-                        v.iter().map(|p| p.1).sum::<f64>() / n,
-                        lo,
-                        hi,
-                    )
-                })
-                .collect();
+            let pts = mean_band(&ls, train);
             let label = match (&rec, ls.len()) {
                 (Some(r), n) if n > 1 => format!("{r} ({n} runs, min–max)"),
                 _ => format!(
@@ -1101,6 +1110,393 @@ pub fn whole_runs(logs: Vec<RunLog>) -> Vec<RunLog> {
         None => true,
     };
     logs.into_iter().filter(keep).collect()
+}
+
+// --------------------------------------------------------------------------------------------------------------------
+// Races and reproductions: seeds of a config, each a `train` child of this executable (a crash ends one run, not the
+// rest), into one folder that a rerun of the same command resumes; then a report made from the logs in it.
+
+/// The keys `train` adds to TrainArgs in a logged config (`device` takes the place of TrainArgs' own, resolved).
+const CONFIG_EXTRA_KEYS: [&str; 5] = ["variant", "track", "device", "compute_dtype", "world_size"];
+/// Config keys that tell the runs of one config apart rather than the config.
+const RUN_KEYS: [&str; 2] = ["seed", "log_dir"];
+/// Nats of val loss that two mean curves may be apart at any matched step and still be one curve within noise. The
+/// reproductions of 2026-12-06 (3 seeds, one H200) came within 0.016 (causal) and 0.0085 (tau) of their records'
+/// means; the mean curves of CausalBaseline's seeds 0-2 and of its other three runs are 0.050 apart at step 700.
+const SAME_CURVE_MAX_GAP: f64 = 0.05;
+/// Two-sided p of final val loss above which a rerun's runs are the original's within noise.
+const SAME_CURVE_MIN_P: f64 = 0.05;
+
+/// The options of a (logged) config as `train` arguments: `--kebab-key=value` a key, true flags bare, nulls and false
+/// flags left out; `=` keeps a negative value a value.
+pub fn train_argv(cfg: &Map<String, Value>) -> Res<Vec<String>> {
+    let arg = |(k, v): (&String, &Value)| {
+        let flag = format!("--{}", k.replace('_', "-"));
+        match v {
+            Value::Null | Value::Bool(false) => Ok(None),
+            Value::Bool(true) => Ok(Some(flag)),
+            Value::String(s) => Ok(Some(format!("{flag}={s}"))),
+            Value::Number(n) => Ok(Some(format!("{flag}={n}"))),
+            _ => Err(format!("config key {k} holds {v}, not an option value; pass a log written by train_gpt")),
+        }
+    };
+    Ok(cfg.iter().map(arg).collect::<Res<Vec<_>>>()?.into_iter().flatten().collect())
+}
+
+/// TrainArgs with no options given, as a config: the keys a logged config may hold, with this build's defaults.
+fn train_defaults() -> Map<String, Value> {
+    let m = Cli::command().get_matches_from(["train_gpt", "train"]);
+    let a = TrainArgs::from_arg_matches(m.subcommand_matches("train").unwrap()).unwrap();
+    serde_json::to_value(a).unwrap().as_object().unwrap().clone()
+}
+
+fn train_command(args: &[String]) -> Res<std::process::Command> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+    let mut c = std::process::Command::new(exe);
+    c.arg("train").args(args);
+    Ok(c)
+}
+
+/// The config a `train` run with these options logs (`train --print-config`): bad options are refused here, before
+/// any run, with train's own line.
+fn resolved_config(args: &[String]) -> Res<Map<String, Value>> {
+    let out = train_command(args)?.arg("--print-config").output().map_err(|e| format!("cannot start train: {e}"))?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        let why = stderr.lines().find(|l| !l.trim().is_empty()).unwrap_or("no message");
+        return Err(why.trim_start_matches("error: ").to_string());
+    }
+    stdout
+        .lines()
+        .find_map(|l| serde_json::from_str(l.strip_prefix("config: ")?).ok())
+        .ok_or_else(|| format!("train --print-config gave no config line: {}", stdout.trim()))
+}
+
+/// A config without the keys of one run (seed, log_dir).
+fn config_of_runs(cfg: &Map<String, Value>) -> Map<String, Value> {
+    cfg.iter().filter(|(k, _)| !RUN_KEYS.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// The whole runs' logs in a folder; files that are not logs (race.txt) and cut runs are passed over.
+fn whole_logs_in(dir: &Path) -> Vec<RunLog> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_log_file(p)).collect())
+        .unwrap_or_default();
+    files.sort();
+    files.iter().filter_map(|p| parse_log(p).ok()).filter(|l| l.not_a_whole_run().is_none()).collect()
+}
+
+/// Of `logs`, the first of each seed whose config is `want` but for seed and log_dir.
+fn runs_of(logs: &[RunLog], want: &Map<String, Value>, seeds: &[i64]) -> BTreeMap<i64, RunLog> {
+    let want = config_of_runs(want);
+    let mut runs = BTreeMap::new();
+    for l in logs.iter().filter(|l| config_of_runs(&l.config) == want) {
+        if let Some(s) = l.seed().filter(|s| seeds.contains(s)) {
+            runs.entry(s).or_insert_with(|| l.clone());
+        }
+    }
+    runs
+}
+
+/// Runs `train <options> --seed=S --log-dir=DIR` for each (name, options, config, seed) in turn, but those whose whole
+/// log `dir` already holds; a run that fails is named and the others go on. Returns the failed runs.
+fn run_seeds(dir: &Path, jobs: &[(String, Vec<String>, Map<String, Value>, i64)]) -> Res<Vec<String>> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}; pass a writable --out", dir.display()))?;
+    let done = whole_logs_in(dir);
+    let mut failed = vec![];
+    for (i, (name, opts, want, seed)) in jobs.iter().enumerate() {
+        let what = format!("run {}/{}: {name} seed {seed}", i + 1, jobs.len());
+        if let Some(l) = runs_of(&done, want, &[*seed]).get(seed) {
+            println!("{what}: done already ({}), skipped", l.path);
+            continue;
+        }
+        let args = [opts.clone(), vec![format!("--seed={seed}"), format!("--log-dir={}", dir.display())]].concat();
+        println!("{what}: train {}", args.join(" "));
+        let st = train_command(&args)?.status().map_err(|e| format!("cannot start train: {e}"))?;
+        if !st.success() {
+            eprintln!("{what}: failed ({st}); going on");
+            failed.push(format!("{name} seed {seed}"));
+        }
+    }
+    Ok(failed)
+}
+
+/// The output folder: --out, or logs/<what>-<local date>-<time>; made by the first run.
+fn out_dir(out: Option<PathBuf>, what: &str) -> PathBuf {
+    out.unwrap_or_else(|| format!("logs/{what}-{}", chrono::Local::now().format("%Y%m%d-%H%M%S")).into())
+}
+
+/// `train_gpt race A B ... [--seeds N] [--out DIR] [train options]`.
+pub fn cmd_race(a: &RaceArgs, m: &ArgMatches) -> Res<()> {
+    let names = attention_names();
+    for (i, v) in a.variants.iter().enumerate() {
+        if !names.contains(&v.as_str()) {
+            return Err(format!("race: no variant {v:?}; pass --attn values: {}", names.join(", ")));
+        }
+        if a.variants[..i].contains(v) {
+            return Err(format!("race: {v} is named twice; name each variant once"));
+        }
+    }
+    let given = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+    for (id, why) in [
+        ("attn", "the variant names set it"),
+        ("seed", "--seeds N runs seeds 0..N"),
+        ("log_dir", "--out DIR sets it"),
+        ("save_checkpoint", "a race keeps no weights; train the run whose weights you want"),
+        ("overwrite", "a race keeps no weights"),
+        ("print_config", "a race runs"),
+        ("resume", "a race starts its runs"),
+        ("checkpoint_every", "its runs would share one --checkpoint-dir; checkpoint the run you want to keep"),
+    ] {
+        if given(id) {
+            return Err(format!("race: --{} is not a race option ({why}); leave it out", id.replace('_', "-")));
+        }
+    }
+    // the options given, as train takes them: the same conversion as a logged config's
+    let mut given_opts = serde_json::to_value(&a.train).unwrap().as_object().unwrap().clone();
+    given_opts.retain(|k, _| given(k));
+    let opts = train_argv(&given_opts)?;
+    let dir = out_dir(a.out.clone(), "race");
+    let mut variants = vec![];
+    for v in &a.variants {
+        let vopts = [vec![format!("--attn={v}")], opts.clone()].concat();
+        let want = resolved_config(&[vopts.clone(), vec![format!("--log-dir={}", dir.display())]].concat())
+            .map_err(|e| format!("race: {v}: {e}"))?;
+        variants.push((v.clone(), vopts, want));
+    }
+    let seeds: Vec<i64> = (0..a.seeds).collect();
+    let jobs: Vec<_> = seeds
+        .iter()
+        .flat_map(|&s| variants.iter().map(move |(v, o, w)| (v.clone(), o.clone(), w.clone(), s)))
+        .collect();
+    let failed = run_seeds(&dir, &jobs)?;
+    let logs = whole_logs_in(&dir);
+    let groups: Vec<(String, Vec<RunLog>)> =
+        variants.iter().map(|(v, _, w)| (v.clone(), runs_of(&logs, w, &seeds).into_values().collect())).collect();
+    let report = race_report(&dir, a.seeds, &groups)?;
+    let all: Vec<RunLog> = groups.iter().flat_map(|g| g.1.clone()).collect();
+    if !all.is_empty() {
+        plot_svg(&all, &dir.join("race.svg"), false, |l| Some(l.label()))?;
+    }
+    write_atomic(&dir.join("race.txt"), report.as_bytes(), Existing::Replace)?;
+    print!("{report}");
+    println!("wrote {} and {}", dir.join("race.txt").display(), dir.join("race.svg").display());
+    match failed.len() {
+        0 => Ok(()),
+        n => Err(format!(
+            "race: {n} of {} runs failed ({}); the report leaves them out; rerun the same command to retry them",
+            jobs.len(),
+            failed.join(", ")
+        )),
+    }
+}
+
+/// Each variant's runs, time-to-target, final val loss and ms/step; each against the first (compare_report: Welch's
+/// t-test of final val loss and time, its winner); then the race's winner by the speedrun's rule: every run reached the
+/// target, soonest on average; where no variant's runs all did, the lowest mean final val loss.
+pub fn race_report(dir: &Path, seeds: i64, groups: &[(String, Vec<RunLog>)]) -> Res<String> {
+    let names: Vec<&str> = groups.iter().map(|g| g.0.as_str()).collect();
+    let mut out = format!("race: {} in {}, seeds 0..{seeds} of each\n", names.join(", "), dir.display());
+    for (v, logs) in groups {
+        out += &match logs.is_empty() {
+            true => format!("{v}: no whole runs\n"),
+            false => format!(
+                "{v}: runs {} time_to_target_s {} final_val_loss {} ms_per_step {}\n",
+                logs.len(),
+                time_cell(logs),
+                pm_of(logs, RunLog::final_val_loss, 4),
+                pm_of(logs, RunLog::ms_per_step, 1)
+            ),
+        };
+    }
+    let (first, base) = (&groups[0].0, &groups[0].1);
+    for (v, logs) in &groups[1..] {
+        out += &match (base.len(), logs.len()) {
+            (0, _) | (_, 0) => format!("{v} vs {first}: no test: a side has no whole runs\n"),
+            (1, 1) => format!("{v} vs {first}: no test: one run a side (race --seeds 2 or more)\n"),
+            _ => compare_report(logs, base)? + "\n",
+        };
+    }
+    let ranked: Vec<(&String, bool, f64)> = groups
+        .iter()
+        .filter(|g| !g.1.is_empty())
+        .map(|(v, logs)| {
+            let reached = logs.iter().all(|l| l.time_to_target_ms().is_some());
+            let by: Metric = if reached { RunLog::time_to_target_ms } else { RunLog::final_val_loss };
+            (v, reached, mean_std(&logs.iter().filter_map(by).collect::<Vec<_>>()).0)
+        })
+        .collect();
+    out += &match ranked.iter().min_by(|a, b| b.1.cmp(&a.1).then(a.2.total_cmp(&b.2))) {
+        None => "race_winner: none: no whole runs\n".into(),
+        Some((v, true, ms)) => {
+            format!("race_winner: {v}: every run reached the target, in {:.1} s on average\n", ms / 1e3)
+        }
+        Some((v, false, loss)) => format!(
+            "race_winner: {v}: lowest mean final val loss {loss:.4} (no variant reached the target in every run)\n"
+        ),
+    };
+    Ok(out)
+}
+
+/// `train_gpt reproduce LOG|RECORD_DIR [--seeds N] [--out DIR] [--allow-source-diff]`.
+pub fn cmd_reproduce(path: &Path, seeds: Option<i64>, out: Option<PathBuf>, allow_source_diff: bool) -> Res<()> {
+    let p = path.display();
+    // a folder's files that are not logs (race.txt, reproduce.txt) are named and passed over
+    let logs = match path.is_dir() {
+        true => {
+            let rd = std::fs::read_dir(path).map_err(|e| format!("{p}: {e}; pass a log or a record folder"))?;
+            let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|f| is_log_file(f)).collect();
+            v.sort();
+            let parsed = v.iter().map(|f| parse_log(f).inspect_err(|e| eprintln!("skipped {e}")));
+            parsed.filter_map(Result::ok).collect()
+        }
+        false => vec![parse_log(path)?],
+    };
+    let orig = whole_runs(logs);
+    if orig.is_empty() {
+        return Err(format!("{p}: no whole run's log there; pass a log or a record folder of logs"));
+    }
+    // the code that ran: this build's train_gpt.rs, or a rerun is not a reproduction
+    let sha = |s: &str| format!("{:x}", Sha256::digest(format!("{}\n", s.trim_end())));
+    let ours = sha(SOURCE);
+    let mut source = format!("source: train_gpt.rs as this build's (sha256 {ours})\n");
+    for l in &orig {
+        let theirs = sha(&embedded_files(&l.source)[0].1);
+        if theirs != ours {
+            if !allow_source_diff {
+                return Err(format!(
+                    "{}: its train_gpt.rs (sha256 {theirs}) is not this build's (sha256 {ours}); build the log's \
+                     (train_gpt source LOG --out DIR) or pass --allow-source-diff",
+                    l.path
+                ));
+            }
+            source = format!("source: DIFFERS (--allow-source-diff): {} sha256 {theirs}, this build {ours}\n", l.path);
+        }
+    }
+    let cfg = config_of_runs(&orig[0].config);
+    if let Some(l) = orig.iter().find(|l| config_of_runs(&l.config) != cfg) {
+        return Err(format!(
+            "{}: its config is not {}'s; pass one log or a folder of one config",
+            l.path, orig[0].path
+        ));
+    }
+    let defaults = train_defaults();
+    if let Some(k) = cfg.keys().find(|k| !defaults.contains_key(*k) && !CONFIG_EXTRA_KEYS.contains(&k.as_str())) {
+        return Err(format!(
+            "{p}: its config holds {k:?}, not an option of this build; reproduce it with the log's build"
+        ));
+    }
+    let absent: Vec<&String> = defaults.keys().filter(|k| !orig[0].config.contains_key(*k)).collect();
+    // the logged options; the device as resolved (Cpu, Cuda(0)) back to an option (several ranks take cuda too)
+    let mut opts: Map<String, Value> =
+        cfg.iter().filter(|(k, _)| defaults.contains_key(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    if let Some(d) = cfg.get("device").and_then(Value::as_str) {
+        opts.insert("device".into(), json!(if d.starts_with("Cuda") { "cuda".into() } else { d.to_lowercase() }));
+    }
+    let mut notes = String::new();
+    if let Some(ck) = opts.remove("save_checkpoint").filter(|v| !v.is_null()) {
+        notes += &format!("save_checkpoint: left out ({ck}): the rerun keeps no weights\n");
+    }
+    // a rerun starts at step 0 and writes no checkpoints (whose folder may hold the original's)
+    if let Some(r) = opts.remove("resume").filter(|v| !v.is_null()) {
+        notes += &format!("resume: left out ({r}): the rerun starts at step 0\n");
+    }
+    for k in ["checkpoint_every", "checkpoint_dir", "keep_checkpoints"] {
+        opts.remove(k);
+    }
+    let mut seed_list: Vec<i64> = orig.iter().filter_map(RunLog::seed).collect();
+    (seed_list.sort(), seed_list.dedup());
+    let seed_list: Vec<i64> = match (seeds, orig.len()) {
+        (Some(n), 1) => (0..n).collect(),
+        (Some(n), _) => seed_list.into_iter().take(n as usize).collect(),
+        (None, _) => seed_list,
+    };
+    let opts = train_argv(&opts)?;
+    let dir = out_dir(out, "reproduce");
+    let want = resolved_config(&[opts.clone(), vec![format!("--log-dir={}", dir.display())]].concat())
+        .map_err(|e| format!("reproduce: {e}"))?;
+    let jobs: Vec<_> = seed_list.iter().map(|&s| (orig[0].variant(), opts.clone(), want.clone(), s)).collect();
+    let failed = run_seeds(&dir, &jobs)?;
+    let new: Vec<RunLog> = runs_of(&whole_logs_in(&dir), &want, &seed_list).into_values().collect();
+    let old: Vec<RunLog> = match orig.len() {
+        1 => orig.clone(),
+        _ => orig.iter().filter(|l| l.seed().is_some_and(|s| seed_list.contains(&s))).cloned().collect(),
+    };
+    let mut report =
+        format!("reproduce: {p} ({} runs) in {} (seeds {seed_list:?})\n{source}", old.len(), dir.display());
+    report += &match absent.is_empty() {
+        true => "absent_options: none\n".to_string(),
+        false => format!(
+            "absent_options: {} (not in the logged config: this build's defaults)\n",
+            absent.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let changed: Vec<String> = config_of_runs(&want)
+        .iter()
+        .filter(|(k, v)| cfg.get(*k) != Some(v))
+        .map(|(k, v)| format!("{k}: {} -> {v}", cfg.get(k).map_or("-".into(), Value::to_string)))
+        .collect();
+    report += &match changed.is_empty() {
+        true => "config: as logged\n".to_string(),
+        false => format!("config: differs from the logged one: {}\n", changed.join(", ")),
+    };
+    report += &notes;
+    report += &reproduce_report(&old, &new)?;
+    write_atomic(&dir.join("reproduce.txt"), report.as_bytes(), Existing::Replace)?;
+    print!("{report}");
+    println!("wrote {}", dir.join("reproduce.txt").display());
+    match failed.len() {
+        0 => Ok(()),
+        n => Err(format!(
+            "reproduce: {n} of {} runs failed ({}); rerun the same command to retry them",
+            jobs.len(),
+            failed.join(", ")
+        )),
+    }
+}
+
+/// The rerun against the original: final val loss each and the two-sided test of their difference, time-to-target
+/// each, the largest val-loss gap between the mean curves at matched steps, and the verdict: the same curve within
+/// noise when p > SAME_CURVE_MIN_P (no test with one run a side) and the gap is at most SAME_CURVE_MAX_GAP.
+pub fn reproduce_report(old: &[RunLog], new: &[RunLog]) -> Res<String> {
+    if new.is_empty() {
+        return Ok("verdict: none: no whole rerun\n".into());
+    }
+    let loss = |ls: &[RunLog]| ls.iter().filter_map(RunLog::final_val_loss).collect::<Vec<f64>>();
+    let mut out = format!(
+        "final_val_loss: original {} rerun {}\n",
+        pm_of(old, RunLog::final_val_loss, 4),
+        pm_of(new, RunLog::final_val_loss, 4)
+    );
+    let p = match (old.len(), new.len()) {
+        (1, 1) => {
+            out += "final_val_loss_test: none: one run a side\n";
+            None
+        }
+        _ => {
+            let (test, _, df, p) = two_sided(&loss(old), &loss(new))?;
+            out += &format!("final_val_loss_test: {test} df {df:.2} p_two_sided {}\n", fmt_p(p));
+            Some(p)
+        }
+    };
+    out += &format!("time_to_target_s: original {} rerun {}\n", time_cell(old), time_cell(new));
+    let (a, b) = (mean_band(&old.iter().collect::<Vec<_>>(), false), mean_band(&new.iter().collect::<Vec<_>>(), false));
+    let bv: BTreeMap<u64, f64> = b.iter().map(|p| (p.1 as u64, p.2)).collect();
+    let gaps: Vec<(f64, u64)> =
+        a.iter().filter_map(|p| bv.get(&(p.1 as u64)).map(|y| ((y - p.2).abs(), p.1 as u64))).collect();
+    // the largest gap, the first step of a tie
+    let Some(&(gap, at)) = gaps.iter().max_by(|x, y| x.0.total_cmp(&y.0).then(y.1.cmp(&x.1))) else {
+        return Ok(out + "verdict: not the same curve: no val loss at matched steps\n");
+    };
+    out += &format!(
+        "val_loss_max_gap: {gap:.4} at step {at} ({} matched steps, mean curve against mean curve)\n",
+        gaps.len()
+    );
+    let rule =
+        format!("p_two_sided > {SAME_CURVE_MIN_P} (no test with one run a side) and max gap ≤ {SAME_CURVE_MAX_GAP}");
+    let same = p.is_none_or(|p| p > SAME_CURVE_MIN_P) && gap <= SAME_CURVE_MAX_GAP;
+    out += &format!("verdict: {}: {rule}\n", if same { "same curve within noise" } else { "not the same curve" });
+    Ok(out)
 }
 
 #[cfg(test)]

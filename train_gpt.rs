@@ -90,6 +90,31 @@ enum Cmd {
         #[arg(long, num_args = 1..)]
         vs: Vec<PathBuf>,
     },
+    /// Race attention variants: seeds 0..N of each, interleaved, each a `train` run of this executable with the
+    /// train options given (--nproc too; the race sets --attn, --seed, --log-dir), into one folder; then a report
+    /// (each variant's runs, time-to-target, final val loss, ms/step, Welch's t-test against the first variant, the
+    /// winner) in DIR/race.txt and the curves in DIR/race.svg. A rerun with the same --out skips the runs whose whole
+    /// log is there with the same config
+    #[command(args_override_self = true)]
+    Race(RaceArgs),
+    /// Rerun a log or a record folder's logs (its seeds, the options of its config) with this build, and report the
+    /// new runs against the original: final val loss and Welch's test, time-to-target, the largest val-loss gap
+    /// between the mean curves, a verdict. Refused when the log's train_gpt.rs is not this build's, unless
+    /// --allow-source-diff
+    Reproduce {
+        /// A log (.txt, .txt.gz) or a record folder of logs of one config
+        log: PathBuf,
+        /// Rerun the record's first N seeds (one log: seeds 0..N) instead of its seeds
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
+        seeds: Option<i64>,
+        /// Logs and reproduce.txt go here (default logs/reproduce-<date>-<time>); a rerun with the same DIR skips the
+        /// runs it holds
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Rerun even though the log's train_gpt.rs differs from this build's (the report says so)
+        #[arg(long)]
+        allow_source_diff: bool,
+    },
     /// Write the source tree a log embeds (train_gpt.rs, kernels, tools.rs, Cargo.toml, Cargo.lock, build.rs, run.sh)
     /// into DIR, new or empty; `cd DIR && ./run.sh setup` builds the run's binary
     Source {
@@ -315,6 +340,27 @@ struct TrainArgs {
     sample_tokens: i64,
     #[arg(long, default_value = "logs")]
     log_dir: PathBuf,
+    /// Print the config line this run would log (every option resolved) and exit before training; `race` and
+    /// `reproduce` find the runs their folder already holds with it
+    #[arg(long)]
+    #[serde(skip)]
+    print_config: bool,
+}
+
+#[derive(clap::Args)]
+struct RaceArgs {
+    /// Two or more --attn values; each is tested against the first
+    #[arg(required = true, num_args = 2..)]
+    variants: Vec<String>,
+    /// Seeds 0..N of each variant, interleaved: seed 0 of each, then seed 1, ...
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i64).range(1..))]
+    seeds: i64,
+    /// The race's folder: its logs, race.txt, race.svg (default logs/race-<date>-<time>)
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    // every run's options; those given are passed on (train_argv), but --attn, --seed, --log-dir (cmd_race)
+    #[command(flatten)]
+    train: TrainArgs,
 }
 
 #[derive(clap::Args)]
@@ -3661,25 +3707,30 @@ fn cmd_train(mut a: TrainArgs, m: &ArgMatches) -> Res<Option<i32>> {
     tch::manual_seed(a.seed);
     let cfg = ModelCfg::from_args(&a, &a.attn);
     let variant = cfg.attn.clone();
-    let dist = match &de {
-        Some(e) => Some(Dist::init(e, a.dist_timeout, true)?),
-        None => None,
-    };
     let gpu = gpu_name(dev);
     let corpus = a.data.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or("data".into());
     let track = format!(
         "{corpus}_{world_size}x{}",
         gpu.as_deref().map(|g| g.trim_start_matches("NVIDIA ").replace(' ', "-")).unwrap_or("CPU".into())
     );
-
-    let mut log = if rank == 0 { Log::create(&a.log_dir)? } else { Log::silent() }; // rank 0 alone writes the log
-    write_header(&mut log, dev)?;
+    // TrainArgs as resolved, and the keys only a run knows (tools.rs: CONFIG_EXTRA_KEYS)
     let mut config = serde_json::to_value(&a).unwrap();
     config["variant"] = json!(variant);
     config["track"] = json!(track);
     config["device"] = json!(format!("{dev:?}"));
     config["compute_dtype"] = json!(format!("{cdt:?}"));
     config["world_size"] = json!(world_size);
+    if a.print_config {
+        println!("config: {config}");
+        return Ok(None);
+    }
+    let dist = match &de {
+        Some(e) => Some(Dist::init(e, a.dist_timeout, true)?),
+        None => None,
+    };
+
+    let mut log = if rank == 0 { Log::create(&a.log_dir)? } else { Log::silent() }; // rank 0 alone writes the log
+    write_header(&mut log, dev)?;
     log.line(&format!("config: {config}"))?;
     log.line(&format!("data: {}", data.info))?;
     log.line(&format!("attention: {}", attention_line(&cfg, a.kernels, cdt)))?;
@@ -4459,10 +4510,14 @@ fn main() {
         Cmd::Stats { logs, vs } => tools::cmd_stats(&logs, &vs),
         Cmd::Diff { a, b } => tools::parse_logs(&[a, b]).map(|l| println!("{}", tools::diff_report(&l[0], &l[1]))),
         Cmd::Plot { logs, out, train } => tools::parse_logs(&logs)
-            .and_then(|l| tools::plot_svg(&l, &out, train))
+            .and_then(|l| tools::plot_svg(&l, &out, train, tools::RunLog::record))
             .map(|_| println!("wrote {}", out.display())),
         Cmd::Curves { logs, format } => {
             tools::parse_logs(&logs).map(|l| print!("{}", tools::curves(&l, format == CurveFormat::Json)))
+        }
+        Cmd::Race(a) => tools::cmd_race(&a, matches.subcommand_matches("race").unwrap()),
+        Cmd::Reproduce { log, seeds, out, allow_source_diff } => {
+            tools::cmd_reproduce(&log, seeds, out, allow_source_diff)
         }
         Cmd::Source { log, out } => tools::cmd_source(&log, &out),
         Cmd::RecordsTable { root } => tools::records_table(&root).map(|t| print!("{t}")),

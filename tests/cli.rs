@@ -1426,3 +1426,130 @@ fn a_bad_or_mismatched_checkpoint_is_refused() {
         assert_eq!(std::fs::read(good.join(f)).unwrap(), std::fs::read(ck.join("step_000010").join(f)).unwrap());
     }
 }
+
+// A race of two variants × two seeds: four runs, interleaved, then the report and the plot. The same command again
+// finds the four logs and runs nothing; another config in the same folder runs anew.
+#[test]
+fn race_runs_interleaved_seeds_and_resumes() {
+    let out = tmp("race").join("r");
+    let race = |extra: &[&str]| {
+        let mut args = vec!["race", "causal", "tau", "--out", out.to_str().unwrap(), "--data"];
+        args.extend([tiny_shards().to_str().unwrap(), "--laplacian", "chain"]);
+        args.extend_from_slice(SMALL);
+        args.extend_from_slice(extra);
+        let o = run(&args);
+        assert!(o.status.success(), "race failed: {}", text(&o.stderr));
+        text(&o.stdout)
+    };
+    let logs = || logs_in(&out).into_iter().filter(|p| p.extension().is_some_and(|x| x == "txt")).count();
+    let first = race(&["--seeds", "2"]);
+    let order: Vec<&str> = first.lines().filter(|l| l.starts_with("run ")).collect();
+    for (i, want) in ["causal seed 0", "tau seed 0", "causal seed 1", "tau seed 1"].iter().enumerate() {
+        assert!(order[i].starts_with(&format!("run {}/4: {want}: train --attn=", i + 1)), "{first}");
+    }
+    assert_eq!(logs(), 4 + 1, "four logs and race.txt");
+    let report = std::fs::read_to_string(out.join("race.txt")).unwrap();
+    assert!(first.contains(&report), "the report is printed");
+    assert!(report.contains("\ncausal: runs 2 time_to_target_s ") && report.contains("\ntau: runs 2 "), "{report}");
+    assert!(report.contains("compare: tau/chain (2 runs) vs causal (2 runs)\n"), "{report}");
+    assert!(report.contains("\nfinal_val_loss: 10.") && report.contains("\ntrain_time_ms: "), "{report}");
+    assert!(report.contains(" welch_t ") && report.contains("\nrace_winner: "), "{report}");
+    let svg = std::fs::read_to_string(out.join("race.svg")).unwrap();
+    for line in ["causal (2 runs, min–max)", "tau/chain (2 runs, min–max)"] {
+        assert!(svg.contains(line), "no {line} in the plot");
+    }
+    let again = race(&["--seeds", "2"]);
+    assert_eq!(again.matches(": done already (").count(), 4, "{again}");
+    assert!(!again.contains(": train --attn"), "{again}");
+    assert_eq!((logs(), std::fs::read_to_string(out.join("race.txt")).unwrap()), (4 + 1, report));
+    let other = race(&["--seeds", "1", "--lr-adam", "0.05"]);
+    assert_eq!(other.matches(": train --attn").count(), 2, "{other}");
+    assert!(other.contains("tau vs causal: no test: one run a side (race --seeds 2 or more)"), "{other}");
+    assert_eq!(logs(), 6 + 1);
+}
+
+#[test]
+fn race_refuses_unknown_variants_and_options_it_sets() {
+    let out = tmp("race-bad").join("r");
+    let o = out.to_str().unwrap();
+    let refused = [
+        (vec!["causal", "nope"], "race: no variant \"nope\"; pass --attn values: causal, sliding, tau, tau-lt, tau-full, tau-multi, tau-bias"),
+        (vec!["causal", "tau", "--attn", "tau"], "race: --attn is not a race option"),
+        (vec!["causal", "tau", "--seed", "3"], "--seeds N runs seeds 0..N"),
+        (vec!["causal", "tau", "--log-dir", "x"], "--out DIR sets it"),
+        (vec!["tau", "tau"], "race: tau is named twice"),
+    ];
+    for (args, want) in refused {
+        let out = run(&[&["race", "--out", o, "--device", "cpu"][..], &args].concat());
+        assert_one_line_error(&out, 1, want);
+    }
+    assert!(!out.exists(), "nothing written");
+    // train's own checks, before any run
+    let bad = run(&["race", "causal", "tau", "--out", o, "--device", "cpu", "--steps", "0"]);
+    assert_one_line_error(&bad, 1, "race: causal: --steps must be > 0");
+    assert!(!out.exists(), "no run, no folder");
+}
+
+// A CPU run reruns to the same digits; a log whose embedded train_gpt.rs is not this build's is refused unless
+// --allow-source-diff; options the log lacks take today's defaults, and keys this build does not know are refused.
+#[test]
+fn reproduce_gives_the_same_curve_and_checks_the_source() {
+    let dir = tmp("reproduce");
+    let log = train(&dir.join("orig"), &[]);
+    let out = dir.join("again");
+    let o = run(&["reproduce", log.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "reproduce failed: {}", text(&o.stderr));
+    let report = std::fs::read_to_string(out.join("reproduce.txt")).unwrap();
+    assert!(text(&o.stdout).contains(&report));
+    for want in [
+        "(seeds [0])\nsource: train_gpt.rs as this build's (sha256 ",
+        "absent_options: none\nconfig: as logged\n",
+        "final_val_loss_test: none: one run a side\n",
+        "val_loss_max_gap: 0.0000 at step 0 (3 matched steps",
+        "verdict: same curve within noise",
+    ] {
+        assert!(report.contains(want), "no {want:?} in {report}");
+    }
+    // every step's loss to the printed digit: the lines up to their clock
+    let losses = |p: &Path| -> Vec<String> {
+        let s = std::fs::read_to_string(p).unwrap();
+        let steps = s.lines().filter(|l| l.starts_with("step:")).map(|l| l.split(" train_time:").next().unwrap());
+        let fin = s.lines().find_map(|l| l.strip_prefix("summary: ")).unwrap().split(',').find(|f| f.contains("final"));
+        steps.map(String::from).chain(fin.map(String::from)).collect()
+    };
+    let new = logs_in(&out)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|x| x == "txt") && p != &out.join("reproduce.txt"));
+    let (a, b) = (losses(&log), losses(&new.unwrap()));
+    assert_eq!(a.len(), 3 + 20 + 1);
+    assert!(a.last().unwrap().contains("\"final_val_loss\":10."), "{a:?}");
+    assert_eq!(a, b);
+
+    let s = std::fs::read_to_string(&log).unwrap();
+    let edited = dir.join("edited.txt");
+    std::fs::write(&edited, s.replacen("// train_gpt.rs: the speedrun.", "// train_gpt.rs: a speedrun.", 1)).unwrap();
+    let refused = dir.join("refused");
+    let o = run(&["reproduce", edited.to_str().unwrap(), "--out", refused.to_str().unwrap()]);
+    assert_one_line_error(&o, 1, "or pass --allow-source-diff");
+    assert_eq!(text(&o.stderr).matches("(sha256 ").count(), 2, "both hashes");
+    assert!(!refused.exists(), "nothing written");
+    // accepted with the flag, into the same folder: the run there has this config, so it is not run again
+    let o = run(&["reproduce", edited.to_str().unwrap(), "--out", out.to_str().unwrap(), "--allow-source-diff"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let report = text(&o.stdout);
+    assert!(report.contains("run 1/1: causal seed 0: done already (") && report.contains("source: DIFFERS"));
+    assert!(report.contains("verdict: same curve within noise"), "{report}");
+
+    // a log from before --threads: today's default, named; a key this build does not know: refused
+    let old = dir.join("old.txt");
+    std::fs::write(&old, s.replacen("\"threads\":1,", "", 1)).unwrap();
+    let o = run(&["reproduce", old.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let report = text(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert!(report.contains("absent_options: threads (not in the logged config: this build's defaults)"), "{report}");
+    assert!(report.contains("config: differs from the logged one: threads: - -> 1"), "{report}");
+    let unknown = dir.join("unknown.txt");
+    std::fs::write(&unknown, s.replacen("\"threads\":1,", "\"threads\":1,\"warp_drive\":9,", 1)).unwrap();
+    let o = run(&["reproduce", unknown.to_str().unwrap(), "--out", refused.to_str().unwrap()]);
+    assert_one_line_error(&o, 1, "its config holds \"warp_drive\", not an option of this build");
+}

@@ -272,7 +272,7 @@ fn plot_writes_svg_atomically() {
         parse_log(&write("pb.txt", &log_text(&SRC, &CFG.replace("causal", "tau"), &VALS[..3], None, false))).unwrap();
     b.val.iter_mut().for_each(|v| v.2 += 0.1);
     let out = tmp("plot.svg");
-    plot_svg(&[a, b], &out, false).unwrap();
+    plot_svg(&[a, b], &out, false, RunLog::record).unwrap();
     let svg = std::fs::read_to_string(&out).unwrap();
     assert!(svg.starts_with("<svg") || svg.starts_with("<?xml"), "{}", &svg[..50]);
     assert!(svg.trim_end().ends_with("</svg>"));
@@ -288,9 +288,9 @@ fn plot_writes_svg_atomically() {
         assert_eq!(svg.lines().filter(|l| l.starts_with("<polyline") && l.contains(&stroke)).count(), 4, "{stroke}");
     }
     let [a, b] = [out.parent().unwrap().join("no-such-dir/plot.svg"), tmp("empty.svg")];
-    assert!(plot_svg(&[], &b, false).is_err()); // nothing to plot
+    assert!(plot_svg(&[], &b, false, RunLog::record).is_err()); // nothing to plot
     let c = parse_log(&write("pc.txt", &log_text(&SRC, CFG, VALS, None, false))).unwrap();
-    assert!(plot_svg(&[c], &a, false).is_err());
+    assert!(plot_svg(&[c], &a, false, RunLog::record).is_err());
     assert!(!a.exists() && !b.exists() && !a.parent().unwrap().exists());
     let left: Vec<_> = std::fs::read_dir(out.parent().unwrap())
         .unwrap()
@@ -419,7 +419,7 @@ fn plot_groups_a_record_folder_into_a_band() {
     let other =
         parse_log(&write("solo.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, None, false), 7, 0.1))).unwrap();
     assert_eq!(other.record(), None);
-    let lines = plot_lines(&[a.clone(), b.clone(), other.clone()], false);
+    let lines = plot_lines(&[a.clone(), b.clone(), other.clone()], false, RunLog::record);
     let labels: Vec<&str> = lines.iter().map(|l| l.label.as_str()).collect();
     assert_eq!(labels, ["2026-01-02_Fast (2 runs, min–max)", "causal seed 7"]);
     let (t, step, mean, lo, hi) = *lines[0].pts.last().unwrap();
@@ -427,7 +427,7 @@ fn plot_groups_a_record_folder_into_a_band() {
     assert!((mean - 2.0074).abs() < 1e-12 && (hi - 2.0324).abs() < 1e-12, "{mean} {hi}");
     for train in [false, true] {
         let out = tmp(&format!("band-{train}.svg"));
-        plot_svg(&[a.clone(), b.clone(), other.clone()], &out, train).unwrap();
+        plot_svg(&[a.clone(), b.clone(), other.clone()], &out, train, RunLog::record).unwrap();
         let svg = std::fs::read_to_string(&out).unwrap();
         let texts: Vec<&str> = svg.lines().map(str::trim).collect();
         let what = if train { "train loss" } else { "val loss" };
@@ -439,7 +439,7 @@ fn plot_groups_a_record_folder_into_a_band() {
     // two runs outside a record folder with one variant and seed: the log's id tells them apart
     let twin =
         parse_log(&write("twin.txt", &with_train_lines(&log_text(&SRC, CFG, VALS, None, false), 7, 0.1))).unwrap();
-    let labels: Vec<String> = plot_lines(&[other, twin], false).into_iter().map(|l| l.label).collect();
+    let labels: Vec<String> = plot_lines(&[other, twin], false, RunLog::record).into_iter().map(|l| l.label).collect();
     assert_eq!(labels, ["causal seed 7 solo", "causal seed 7 twin"]);
 }
 
@@ -464,4 +464,93 @@ fn interrupted_runs_are_not_whole_runs() {
     let table = records_table(dir.parent().unwrap().parent().unwrap()).unwrap();
     let row = table.lines().find(|l| l.contains("2026-12-06_Resume")).unwrap();
     assert_eq!(row.split(" | ").nth(4), Some("1"), "one run counted: {row}");
+}
+
+// What race and reproduce pass to train is what was logged: every TrainArgs option survives config → argv → parse.
+#[test]
+fn config_to_train_argv_round_trips_every_option() {
+    let parse = |argv: &[String]| {
+        let args = ["train_gpt", "train"].map(String::from).into_iter().chain(argv.iter().cloned());
+        let m = Cli::command().try_get_matches_from(args).unwrap();
+        serde_json::to_value(TrainArgs::from_arg_matches(m.subcommand_matches("train").unwrap()).unwrap()).unwrap()
+    };
+    let defaults = Value::Object(train_defaults());
+    // a value other than the default for every option: a new option fails here until it is listed
+    let other: Value = serde_json::from_str(concat!(
+        r#"{"data": "d/a b", "preset": "tiny", "attn": "tau-lt", "device": "cuda:1", "n_layer": 2, "n_head": 3,"#,
+        r#""n_kv_head": 1, "n_embd": 96, "seq_len": 33, "vocab_size": 50257, "batch_size": 5, "steps": 7,"#,
+        r#""warmup_steps": 1, "cooldown_frac": 0.25, "lr_muon": 0.5, "muon_momentum": 0.9, "ns_steps": 4,"#,
+        r#""lr_adam": 1e-10, "adam_beta1": 0.7, "adam_beta2": 0.99, "adam_eps": 1e-8, "val_every": 3,"#,
+        r#""val_tokens": 99, "target_val_loss": -1.5, "seed": 11, "dtype": "bf16", "tau_temp": 0.5,"#,
+        r#""inv_temp_init": 3.0, "tau": 1.25, "laplacian": "file:x y.npy", "lap_window": 2, "lap_tokens": 1000,"#,
+        r#""lap_k": 64, "lap_eps": 0.5, "lap_topk": 3, "lap_p": 2.0, "lap_sigma": 0.1, "nproc": 2, "micro_batch": 1,"#,
+        r#""dist_timeout": 5.5, "tau_chunk": 8, "kernels": "fused", "head_chunk": 16, "threads": 3,"#,
+        r#""save_checkpoint": "c.safetensors", "sample_tokens": 9, "log_dir": "l", "window": 5, "bands": 3,"#,
+        r#""checkpoint_every": 4, "checkpoint_dir": "ck", "keep_checkpoints": 3, "resume": "ck/step_000004"}"#
+    ))
+    .unwrap();
+    let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&other), keys(&defaults));
+    for (k, v) in defaults.as_object().unwrap() {
+        assert_ne!(&other[k], v, "{k}: pick a value other than the default");
+    }
+    let argv = train_argv(other.as_object().unwrap()).unwrap();
+    assert!(argv.contains(&"--target-val-loss=-1.5".to_string()) && argv.contains(&"--data=d/a b".to_string()));
+    assert_eq!(parse(&argv), other);
+    // nulls (no --tau, no --save-checkpoint) are left out, and parse back to null
+    assert_eq!(parse(&train_argv(defaults.as_object().unwrap()).unwrap()), defaults);
+    assert!(train_argv(json!({"steps": [1]}).as_object().unwrap()).unwrap_err().contains("config key steps"));
+}
+
+// A log with these val losses (its summary's final loss the last), shifted by `shift`, of seed `seed`.
+fn shifted(name: &str, seed: i64, shift: f64) -> RunLog {
+    let vals: Vec<(u64, f64, f64)> = VALS.iter().map(|&(s, t, v)| (s, t, v + shift)).collect();
+    let sm = SUMMARY.replace("\"final_val_loss\":1.9824", &format!("\"final_val_loss\":{}", 1.9824 + shift));
+    let cfg = CFG.replace("\"seed\":0", &format!("\"seed\":{seed}"));
+    parse_log(&write(name, &log_text("", &cfg, &vals, Some(&sm), false))).unwrap()
+}
+
+#[test]
+fn reproduce_verdict_follows_its_rule() {
+    let a = shifted("rep-a.txt", 0, 0.0);
+    let r = reproduce_report(std::slice::from_ref(&a), std::slice::from_ref(&a)).unwrap();
+    assert!(r.contains("final_val_loss_test: none: one run a side"), "{r}");
+    assert!(r.contains("val_loss_max_gap: 0.0000 at step 0 (4 matched steps"), "{r}");
+    assert!(r.contains("verdict: same curve within noise: p_two_sided > 0.05"), "{r}");
+    // one run a side: the gap alone decides, against SAME_CURVE_MAX_GAP (0.05)
+    let near = reproduce_report(std::slice::from_ref(&a), &[shifted("rep-near.txt", 0, 0.04)]).unwrap();
+    assert!(near.contains("val_loss_max_gap: 0.0400") && near.contains("verdict: same curve"), "{near}");
+    let far = reproduce_report(std::slice::from_ref(&a), &[shifted("rep-far.txt", 0, 0.06)]).unwrap();
+    assert!(far.contains("verdict: not the same curve"), "{far}");
+    // runs on both sides: Welch's p decides too; 0.03 apart with a spread of 0.001 is another curve
+    let old = [a.clone(), shifted("rep-a2.txt", 1, 0.001)];
+    let apart = reproduce_report(&old, &[shifted("rep-b1.txt", 0, 0.03), shifted("rep-b2.txt", 1, 0.031)]).unwrap();
+    assert!(apart.contains("welch_t") && apart.contains("verdict: not the same curve"), "{apart}");
+    let mixed = reproduce_report(&old, &[shifted("rep-c1.txt", 0, 0.0005), shifted("rep-c2.txt", 1, 0.0)]).unwrap();
+    assert!(
+        mixed.contains("welch_t 0.447 df 1.47 p_two_sided 0.7117")
+            && mixed.contains("verdict: same curve within noise"),
+        "{mixed}"
+    );
+    assert!(mixed.contains("final_val_loss: original 1.9829 ± 0.0007 rerun 1.9827 ± 0.0004"), "{mixed}");
+}
+
+#[test]
+fn race_winner_reaches_the_target_first_else_has_the_lowest_loss() {
+    let g = |v: &str, runs: &[RunLog]| (v.to_string(), runs.to_vec());
+    let slow = [run("rw1.txt", 1.97, Some(1500.0)), run("rw2.txt", 1.96, Some(1700.0))];
+    let fast = [run("rw3.txt", 1.99, Some(900.0)), run("rw4.txt", 1.98, Some(1100.0))];
+    let missed = [run("rw5.txt", 1.90, None), run("rw6.txt", 1.91, Some(800.0))];
+    let r = race_report(Path::new("d"), 2, &[g("a", &slow), g("b", &fast), g("c", &missed)]).unwrap();
+    assert!(r.starts_with("race: a, b, c in d, seeds 0..2 of each\n"), "{r}");
+    assert!(r.contains("\na: runs 2 time_to_target_s 1.6 ± 0.1 final_val_loss 1.9650 ± 0.0071 ms_per_step -\n"), "{r}");
+    assert!(r.contains("\nc: runs 2 time_to_target_s not reached (1/2); - steps in 1.0 ± 0.0 s"), "{r}");
+    // each against the first, by compare_report
+    assert!(r.contains("compare: causal (2 runs) vs causal (2 runs)\nfinal_val_loss: 1.9850 vs 1.9650"), "{r}");
+    assert!(r.ends_with("race_winner: b: every run reached the target, in 1.0 s on average\n"), "{r}");
+    let r = race_report(Path::new("d"), 2, &[g("a", &missed), g("b", &[run("rw7.txt", 1.95, None)])]).unwrap();
+    assert!(r.contains("b vs a: no test") || r.contains("compare: causal (1 runs) vs causal (2 runs)"), "{r}");
+    assert!(
+        r.ends_with("race_winner: a: lowest mean final val loss 1.9050 (no variant reached the target in every run)\n")
+    );
 }
