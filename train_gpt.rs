@@ -145,6 +145,9 @@ enum Cmd {
     RecordsTable {
         #[arg(default_value = "records")]
         root: PathBuf,
+        /// Only each track's current records (the README's table)
+        #[arg(long)]
+        current: bool,
     },
     /// Time training steps on random tokens: ms/step, tokens/s, MFU, peak memory per variant, as JSON
     #[command(args_override_self = true)]
@@ -4530,7 +4533,7 @@ fn main() {
             tools::cmd_reproduce(&log, seeds, out, allow_source_diff)
         }
         Cmd::Source { log, out } => tools::cmd_source(&log, &out),
-        Cmd::RecordsTable { root } => tools::records_table(&root).map(|t| print!("{t}")),
+        Cmd::RecordsTable { root, current } => tools::records_table(&root, current).map(|t| print!("{t}")),
         Cmd::Bench(a) => cmd_bench(a, matches.subcommand_matches("bench").unwrap()),
         Cmd::BenchDecode(a) => tools::cmd_bench_decode(&a),
         Cmd::DistCheck(a) => cmd_dist_check(&a),

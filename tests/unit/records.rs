@@ -461,7 +461,7 @@ fn interrupted_runs_are_not_whole_runs() {
     let kept = whole_runs(logs);
     assert_eq!(kept.len(), 1);
     assert!(kept[0].path.ends_with("b.txt"));
-    let table = records_table(dir.parent().unwrap().parent().unwrap()).unwrap();
+    let table = records_table(dir.parent().unwrap().parent().unwrap(), false).unwrap();
     let row = table.lines().find(|l| l.contains("2026-12-06_Resume")).unwrap();
     assert_eq!(row.split(" | ").nth(4), Some("1"), "one run counted: {row}");
 }
@@ -521,11 +521,11 @@ fn reproduce_verdict_follows_its_rule() {
     let near = reproduce_report(std::slice::from_ref(&a), &[shifted("rep-near.txt", 0, 0.04)]).unwrap();
     assert!(near.contains("val_loss_max_gap: 0.0400") && near.contains("verdict: same curve"), "{near}");
     let far = reproduce_report(std::slice::from_ref(&a), &[shifted("rep-far.txt", 0, 0.06)]).unwrap();
-    assert!(far.contains("verdict: not the same curve"), "{far}");
+    assert!(far.contains("verdict: not the same curve: max gap 0.0600 > 0.05"), "{far}");
     // runs on both sides: Welch's p decides too; 0.03 apart with a spread of 0.001 is another curve
     let old = [a.clone(), shifted("rep-a2.txt", 1, 0.001)];
     let apart = reproduce_report(&old, &[shifted("rep-b1.txt", 0, 0.03), shifted("rep-b2.txt", 1, 0.031)]).unwrap();
-    assert!(apart.contains("welch_t") && apart.contains("verdict: not the same curve"), "{apart}");
+    assert!(apart.contains("welch_t") && apart.contains("verdict: not the same curve: p_two_sided 0.0"), "{apart}");
     let mixed = reproduce_report(&old, &[shifted("rep-c1.txt", 0, 0.0005), shifted("rep-c2.txt", 1, 0.0)]).unwrap();
     assert!(
         mixed.contains("welch_t 0.447 df 1.47 p_two_sided 0.7117")
