@@ -1477,7 +1477,7 @@ fn race_refuses_unknown_variants_and_options_it_sets() {
     let out = tmp("race-bad").join("r");
     let o = out.to_str().unwrap();
     let refused = [
-        (vec!["causal", "nope"], "race: no variant \"nope\"; pass --attn values: causal, sliding, tau, tau-lt, tau-full"),
+        (vec!["causal", "nope"], "race: no variant \"nope\"; pass --attn values: causal, sliding, tau, tau-lt"),
         (vec!["causal", "tau", "--attn", "tau"], "race: --attn is not a race option"),
         (vec!["causal", "tau", "--seed", "3"], "--seeds N runs seeds 0..N"),
         (vec!["causal", "tau", "--log-dir", "x"], "--out DIR sets it"),
