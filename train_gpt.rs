@@ -2250,13 +2250,19 @@ fn tau_inputs(
     lams: Option<&mut Vec<Tensor>>,
 ) -> (Tensor, Tensor, Tensor, Tensor) {
     let h = m.cfg.n_head;
+    let (lq, lk) = lambdas(m, q, k, lams);
+    let [lk, v]: [Tensor; 2] = through_cache(cache, l, vec![lk, v.shallow_clone()]).try_into().unwrap();
+    (to_heads(lq, h), to_heads(lk, h), to_heads(v, h), m.layer(l, "log_inv_temp").exp())
+}
+
+// The variant's λq and λk of this layer's q and k; λk also to `lams` for the diagnostics.
+fn lambdas(m: &Model, q: &Tensor, k: &Tensor, lams: Option<&mut Vec<Tensor>>) -> (Tensor, Tensor) {
     let (_, lq) = m.attn.energies(m, q, &m.tau);
     let (_, lk) = m.attn.energies(m, k, &m.tau);
     if let Some(ls) = lams {
         ls.push(lk.detach());
     }
-    let [lk, v]: [Tensor; 2] = through_cache(cache, l, vec![lk, v.shallow_clone()]).try_into().unwrap();
-    (to_heads(lq, h), to_heads(lk, h), to_heads(v, h), m.layer(l, "log_inv_temp").exp())
+    (lq, lk)
 }
 
 // Tau attention on the model's path: the fused kernel, query chunks (--tau-chunk) or plain ops.
@@ -2558,11 +2564,7 @@ impl Attention for TauBias {
         lams: Option<&mut Vec<Tensor>>,
     ) -> Tensor {
         let h = m.cfg.n_head;
-        let (_, lq) = m.attn.energies(m, q, &m.tau);
-        let (_, lk) = m.attn.energies(m, k, &m.tau);
-        if let Some(ls) = lams {
-            ls.push(lk.detach());
-        }
+        let (lq, lk) = lambdas(m, q, k, lams);
         let [k, lk, v]: [Tensor; 3] =
             through_cache(cache, l, vec![k.shallow_clone(), lk, v.shallow_clone()]).try_into().unwrap();
         let lk = to_heads(lk, h);

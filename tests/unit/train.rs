@@ -45,6 +45,35 @@ fn the_variant_list_is_every_attention() {
     assert_eq!(listed, all, "a new variant joins VARIANTS, and so every test below");
 }
 
+// Autograd's gradient of the scalar f(inputs) against central differences (steps of ±1e-6), at every `stride`-th
+// element of each input: |numeric − analytic| < tol·(1 + |analytic|). The inputs are f64 leaves that need gradients.
+fn assert_gradients_match_finite_differences(
+    what: &str,
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Tensor,
+    stride: usize,
+    tol: f64,
+) {
+    f(inputs).backward();
+    for which in 0..inputs.len() {
+        let analytic = Vec::<f64>::try_from(inputs[which].grad().flatten(0, -1)).unwrap();
+        for (e, a) in analytic.iter().enumerate().step_by(stride) {
+            let at = |delta: f64| {
+                tch::no_grad(|| {
+                    let xs: Vec<Tensor> = inputs.iter().map(|x| x.detach().copy()).collect();
+                    let _ = xs[which].view([-1]).get(e as i64).g_add_scalar_(delta);
+                    f(&xs).double_value(&[])
+                })
+            };
+            let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+            assert!(
+                (numeric - a).abs() < tol * (1.0 + a.abs()),
+                "{what}: input {which} elem {e}: analytic {a} numeric {numeric}"
+            );
+        }
+    }
+}
+
 // One layer's attention output through a random probe, and its gradients by autograd and by central differences,
 // for q, k, v and the variant's trained layer tensors, all in f64.
 #[test]
@@ -73,34 +102,19 @@ fn every_attention_s_gradients_match_finite_differences() {
             (0..3).map(|_| Tensor::randn([b, h, t, d], opts).set_requires_grad(true)).collect();
         inputs.extend(trained.iter().map(|n| m.p(n).shallow_clone()));
         let probe = Tensor::randn([b, h, t, d], opts);
-        let f =
-            |m: &Model, x: &[Tensor]| (m.attn.attend(m, 0, &x[0], &x[1], &x[2], None, None) * &probe).sum(Kind::Double);
-        f(&m, &inputs).backward();
-        for which in 0..inputs.len() {
-            let analytic = Vec::<f64>::try_from(inputs[which].grad().flatten(0, -1)).unwrap();
-            for (e, a) in analytic.iter().enumerate().step_by(3) {
-                let at = |delta: f64| {
-                    tch::no_grad(|| {
-                        let xs: Vec<Tensor> = inputs.iter().map(|x| x.detach().copy()).collect();
-                        let _ = xs[which].view([-1]).get(e as i64).g_add_scalar_(delta);
-                        let mut m2 = Model {
-                            params: m.params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(),
-                            ..small(name, 64)
-                        };
-                        m2.lap = m.lap.shallow_clone();
-                        for (n, x) in trained.iter().zip(&xs[3..]) {
-                            m2.params.iter_mut().find(|(pn, _)| pn == n).unwrap().1 = x.shallow_clone();
-                        }
-                        f(&m2, &xs).double_value(&[])
-                    })
-                };
-                let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
-                assert!(
-                    (numeric - a).abs() < 1e-5 * (1.0 + a.abs()),
-                    "{name}: input {which} elem {e}: analytic {a} numeric {numeric}"
-                );
+        // the model with these inputs' layer tensors
+        let f = |x: &[Tensor]| {
+            let mut m2 = Model {
+                params: m.params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(),
+                ..small(name, 64)
+            };
+            m2.lap = m.lap.shallow_clone();
+            for (n, t) in trained.iter().zip(&x[3..]) {
+                m2.params.iter_mut().find(|(pn, _)| pn == n).unwrap().1 = t.shallow_clone();
             }
-        }
+            (m2.attn.attend(&m2, 0, &x[0], &x[1], &x[2], None, None) * &probe).sum(Kind::Double)
+        };
+        assert_gradients_match_finite_differences(name, &inputs, f, 3, 1e-5);
     }
 }
 
@@ -699,29 +713,13 @@ fn tau_gradients_match_finite_differences() {
         (Tensor::randn([1, 2, 5, 4], opts), Tensor::randn([1, 2, 5, 4], opts), Tensor::randn([1, 2, 5, 4], opts));
     let it = Tensor::from_slice(&[3.0f64, 7.0]);
     let probe = Tensor::randn([1, 2, 5, 4], opts);
-    let f = |q: &Tensor, k: &Tensor, v: &Tensor, it: &Tensor| {
-        (tau_attention(&taumode(q, &lap, 0.8).1, &taumode(k, &lap, 0.8).1, v, it) * &probe).sum(Kind::Double)
+    let f = |x: &[Tensor]| {
+        (tau_attention(&taumode(&x[0], &lap, 0.8).1, &taumode(&x[1], &lap, 0.8).1, &x[2], &x[3]) * &probe)
+            .sum(Kind::Double)
     };
     let inputs =
         [q.set_requires_grad(true), k.set_requires_grad(true), v.set_requires_grad(true), it.set_requires_grad(true)];
-    f(&inputs[0], &inputs[1], &inputs[2], &inputs[3]).backward();
-    for which in 0..4 {
-        let analytic = Vec::<f64>::try_from(inputs[which].grad().flatten(0, -1)).unwrap();
-        for (n, a) in analytic.iter().enumerate() {
-            let at = |delta: f64| {
-                tch::no_grad(|| {
-                    let xs: Vec<Tensor> = inputs.iter().map(|t| t.detach().copy()).collect();
-                    let _ = xs[which].view([-1]).get(n as i64).g_add_scalar_(delta);
-                    f(&xs[0], &xs[1], &xs[2], &xs[3]).double_value(&[])
-                })
-            };
-            let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
-            assert!(
-                (numeric - a).abs() < 1e-6 * (1.0 + a.abs()),
-                "input {which} elem {n}: analytic {a} numeric {numeric}"
-            );
-        }
-    }
+    assert_gradients_match_finite_differences("tau", &inputs, f, 1, 1e-6);
 }
 
 #[test]
