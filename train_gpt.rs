@@ -3635,7 +3635,8 @@ fn check_train_args(a: &TrainArgs, world: i64) -> Res<()> {
             return Err(format!("{what}; see train_gpt train --help"));
         }
     }
-    Ok(())
+    // what the variant itself cannot run (--window, --bands, grouped heads)
+    ModelCfg::from_args(a, &a.attn).check()
 }
 
 // --------------------------------------------------------------------------------------------------------------------
@@ -4438,8 +4439,13 @@ fn generate(m: &Model, prompt: &[i64], n: i64, temperature: f64, top_k: i64, see
     Ok(ids[prompt.len()..].to_vec())
 }
 
+// Text of GPT-2 token ids. A sample may stop inside a character that its BPE tokens split (or hold a byte run no text
+// has): those bytes print as U+FFFD rather than failing the run at its end.
 fn decode_ids(ids: &[i64]) -> Res<String> {
-    tokenizer().decode(&ids.iter().map(|&x| x as u32).collect::<Vec<_>>()).map_err(|e| format!("decode failed: {e}"))
+    let bytes = tokenizer()
+        .decode_bytes(&ids.iter().map(|&x| x as u32).collect::<Vec<_>>())
+        .map_err(|e| format!("decode failed: {e:?}"))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn cmd_sample(a: &SampleArgs) -> Res<()> {

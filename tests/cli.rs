@@ -898,6 +898,15 @@ fn nonsense_option_values_are_refused() {
         let o = train_output(&dir, &["--attn", "tau", "--laplacian", "chain", &format!("{opt}={v}")]);
         assert_one_line_error(&o, 1, opt);
     }
+    // what a variant cannot run, refused before any log
+    for (args, want) in [
+        (["--attn", "sliding", "--window", "0"], "pass --window"),
+        (["--attn", "tau-multi", "--bands", "0"], "pass --bands"),
+        (["--attn", "tau-multi", "--bands", "1000"], "pass --bands"),
+        (["--attn", "tau-full", "--n-kv-head", "1"], "drop --n-kv-head"),
+    ] {
+        assert_one_line_error(&train_output(&dir, &args), 1, want);
+    }
     assert!(logs_in(&dir).is_empty());
 }
 

@@ -770,6 +770,15 @@ fn cache_holds_what_each_variant_keeps() {
 }
 
 #[test]
+fn a_sample_cut_inside_a_character_still_decodes() {
+    let text = "naïve ✓ 中文";
+    let ids: Vec<i64> = tokenizer().encode_ordinary(text).into_iter().map(|x| x as i64).collect();
+    let prefixes: Vec<String> = (1..=ids.len()).map(|n| decode_ids(&ids[..n]).unwrap()).collect();
+    assert_eq!(prefixes.last().unwrap(), text);
+    assert!(prefixes.iter().any(|p| p.contains('\u{FFFD}')), "some prefix ends inside a character: {prefixes:?}");
+}
+
+#[test]
 fn samples_are_reproducible_from_a_seed() {
     let m = small("tau-lt", 512);
     let draw = |seed| generate(&m, &[1, 2, 3], 12, 1.0, 50, seed, true).unwrap();
