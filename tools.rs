@@ -1210,6 +1210,32 @@ fn run_seeds(dir: &Path, jobs: &[(String, Vec<String>, Map<String, Value>, i64)]
             println!("{what}: done already ({}), skipped", l.path);
             continue;
         }
+        // a log of this variant and seed under other options is not this run: say which options, so that a race
+        // resumed on another box (another device, preset) does not start anew unnoticed
+        let (want_runs, same_run) = (config_of_runs(want), |l: &&RunLog| l.seed() == Some(*seed));
+        if let Some(l) = done.iter().filter(same_run).find(|l| l.config.get("attn") == want.get("attn")) {
+            let had = config_of_runs(&l.config);
+            let keys: Vec<&String> = want_runs
+                .keys()
+                .chain(had.keys())
+                .filter(|k| had.get(*k) != want_runs.get(*k))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let shown: Vec<String> = keys
+                .iter()
+                .take(3)
+                .map(|k| {
+                    format!(
+                        "{k}: {} -> {}",
+                        had.get(*k).unwrap_or(&Value::Null),
+                        want_runs.get(*k).unwrap_or(&Value::Null)
+                    )
+                })
+                .collect();
+            let more = if keys.len() > 3 { format!(" and {} more", keys.len() - 3) } else { String::new() };
+            println!("{what}: {} ran it with other options ({}{more}); running it anew", l.path, shown.join(", "));
+        }
         let args = [opts.clone(), vec![format!("--seed={seed}"), format!("--log-dir={}", dir.display())]].concat();
         println!("{what}: train {}", args.join(" "));
         let st = train_command(&args)?.status().map_err(|e| format!("cannot start train: {e}"))?;

@@ -1477,6 +1477,11 @@ fn race_runs_interleaved_seeds_and_resumes() {
     assert_eq!((logs(), std::fs::read_to_string(out.join("race.txt")).unwrap()), (4 + 1, report));
     let other = race(&["--seeds", "1", "--lr-adam", "0.05"]);
     assert_eq!(other.matches(": train --attn").count(), 2, "{other}");
+    assert_eq!(
+        other.matches("ran it with other options (lr_adam: 0.1 -> 0.05); running it anew").count(),
+        2,
+        "{other}"
+    );
     assert!(other.contains("tau vs causal: no test: one run a side (race --seeds 2 or more)"), "{other}");
     assert_eq!(logs(), 6 + 1);
 }
