@@ -403,6 +403,18 @@ fn forward_shapes() {
 }
 
 #[test]
+fn every_file_build_rs_reads_is_embedded_in_the_log() {
+    // build.rs names the kernel sources it compiles or includes as "kernels/..." literals; a log that lacked one could
+    // not rebuild its run (`train_gpt source`)
+    let build = EMBEDDED_FILES.iter().find(|(n, _)| *n == "build.rs").unwrap().1;
+    let named: Vec<&str> = build.split('"').filter(|w| w.starts_with("kernels/") && !w.contains(['{', ' '])).collect();
+    assert!(named.contains(&"kernels/ext.cpp") && named.len() >= 5, "{named:?}");
+    for f in named {
+        assert!(EMBEDDED_FILES.iter().any(|(n, _)| *n == f), "{f}: build.rs reads it, EMBEDDED_FILES lacks it");
+    }
+}
+
+#[test]
 fn the_embedded_source_has_no_log_separator_lines() {
     // a log splits at its first 100-'=' line and at 40-'-' lines: the harness's own source and the files embedded
     // after it must hold neither
