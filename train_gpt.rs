@@ -2036,11 +2036,14 @@ fn rope_norm(y: &Tensor, cos: &Tensor, sin: &Tensor, h: i64, g: i64, pos: i64) -
 // taumode: per-vector Laplacian energy E and its bounded form λ = E/(E+τ) ∈ [0,1), in fp32 (f64 stays f64 for tests).
 fn taumode(x: &Tensor, lap: &Tensor, tau: f64) -> (Tensor, Tensor) {
     let xf = if x.kind() == Kind::Double { x.shallow_clone() } else { x.to_kind(Kind::Float) };
-    let lap = lap.to_kind(xf.kind());
-    let e = (xf.matmul(&lap) * &xf).sum_dim_intlist(-1, false, xf.kind())
-        / (xf.square().sum_dim_intlist(-1, false, xf.kind()) + LAMBDA_EPS);
+    let e = energy(&xf.matmul(&lap.to_kind(xf.kind())), &xf);
     let lam = &e / (&e + tau);
     (e, lam)
+}
+
+// E = xᵀLx / (xᵀx + ε) over the last dim, from x·L (`xl`) and x (fp32 or f64), x broadcasting against xl (bands).
+fn energy(xl: &Tensor, x: &Tensor) -> Tensor {
+    (xl * x).sum_dim_intlist(-1, false, x.kind()) / (x.square().sum_dim_intlist(-1, false, x.kind()) + LAMBDA_EPS)
 }
 
 // Tau attention over scalars: logits −|λq(i) − λk(j)|·inv_temp, causal, softmax, then the full value vectors.
@@ -2442,10 +2445,7 @@ impl Attention for TauFull {
         if w.kind() != Kind::BFloat16 {
             return taumode(&w, &m.lap, tau[0]);
         }
-        let xl = w.matmul(&m.lap.to_kind(Kind::BFloat16)).to_kind(Kind::Float);
-        let wf = w.to_kind(Kind::Float);
-        let e = (xl * &wf).sum_dim_intlist(-1, false, Kind::Float)
-            / (wf.square().sum_dim_intlist(-1, false, Kind::Float) + LAMBDA_EPS);
+        let e = energy(&w.matmul(&m.lap.to_kind(Kind::BFloat16)).to_kind(Kind::Float), &w.to_kind(Kind::Float));
         let lam = &e / (&e + tau[0]);
         (e, lam)
     }
@@ -2504,8 +2504,7 @@ impl Attention for TauMulti {
         let xf = if x.kind() == Kind::Double { x.shallow_clone() } else { x.to_kind(Kind::Float) };
         let lap = if m.lap.dim() == 2 { m.lap.unsqueeze(0) } else { m.lap.shallow_clone() }; // one band: F×F
         let xl = Tensor::einsum("...f,rfg->...rg", &[&xf, &lap.to_kind(xf.kind())], None::<i64>); // x·L_r
-        let e = (xl * xf.unsqueeze(-2)).sum_dim_intlist(-1, false, xf.kind())
-            / (xf.square().sum_dim_intlist(-1, true, xf.kind()) + LAMBDA_EPS);
+        let e = energy(&xl, &xf.unsqueeze(-2)); // [.., r]
         let tau = Tensor::from_slice(tau).to_kind(xf.kind()).to(x.device());
         let lam = &e / (&e + tau);
         (e, lam)
@@ -2591,6 +2590,13 @@ impl Attention for TauBias {
 
 // r spectral bands of a symmetric L [F,F]: L = UΛUᵀ, eigenvalues ascending, split into r runs of F/r (the last takes
 // the rest), L_b = U_b Λ_b U_bᵀ [r,F,F], so that Σ_b L_b = L and band b sees only its part of the spectrum.
+// The chain L of the variant's size, in its bands (None without a Laplacian): bench's L, whose values do not change
+// the cost, and the tests'.
+fn chain_for(c: &ModelCfg) -> Option<Tensor> {
+    let a = c.attention();
+    a.laplacian_dim(c).map(|f| bands_of(&chain_laplacian(f), a.bands(c)))
+}
+
 fn bands_of(l: &Tensor, r: i64) -> Tensor {
     if r == 1 {
         return l.shallow_clone();
@@ -4048,8 +4054,7 @@ fn cmd_bench(b: BenchArgs, m: &ArgMatches) -> Res<()> {
         tch::manual_seed(a.seed);
         let cfg = ModelCfg::from_args(&a, attn);
         let variant = cfg.attn.clone();
-        let lap =
-            cfg.attention().laplacian_dim(&cfg).map(|f| bands_of(&chain_laplacian(f), cfg.attention().bands(&cfg)));
+        let lap = chain_for(&cfg);
         let mut model = Model::from_args(cfg, &a, dev, cdt, lap);
         let mut opt = Optim::new(&model);
         let x = Tensor::randint(a.vocab_size, [rows_here, a.seq_len], (Kind::Int64, dev));

@@ -253,12 +253,6 @@ fn shape(attn: &str, [n_layer, n_head, n_kv_head, n_embd, seq_len, vocab_size]: 
     c
 }
 
-// The chain L the variant's energies use, in its bands.
-fn chain_for(c: &ModelCfg) -> Option<Tensor> {
-    let a = c.attention();
-    a.laplacian_dim(c).map(|f| bands_of(&chain_laplacian(f), a.bands(c)))
-}
-
 fn small(attn: &str, vocab: i64) -> Model {
     small_kv(attn, vocab, 0)
 }
